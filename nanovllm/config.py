@@ -1,0 +1,106 @@
+"""Engine configuration: the keyword arguments of `LLM(model, **engine_args)`."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTENTION_BACKENDS = ("auto", "flash_attn", "torch")
+LOAD_FORMATS = ("auto", "dummy")
+PRESET_PREFIX = "preset:"
+PRESETS_DIR = os.path.join(os.path.dirname(__file__), "presets")
+
+
+@dataclass
+class Config:
+    """Everything the engine needs to know before it starts.
+
+    Unset sizes are derived in `__post_init__`: the model's context length, the
+    block size of the attention backend, and so on.
+    """
+
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    kvcache_block_size: int | None = None
+    num_kvcache_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int = 2 << 30
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    load_format: str = "auto"
+    skip_tokenizer_init: bool = False
+    seed: int = 0
+    attention_backend: str = "auto"
+    hf_config: PretrainedConfig = field(init=False, repr=False)
+
+    @classmethod
+    def from_engine_args(cls, model: str, **engine_args: object) -> "Config":
+        names = {f.name for f in dataclasses.fields(cls) if f.init} - {"model"}
+        unknown = sorted(set(engine_args) - names)
+        if unknown:
+            raise TypeError(f"unknown engine argument(s) {unknown}; known: {sorted(names)}")
+        return cls(model=model, **engine_args)
+
+    def __post_init__(self) -> None:
+        self._check_choices()
+        self.hf_config = load_hf_config(self.model)
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        model_max = getattr(self.hf_config, "max_position_embeddings", None) or 4096
+        if self.max_model_len is None:
+            self.max_model_len = model_max
+        if not 1 <= self.max_model_len <= model_max:
+            raise ValueError(f"max_model_len must be in [1, {model_max}] for this model, got {self.max_model_len}")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kvcache_block_size is not None and self.kvcache_block_size < 1:
+            raise ValueError(f"kvcache_block_size must be >= 1, got {self.kvcache_block_size}")
+        if self.num_kvcache_blocks is not None and self.num_kvcache_blocks < 1:
+            raise ValueError(f"num_kvcache_blocks must be >= 1, got {self.num_kvcache_blocks}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    def _check_choices(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        if self.device == "cpu":
+            return torch.float32
+        dtype = getattr(self.hf_config, "dtype", None) or getattr(self.hf_config, "torch_dtype", None)
+        if isinstance(dtype, str):
+            dtype = DTYPES.get(dtype, torch.bfloat16)
+        return dtype if dtype in DTYPES.values() else torch.bfloat16
+
+
+def load_hf_config(model: str) -> PretrainedConfig:
+    """The HF config of a model directory or of a shipped preset (`preset:NAME`)."""
+    if model.startswith(PRESET_PREFIX):
+        name = model[len(PRESET_PREFIX) :]
+        path = os.path.join(PRESETS_DIR, name)
+        if not os.path.isdir(path):
+            raise ValueError(f"unknown preset {name!r}; available: {sorted(os.listdir(PRESETS_DIR))}")
+        return AutoConfig.from_pretrained(path)
+    if not os.path.isdir(model):
+        raise FileNotFoundError(f"model directory {model!r} does not exist")
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        raise FileNotFoundError(f"model directory {model!r} has no config.json")
+    return AutoConfig.from_pretrained(model)

@@ -1,0 +1,194 @@
+"""Physical KV-cache blocks: ref counts, prefix sharing by hash, copy-on-write."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+from nanovllm.engine.sequence import Sequence
+
+
+@dataclass
+class CacheStats:
+    """Counters the engine exposes: prefix-cache hits and copy-on-write copies."""
+
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    block_copies: int = 0
+
+
+class Block:
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash = -1
+        self.token_ids: list[int] = []
+
+
+def block_hash(token_ids: list[int], prefix_hash: int) -> int:
+    """xxhash of one full block's tokens, chained with the previous block's hash."""
+    h = xxhash.xxh64()
+    if prefix_hash != -1:
+        h.update(prefix_hash.to_bytes(8, "little"))
+    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    return h.intdigest()
+
+
+class BlockManager:
+    """Hands out fixed-size blocks to sequences' block tables.
+
+    A block with ref count 0 sits in the free list, oldest-freed first. It keeps
+    its hash, so a later prompt with the same prefix can take it back until it
+    is handed out for other tokens. Only full, computed blocks are hashed, so a
+    prefix hit never points at K/V that is not there yet.
+
+    Blocks are shared after a prefix hit or `fork`. A sequence never writes into
+    a shared block: `append_slots` first gives it a private copy and records the
+    (src, dst) pair, which the model runner copies before its next forward.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks} and {block_size}")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.hash_to_block_id: dict[int, int] = {}
+        self.pending_copies: list[tuple[int, int]] = []
+        self.stats = CacheStats()
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_block_ids)
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
+    # -- allocation -----------------------------------------------------------
+
+    def _take_free_block(self) -> int:
+        block_id, _ = self.free_block_ids.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash != -1 and self.hash_to_block_id.get(block.hash) == block_id:
+            del self.hash_to_block_id[block.hash]
+        block.hash, block.token_ids, block.ref_count = -1, [], 1
+        return block_id
+
+    def _acquire(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free_block_ids[block_id]
+        block.ref_count += 1
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        assert block.ref_count > 0, f"block {block_id} released twice"
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free_block_ids[block_id] = None
+
+    def _prefix_hits(self, seq: Sequence) -> list[int]:
+        """Cached blocks matching seq's leading full blocks.
+
+        The last token is never a hit: the forward must compute at least one
+        token to produce the next token's logits.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        hits, prev_hash, bs = [], -1, self.block_size
+        for i in range((seq.num_tokens - 1) // bs):
+            tokens = seq.token_ids[i * bs : (i + 1) * bs]
+            prev_hash = block_hash(tokens, prev_hash)
+            block_id = self.hash_to_block_id.get(prev_hash)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            hits.append(block_id)
+        return hits
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        hits = self._prefix_hits(seq)
+        revived = sum(self.blocks[b].ref_count == 0 for b in hits)
+        needed = self.num_blocks_for(seq.num_tokens) - len(hits) + revived
+        return needed <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks."""
+        assert not seq.block_table, f"sequence {seq.seq_id} already has blocks"
+        hits = self._prefix_hits(seq)
+        for block_id in hits:
+            self._acquire(block_id)
+        seq.block_table = hits + [
+            self._take_free_block() for _ in range(self.num_blocks_for(seq.num_tokens) - len(hits))
+        ]
+        seq.num_cached_tokens = len(hits) * self.block_size
+        self.stats.prefix_query_tokens += seq.num_tokens
+        self.stats.prefix_hit_tokens += seq.num_cached_tokens
+
+    def free(self, seq: Sequence) -> None:
+        """Drop seq's blocks, tail first so its prefix stays cached longest."""
+        for block_id in reversed(seq.block_table):
+            self._release(block_id)
+        seq.block_table = []
+        seq.num_cached_tokens = 0
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Let child share every block of parent (copy-on-write later)."""
+        assert not child.block_table, f"sequence {child.seq_id} already has blocks"
+        for block_id in parent.block_table:
+            self._acquire(block_id)
+        child.block_table = list(parent.block_table)
+        child.num_cached_tokens = parent.num_cached_tokens
+
+    # -- appending ------------------------------------------------------------
+
+    def _blocks_to_append(self, seq: Sequence) -> tuple[int, list[int]]:
+        """New blocks seq needs for its uncomputed tokens, and the shared indexes to copy."""
+        first = seq.num_cached_tokens // self.block_size
+        last = min(len(seq.block_table), self.num_blocks_for(seq.num_tokens))
+        shared = [i for i in range(first, last) if self.blocks[seq.block_table[i]].ref_count > 1]
+        return self.num_blocks_for(seq.num_tokens) - len(seq.block_table), shared
+
+    def can_append(self, seq: Sequence) -> bool:
+        new, shared = self._blocks_to_append(seq)
+        return new + len(shared) <= self.num_free_blocks
+
+    def append_slots(self, seq: Sequence) -> None:
+        """Make seq's table cover all its tokens, with private blocks where it will write."""
+        new, shared = self._blocks_to_append(seq)
+        for i in shared:
+            src = seq.block_table[i]
+            dst = self._take_free_block()
+            self._release(src)
+            seq.block_table[i] = dst
+            self.pending_copies.append((src, dst))
+            self.stats.block_copies += 1
+        seq.block_table.extend(self._take_free_block() for _ in range(new))
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The (src, dst) block copies to run before the next forward."""
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
+
+    # -- hashing computed blocks ---------------------------------------------
+
+    def commit(self, seq: Sequence) -> None:
+        """Hash seq's blocks that are full and computed, making them prefix-cache hits."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        first = seq.num_cached_tokens // bs
+        while first > 0 and self.blocks[seq.block_table[first - 1]].hash == -1:
+            first -= 1  # hashed blocks always form a prefix of the table
+        for i in range(first, seq.num_cached_tokens // bs):
+            block = self.blocks[seq.block_table[i]]
+            prev_hash = self.blocks[seq.block_table[i - 1]].hash if i > 0 else -1
+            block.token_ids = seq.token_ids[i * bs : (i + 1) * bs]
+            block.hash = block_hash(block.token_ids, prev_hash)
+            self.hash_to_block_id.setdefault(block.hash, block.block_id)

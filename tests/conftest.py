@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random HF models saved to disk, and HF's greedy continuation."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+TINY = dict(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            max_position_embeddings=1024, rms_norm_eps=1e-6, initializer_range=0.08)
+
+# name -> (config class, model class, overrides); together: GQA and MHA, head dims 64 and 128,
+# q/k norm, qkv bias, llama3 rope scaling.
+TINY_MODELS = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=64)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=1)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_attention_heads=2, num_key_value_heads=1,
+              rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+              high_freq_factor=4.0, original_max_position_embeddings=128))),
+    "llama-hd128": ("LlamaConfig", "LlamaForCausalLM", dict(hidden_size=256, num_attention_heads=2,
+                    num_key_value_heads=2, tie_word_embeddings=True)),
+}
+
+
+def build_tiny_model(name: str, path: str, seed: int = 0) -> transformers.PreTrainedModel:
+    config_cls, model_cls, overrides = TINY_MODELS[name]
+    config = getattr(transformers, config_cls)(**{**TINY, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).float().eval()
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """name -> (directory, HF model) for a tiny random model, built once per session."""
+    cache: dict[str, tuple[str, transformers.PreTrainedModel]] = {}
+
+    def get(name: str) -> tuple[str, transformers.PreTrainedModel]:
+        if name not in cache:
+            path = str(tmp_path_factory.mktemp(name))
+            cache[name] = (path, build_tiny_model(name, path))
+        return cache[name]
+
+    return get
+
+
+def hf_greedy(model: transformers.PreTrainedModel, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """HF transformers' greedy continuation, EOS ignored (min_new_tokens = max_new_tokens)."""
+    input_ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=0)
+    return out[0, len(prompt):].tolist()

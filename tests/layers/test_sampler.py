@@ -1,0 +1,319 @@
+import math
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.sampler import (
+    Sampler,
+    SamplingTensors,
+    apply_min_tokens,
+    apply_penalties,
+    apply_top_k_top_p_min_p,
+    seeded_exponential_noise,
+)
+from nanovllm.sampling_params import SamplingParams
+
+V = 512
+EOS = [3, 7]
+
+
+def make_seq(prompt=(1, 2), completion=(), seed=None, **params) -> Sequence:
+    seq = Sequence(list(prompt), SamplingParams(**params))
+    seq.token_ids.extend(completion)
+    seq.sample_seed = seed
+    return seq
+
+
+def tensors(seqs, vocab=V) -> SamplingTensors:
+    return SamplingTensors.from_sequences(seqs, vocab, EOS, "cpu")
+
+
+def chi_square_ok(counts: torch.Tensor, probs: torch.Tensor) -> None:
+    """Pearson chi-square goodness of fit; cells with tiny expectation are merged."""
+    n = counts.sum().item()
+    expected = probs.double() * n
+    big = expected >= 5
+    obs = torch.cat([counts[big].double(), counts[~big].double().sum().reshape(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().reshape(1)])
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    stat = ((obs - exp) ** 2 / exp).sum().item()
+    dof = len(exp) - 1
+    try:
+        from scipy.stats import chi2
+
+        assert chi2.sf(stat, dof) > 1e-4, (stat, dof)
+    except ImportError:  # Wilson-Hilferty approximation of the 0.9999 quantile
+        z = 3.72
+        critical = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+        assert stat < critical, (stat, critical)
+
+
+def assert_same_logits(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    assert torch.equal(torch.isneginf(ours), torch.isneginf(ref))
+    finite = ~torch.isneginf(ref)
+    torch.testing.assert_close(ours[finite], ref[finite], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- processed logits vs HF
+
+def hf_warp(row: torch.Tensor, sp: SamplingParams) -> torch.Tensor:
+    scores = row.unsqueeze(0)
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    if 0 < sp.top_k < row.shape[0]:
+        scores = TopKLogitsWarper(sp.top_k)(ids, scores)
+    if sp.top_p < 1:
+        scores = TopPLogitsWarper(sp.top_p)(ids, scores)
+    if sp.min_p > 0:
+        scores = MinPLogitsWarper(sp.min_p)(ids, scores)
+    return scores[0]
+
+
+WARP_CASES = [
+    dict(top_k=5),
+    dict(top_k=1),
+    dict(top_k=V + 10),
+    dict(),
+    dict(top_p=0.9),
+    dict(top_p=0.3),
+    dict(top_p=0.999),
+    dict(min_p=0.05),
+    dict(min_p=0.5),
+    dict(top_k=40, top_p=0.8),
+    dict(top_k=100, top_p=0.95, min_p=0.02),
+    dict(top_p=0.7, min_p=0.1),
+    dict(top_k=20, min_p=0.2),
+]
+
+
+@pytest.mark.parametrize("subset", [
+    [0, 1, 2, 3],          # top-k only (topk path), with an off row and k > V
+    [4, 5, 6, 3],          # top-p only, with an off row
+    [7, 8, 3],             # min-p only
+    list(range(len(WARP_CASES))),  # everything mixed (sort path)
+])
+@pytest.mark.parametrize("scale", [1.0, 5.0])
+def test_top_k_top_p_min_p_match_hf(subset, scale):
+    gen = torch.Generator().manual_seed(len(subset) * 7 + int(scale))
+    cases = [WARP_CASES[i] for i in subset]
+    seqs = [make_seq(**c) for c in cases]
+    logits = torch.randn(len(seqs), V, generator=gen) * scale
+    logits[0, :10] = float("-inf")  # already-masked entries must stay masked
+    t = tensors(seqs)
+    ours = apply_top_k_top_p_min_p(logits, t.top_ks, t.top_ps, t.min_ps, t.max_top_k)
+    for row, seq in enumerate(seqs):
+        assert_same_logits(ours[row], hf_warp(logits[row], seq.sampling_params))
+
+
+def test_top_k_keeps_ties_like_hf():
+    logits = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.5, 3.0]])
+    t = tensors([make_seq(top_k=2)], vocab=6)
+    ours = apply_top_k_top_p_min_p(logits, t.top_ks, t.top_ps, t.min_ps, t.max_top_k)
+    assert_same_logits(ours[0], TopKLogitsWarper(2)(None, logits)[0])
+
+
+def test_repetition_penalty_matches_hf():
+    gen = torch.Generator().manual_seed(1)
+    specs = [  # (prompt, completion, penalty)
+        ([5, 9, 9, 100], [11, 5, 200], 1.3),
+        ([1, 2], [], 0.7),
+        ([8, 8, 8], [4], 1.0),  # off
+        (list(range(50)), [60, 61, 0], 2.0),
+    ]
+    seqs = [make_seq(p, c, repetition_penalty=r) for p, c, r in specs]
+    logits = torch.randn(len(seqs), V, generator=gen) * 3
+    ours = apply_penalties(logits, tensors(seqs).penalties)
+    for row, (prompt, completion, penalty) in enumerate(specs):
+        ids = torch.tensor([prompt + completion])
+        ref = RepetitionPenaltyLogitsProcessor(penalty)(ids, logits[row : row + 1].clone())[0]
+        assert_same_logits(ours[row], ref)
+
+
+def test_repetition_penalty_ignores_ids_beyond_vocab():
+    seqs = [make_seq([1, V + 5], [2], repetition_penalty=1.5)]
+    logits = torch.randn(1, V)
+    ref = RepetitionPenaltyLogitsProcessor(1.5)(torch.tensor([[1, V + 5, 2]]), logits.clone())
+    assert_same_logits(apply_penalties(logits, tensors(seqs).penalties), ref)
+
+
+def test_frequency_presence_penalties_match_loop():
+    gen = torch.Generator().manual_seed(2)
+    specs = [  # (prompt, completion, rep, freq, pres)
+        ([5, 6, 7], [6, 6, 9, 400, 6], 1.0, 0.5, 0.0),
+        ([5, 6, 7], [6, 6, 9], 1.0, 0.0, 1.5),
+        ([1, 1, 10], [10, 10, 12], 1.2, -0.4, 0.3),
+        ([4, 4], [], 1.0, 2.0, 2.0),  # nothing generated yet: no effect
+        ([4, 4], [4], 1.0, 0.0, 0.0),  # off
+    ]
+    seqs = [make_seq(p, c, repetition_penalty=r, frequency_penalty=f, presence_penalty=pp)
+            for p, c, r, f, pp in specs]
+    logits = torch.randn(len(seqs), V, generator=gen)
+    ours = apply_penalties(logits, tensors(seqs).penalties)
+    for row, (prompt, completion, rep, freq, pres) in enumerate(specs):
+        expected = logits[row].clone()
+        for tok in set(prompt + completion):
+            score = expected[tok]
+            expected[tok] = score * rep if score < 0 else score / rep
+        for tok in set(completion):
+            expected[tok] -= freq * completion.count(tok) + pres
+        torch.testing.assert_close(ours[row], expected, rtol=0, atol=1e-6)
+
+
+def test_no_optional_tensors_in_common_case():
+    t = tensors([make_seq(temperature=0.8), make_seq(temperature=1.0, seed=None)])
+    assert not (t.do_top_k or t.do_top_p or t.do_min_p or t.do_penalties or t.any_seeded)
+    assert t.min_tokens_blocked is None and t.greedy_rows is None and not t.all_greedy
+    assert t.max_num_logprobs == 0
+    # Features that are on only for greedy rows need no work either.
+    t = tensors([make_seq(temperature=0, top_k=3, top_p=0.5, min_p=0.3, seed=1)])
+    assert t.all_greedy and not (t.do_top_k or t.do_top_p or t.do_min_p or t.any_seeded)
+
+
+# ---------------------------------------------------------------- min_tokens
+
+def test_min_tokens_masks_eos_and_stop_ids():
+    seqs = [
+        make_seq(completion=[9], min_tokens=3, stop_token_ids=[20, V + 3]),
+        make_seq(completion=[9], min_tokens=3, stop_token_ids=[20], ignore_eos=True),
+        make_seq(completion=[9, 9, 9], min_tokens=3, stop_token_ids=[20]),  # reached
+        make_seq(stop_token_ids=[20]),
+    ]
+    t = tensors(seqs)
+    logits = torch.randn(len(seqs), V)
+    out = apply_min_tokens(logits, t.min_tokens_blocked)
+    blocked = torch.isneginf(out)
+    assert blocked[0].nonzero().flatten().tolist() == [3, 7, 20]
+    assert blocked[1].nonzero().flatten().tolist() == [20]
+    assert not blocked[2:].any()
+    assert not torch.isneginf(logits).any()  # input untouched
+
+
+def test_min_tokens_changes_greedy_choice():
+    logits = torch.zeros(2, V)
+    logits[:, EOS[0]] = 10.0
+    logits[:, 42] = 5.0
+    seqs = [make_seq(temperature=0, min_tokens=1), make_seq(temperature=0)]
+    out = Sampler()(logits, tensors(seqs))
+    assert out.token_ids.tolist() == [42, EOS[0]]
+    # Logprobs are those of the raw logits, even for the masked row.
+    torch.testing.assert_close(out.logprobs, torch.log_softmax(logits, -1)[[0, 1], [42, EOS[0]]])
+
+
+# ---------------------------------------------------------------- greedy, logprobs
+
+def test_greedy_and_logprobs():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, V, generator=gen, dtype=torch.float32).to(torch.bfloat16)
+    seqs = [make_seq(temperature=0, logprobs=5), make_seq(temperature=0), make_seq(temperature=0, logprobs=2),
+            make_seq(temperature=0, repetition_penalty=5.0, prompt=[int(logits[3].float().argmax())])]
+    out = Sampler()(logits, tensors(seqs))
+    raw = torch.log_softmax(logits.float(), -1)
+    assert out.token_ids.dtype == torch.int64 and out.logprobs.dtype == torch.float32
+    assert out.token_ids[:3].tolist() == logits[:3].float().argmax(-1).tolist()
+    assert out.token_ids[3] != logits[3].float().argmax()
+    torch.testing.assert_close(out.logprobs, raw.gather(1, out.token_ids[:, None]).squeeze(1))
+    assert out.top_logprobs.shape == (4, 5) and out.top_token_ids.dtype == torch.int64
+    ref_values, ref_ids = raw.sort(dim=-1, descending=True)
+    torch.testing.assert_close(out.top_logprobs, ref_values[:, :5])
+    assert torch.equal(out.top_token_ids, ref_ids[:, :5])
+
+
+def test_no_top_logprobs_when_not_requested():
+    out = Sampler()(torch.randn(2, V), tensors([make_seq(), make_seq(temperature=0, logprobs=0)]))
+    assert out.top_logprobs is None and out.top_token_ids is None
+
+
+def test_mixed_greedy_and_sampled_rows():
+    torch.manual_seed(0)
+    logits = torch.randn(6, V)
+    seqs = [make_seq(temperature=0), make_seq(temperature=1.5, top_k=50)] * 3
+    out = Sampler()(logits, tensors(seqs))
+    assert out.token_ids[::2].tolist() == logits[::2].argmax(-1).tolist()
+    assert ((0 <= out.token_ids) & (out.token_ids < V)).all()
+
+
+# ---------------------------------------------------------------- sampling distributions
+
+N_DRAWS = 6000
+SMALL_V = 12
+
+
+def test_temperature_sampling_matches_softmax():
+    torch.manual_seed(0)
+    row = torch.randn(SMALL_V) * 2
+    temperature = 0.7
+    seqs = [make_seq(temperature=temperature)] * N_DRAWS
+    out = Sampler()(row.expand(N_DRAWS, SMALL_V), tensors(seqs, SMALL_V))
+    counts = torch.bincount(out.token_ids, minlength=SMALL_V)
+    chi_square_ok(counts, torch.softmax(row / temperature, -1))
+
+
+def test_filtered_sampling_matches_renormalised_hf_distribution():
+    torch.manual_seed(1)
+    row = torch.randn(SMALL_V) * 2
+    params = dict(temperature=1.3, top_k=8, top_p=0.85, min_p=0.05)
+    seqs = [make_seq(**params)] * N_DRAWS
+    out = Sampler()(row.expand(N_DRAWS, SMALL_V), tensors(seqs, SMALL_V))
+    counts = torch.bincount(out.token_ids, minlength=SMALL_V)
+    expected = torch.softmax(hf_warp(row / 1.3, SamplingParams(**params)), -1)
+    assert (counts[expected == 0] == 0).all()
+    chi_square_ok(counts, expected)
+
+
+# ---------------------------------------------------------------- seeded rows
+
+def test_seeded_row_independent_of_batch():
+    gen = torch.Generator().manual_seed(4)
+    row = torch.randn(V, generator=gen) * 0.1  # flat: the noise decides
+    target = make_seq([1] * 9, seed=1234, temperature=0.9, top_p=0.95)
+    alone = Sampler()(row[None], tensors([target])).token_ids.item()
+    torch.manual_seed(99)
+    for index, size in [(0, 3), (2, 3), (5, 8)]:
+        others = [make_seq(seed=s, temperature=0.5 + s / 10, top_k=30) for s in range(size - 1)]
+        others[0].sample_seed = None  # unseeded neighbour
+        batch = others[:index] + [target] + others[index:]
+        logits = torch.randn(size, V, generator=gen)
+        logits[index] = row
+        out = Sampler()(logits, tensors(batch))
+        assert out.token_ids[index].item() == alone
+
+
+def test_seeded_rows_vary_with_seed_and_position():
+    row = torch.zeros(1, V)
+    by_seed = {Sampler()(row, tensors([make_seq(seed=s)])).token_ids.item() for s in range(30)}
+    by_pos = {Sampler()(row, tensors([make_seq([1] * n, seed=5)])).token_ids.item() for n in range(1, 31)}
+    assert len(by_seed) > 20 and len(by_pos) > 20
+    # Seeds differing only in the high 32 bits, or huge/negative seeds, get different noise;
+    # seeds are taken modulo 2**64.
+    seeds = torch.tensor([1, 1 + (1 << 32), 1 + (1 << 40), -1, -2])
+    noise = seeded_exponential_noise(seeds, torch.full((5,), 3), V)
+    assert len({tuple(r.tolist()) for r in noise}) == 5
+    t = tensors([make_seq(seed=(1 << 70) + 1), make_seq(seed=(1 << 64) - 1)])
+    assert t.seeds.tolist() == [1, -1]
+
+
+def test_seeded_draws_follow_softmax_over_positions_and_seeds():
+    torch.manual_seed(5)
+    row = torch.randn(SMALL_V)
+    temperature = 0.8
+    expected = torch.softmax(row / temperature, -1)
+    by_position = [make_seq([0] * n, seed=77, temperature=temperature) for n in range(1, 3001)]
+    by_seed = [make_seq(seed=s, temperature=temperature) for s in range(3000)]
+    for seqs in (by_position, by_seed):
+        out = Sampler()(row.expand(len(seqs), SMALL_V), tensors(seqs, SMALL_V))
+        chi_square_ok(torch.bincount(out.token_ids, minlength=SMALL_V), expected)
+
+
+def test_seeded_noise_is_exponential_and_uncorrelated_across_tokens():
+    noise = seeded_exponential_noise(torch.tensor([0, 1, 2**40]), torch.tensor([10, 10, 10]), 20000)
+    assert (noise > 0).all() and torch.isfinite(noise).all()
+    assert abs(noise.mean().item() - 1) < 0.02 and abs(noise.var().item() - 1) < 0.05
+    flat = noise.flatten()
+    corr = torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1]
+    assert abs(corr.item()) < 0.02
