@@ -31,3 +31,31 @@ class RequestOutput:
         if key == "token_ids":
             return self.outputs[0].token_ids
         raise KeyError(f"{key!r}: a RequestOutput reads only 'text' and 'token_ids' by key")
+
+
+@dataclass
+class BeamSearchSequence:
+    """One finished beam. `tokens` holds the prompt and the generated tokens, as in vLLM.
+
+    `cum_logprob` is the sum of the generated tokens' log-probabilities (log_softmax of
+    the raw logits); `score` is it divided by (number of generated tokens) ** length_penalty,
+    HF's ranking score. `text` is the decoded generated part ('' without a tokenizer).
+    """
+
+    tokens: list[int]
+    num_prompt_tokens: int
+    cum_logprob: float
+    score: float
+    text: str = ""
+    finish_reason: str | None = None  # "stop" (EOS) or "length"
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.tokens[self.num_prompt_tokens :]
+
+
+@dataclass
+class BeamSearchOutput:
+    """One prompt's beams, best first."""
+
+    sequences: list[BeamSearchSequence] = field(default_factory=list)

@@ -17,6 +17,7 @@ class CacheStats:
     prefix_query_tokens: int = 0
     prefix_hit_tokens: int = 0
     block_copies: int = 0
+    peak_used_blocks: int = 0
 
 
 class Block:
@@ -79,6 +80,7 @@ class BlockManager:
         if block.hash != -1 and self.hash_to_block_id.get(block.hash) == block_id:
             del self.hash_to_block_id[block.hash]
         block.hash, block.token_ids, block.ref_count = -1, [], 1
+        self.stats.peak_used_blocks = max(self.stats.peak_used_blocks, self.num_blocks - self.num_free_blocks)
         return block_id
 
     def _acquire(self, block_id: int) -> None:

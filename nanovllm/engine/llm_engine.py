@@ -3,21 +3,31 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from nanovllm.config import PRESET_PREFIX, Config
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.detokenizer import IncrementalDetokenizer
+from nanovllm.engine.model_runner import ModelRunner, PendingSample, SampledTokens
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from nanovllm.outputs import CompletionOutput, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.model_source import resolve_model
 
 Prompt = str | list[int]
+
+
+@dataclass
+class SeqState:
+    """What a sequence's output needs beyond its tokens, gathered as they are read back."""
+
+    cumulative_logprob: float = 0.0
+    logprobs: list[dict[int, float]] | None = None  # per generated token, when logprobs was asked for
+    detokenizer: IncrementalDetokenizer | None = None  # only for requests with stop strings
 
 
 @dataclass
@@ -27,10 +37,17 @@ class Request:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     seqs: list[Sequence]
+    states: dict[int, SeqState] = field(default_factory=dict)  # by seq_id
 
     @property
     def finished(self) -> bool:
         return all(seq.is_finished for seq in self.seqs)
+
+
+def needs_token_values(params: SamplingParams) -> bool:
+    """Penalties read every earlier token's value when sampling, so such steps cannot overlap."""
+    return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
+            or params.frequency_penalty != 0.0)
 
 
 class LLMEngine:
@@ -48,6 +65,10 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.config, self.block_manager)
         self.requests: dict[str, Request] = {}
+        self.overlap_steps = self.model_runner.device.type == "cuda"
+        self._num_sync_requests = 0  # requests whose sampling reads earlier tokens' values (penalties)
+        self._in_flight: tuple[ScheduledBatch, PendingSample, float] | None = None
+        self._last_completed = 0.0
         self._request_ids = itertools.count()
         self.num_prefill_tokens = self.num_decode_tokens = 0
         self.prefill_time = self.decode_time = 0.0
@@ -88,6 +109,8 @@ class LLMEngine:
         max_len, vocab = self.config.max_model_len, self.config.hf_config.vocab_size
         if not token_ids:
             raise ValueError("the prompt is empty")
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n={params.n} is over max_num_seqs={self.config.max_num_seqs}")
         if len(token_ids) > max_len:
             raise ValueError(f"the prompt has {len(token_ids)} tokens, over max_model_len={max_len}")
         if len(token_ids) + params.max_tokens > max_len:
@@ -99,6 +122,9 @@ class LLMEngine:
         needed = self.block_manager.num_blocks_for(len(token_ids) + params.max_tokens)
         if needed > self.block_manager.num_blocks:
             raise ValueError(f"the request needs {needed} KV blocks, the cache has {self.block_manager.num_blocks}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this engine has none (skip_tokenizer_init=True): "
+                             "use stop_token_ids")
 
     def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> str:
         """Validate and queue one request; returns its id. Raises before queueing anything."""
@@ -110,23 +136,108 @@ class LLMEngine:
     def _queue(self, text: str | None, token_ids: list[int], params: SamplingParams) -> str:
         request_id = str(next(self._request_ids))
         seq = Sequence(token_ids, params, request_id)
-        self.requests[request_id] = Request(request_id, text, token_ids, params, [seq])
+        seq.pending_forks = params.n - 1
+        request = Request(request_id, text, token_ids, params, [seq])
+        request.states[seq.seq_id] = self._new_state(params)
+        self.requests[request_id] = request
+        self._num_sync_requests += needs_token_values(params)
         self.scheduler.add(seq)
         return request_id
+
+    def _new_state(self, params: SamplingParams) -> SeqState:
+        detokenizer = None
+        if params.stop:
+            detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output)
+        return SeqState(logprobs=[] if params.logprobs is not None else None, detokenizer=detokenizer)
+
+    def _fork(self, parent: Sequence) -> None:
+        """n > 1: once the prompt's last chunk is launched, n - 1 children share all its blocks.
+
+        Each child holds the prompt with its last token uncomputed: it recomputes that
+        token as a 1-token decode step and samples its own first token. That first write
+        into the shared last block makes its private copy (copy-on-write). Child i draws
+        with seed + i when the request is seeded, so the n samples differ reproducibly.
+        """
+        request = self.requests[parent.request_id]
+        params = request.sampling_params
+        parent.pending_forks = 0  # a parent recomputed after preemption does not fork again
+        assert parent.num_cached_tokens == parent.num_tokens == parent.num_prompt_tokens
+        for i in range(1, params.n):
+            child = Sequence(parent.token_ids, params, parent.request_id)
+            if params.seed is not None:
+                child.sample_seed = params.seed + i
+            self.block_manager.fork(parent, child)
+            child.num_cached_tokens = child.num_tokens - 1
+            child.status = SequenceStatus.RUNNING
+            self.scheduler.running.append(child)
+            request.seqs.append(child)
+            request.states[child.seq_id] = self._new_state(params)
 
     # -- stepping -------------------------------------------------------------
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     def step(self) -> list[RequestOutput]:
-        """Run one forward; return the requests that finished in it."""
-        start = time.perf_counter()
-        batch = self.scheduler.schedule()
-        sampled = self.model_runner.run(batch)
-        token_ids = sampled.token_ids.tolist() if sampled is not None else []
-        self._record_time(batch, time.perf_counter() - start)
-        return self._postprocess(batch, token_ids)
+        """Launch the next forward, then read back the previous one; return the requests that finished.
+
+        With overlap (CUDA, no request that needs every token's value before
+        sampling), the device runs step N while the host reads step N-1's
+        tokens and finishes sequences: the GPU never waits for this
+        bookkeeping. Tokens not read yet are placeholders in `token_ids`; the
+        next decode takes them straight from the device.
+        """
+        outputs: list[RequestOutput] = []
+        overlap = self.overlap_steps and not self._num_sync_requests
+        if self._in_flight is not None and not overlap:
+            outputs += self._complete(*self._in_flight)
+            self._in_flight = None
+        launched = None
+        batch = self.scheduler.schedule() if self.scheduler.has_work() else None
+        if batch is not None:
+            start = time.perf_counter()
+            launched = (batch, self.model_runner.launch(batch), start)
+            self._advance(batch)
+        if self._in_flight is not None:
+            outputs += self._complete(*self._in_flight)
+        self._in_flight = launched
+        if launched is not None and not overlap:
+            outputs += self._complete(*launched)
+            self._in_flight = None
+        return outputs
+
+    def _advance(self, batch: ScheduledBatch) -> None:
+        """Count the batch's tokens as computed and give each sampling sequence a placeholder."""
+        for i, seq in enumerate(batch.seqs):
+            samples = batch.samples(i)
+            seq.num_cached_tokens += batch.num_new_tokens[i]
+            if samples:
+                if seq.pending_forks:
+                    self._fork(seq)
+                seq.append_token(PLACEHOLDER)
+                batch.sampled.append((seq, seq.num_tokens - 1))
+
+    def _complete(self, batch: ScheduledBatch, pending: PendingSample, start: float) -> list[RequestOutput]:
+        """Read a launched step's tokens back, fill its placeholders, finish what stopped."""
+        sampled = pending.wait()
+        now = time.perf_counter()
+        self._record_time(batch, now - max(start, self._last_completed))  # overlapping steps split the wall time
+        self._last_completed = now
+        live = [(row, seq, index) for row, (seq, index) in enumerate(batch.sampled) if not seq.is_finished]
+        requests = self.requests
+        for row, seq, index in live:  # a finished sequence stopped at an earlier token: drop this one
+            seq.token_ids[index] = sampled.token_ids[row]
+            self._record(requests[seq.request_id].states[seq.seq_id], seq, row, sampled)
+        for seq in batch.seqs:
+            self.block_manager.commit(seq)
+        finished = []
+        for row, seq, index in live:
+            if self._check_stop(seq, index):
+                del seq.token_ids[index + 1 :]
+                self.scheduler.finish(seq)
+                finished.append(seq)
+        done = {seq.request_id for seq in finished if self.requests[seq.request_id].finished}
+        return [self._output(self.requests[request_id]) for request_id in done]
 
     def _record_time(self, batch: ScheduledBatch, seconds: float) -> None:
         if batch.is_prefill:
@@ -136,38 +247,57 @@ class LLMEngine:
             self.num_decode_tokens += len(batch.seqs)
             self.decode_time += seconds
 
-    def _postprocess(self, batch: ScheduledBatch, token_ids: list[int]) -> list[RequestOutput]:
-        sampled = iter(token_ids)
-        finished = []
-        for i, seq in enumerate(batch.seqs):
-            samples = batch.samples(i)
-            seq.num_cached_tokens += batch.num_new_tokens[i]
-            self.block_manager.commit(seq)
-            if samples:
-                seq.append_token(next(sampled))
-                if self._check_stop(seq):
-                    self.scheduler.finish(seq)
-                    finished.append(seq)
-        done = {seq.request_id for seq in finished if self.requests[seq.request_id].finished}
-        return [self._output(self.requests[request_id]) for request_id in done]
+    @staticmethod
+    def _record(state: SeqState, seq: Sequence, row: int, sampled: SampledTokens) -> None:
+        """Add a read-back token's logprob (and its top-N alternatives when asked for)."""
+        token, logprob = sampled.token_ids[row], sampled.logprobs[row]
+        state.cumulative_logprob += logprob
+        if state.logprobs is not None:
+            entry = {token: logprob}
+            n = seq.sampling_params.logprobs
+            if n and sampled.top_token_ids is not None:
+                entry.update(zip(sampled.top_token_ids[row][:n], sampled.top_logprobs[row][:n]))
+            state.logprobs.append(entry)
 
-    def _check_stop(self, seq: Sequence) -> bool:
-        params, token = seq.sampling_params, seq.token_ids[-1]
+    def _check_stop(self, seq: Sequence, index: int) -> bool:
+        """Whether seq ends at token_ids[index], setting its finish and stop reasons.
+
+        Stop token ids and EOS first, then stop strings (not before min_tokens tokens),
+        then the length limits.
+        """
+        params, token = seq.sampling_params, seq.token_ids[index]
+        num_generated = index + 1 - seq.num_prompt_tokens
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
             seq.finish_reason = "stop"
             seq.stop_reason = token if token in params.stop_token_ids else None
-        elif seq.num_completion_tokens >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+        elif params.stop and (stop := self._stop_string(seq, token, num_generated >= params.min_tokens)):
+            seq.finish_reason, seq.stop_reason = "stop", stop
+        elif num_generated >= params.max_tokens or index + 1 >= self.config.max_model_len:
             seq.finish_reason, seq.stop_reason = "length", None
         return seq.finish_reason is not None
 
+    def _stop_string(self, seq: Sequence, token: int, may_stop: bool) -> str | None:
+        detokenizer = self.requests[seq.request_id].states[seq.seq_id].detokenizer
+        return detokenizer.add_and_check(token, may_stop)
+
     def _output(self, request: Request) -> RequestOutput:
         del self.requests[request.request_id]
-        completions = [
-            CompletionOutput(i, self._decode(seq.completion_token_ids), seq.completion_token_ids,
-                             seq.finish_reason, seq.stop_reason)
-            for i, seq in enumerate(request.seqs)
-        ]
+        self._num_sync_requests -= needs_token_values(request.sampling_params)
+        completions = [self._completion(i, seq, request.states[seq.seq_id]) for i, seq in enumerate(request.seqs)]
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions, True)
+
+    def _completion(self, index: int, seq: Sequence, state: SeqState) -> CompletionOutput:
+        """vLLM's text rules: cut before a stop string, and a stop token's (or EOS's) own text
+        left out, both unless include_stop_str_in_output; token_ids keep every sampled token."""
+        params, token_ids = seq.sampling_params, seq.completion_token_ids
+        if isinstance(seq.stop_reason, str):
+            text = state.detokenizer.stop_text
+        elif seq.finish_reason == "stop" and not params.include_stop_str_in_output:
+            text = self._decode(token_ids[:-1])
+        else:
+            text = self._decode(token_ids)
+        return CompletionOutput(index, text, token_ids, seq.finish_reason, seq.stop_reason,
+                                state.cumulative_logprob, state.logprobs)
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer else ""
@@ -179,6 +309,8 @@ class LLMEngine:
             "prefix_query_tokens": s.prefix_query_tokens,
             "prefix_hit_tokens": s.prefix_hit_tokens,
             "block_copies": s.block_copies,
+            "kv_blocks_total": self.block_manager.num_blocks,
+            "kv_blocks_peak_used": s.peak_used_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
             "prefill_tokens": self.num_prefill_tokens,
             "decode_tokens": self.num_decode_tokens,

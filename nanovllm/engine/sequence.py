@@ -7,6 +7,10 @@ from enum import Enum, auto
 from nanovllm.sampling_params import SamplingParams
 
 
+# A sampled token whose value is still on the GPU: the next decode step reads it from there.
+PLACEHOLDER = -1
+
+
 class SequenceStatus(Enum):
     WAITING = auto()
     RUNNING = auto()
@@ -35,6 +39,7 @@ class Sequence:
         self.sample_seed: int | None = self.sampling_params.seed
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        self.pending_forks = 0  # n > 1: children to fork once the prompt is computed
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+import logging
 from typing import Protocol
 
 import torch
 from torch import nn
 
 from nanovllm.kernels.paged_attention_ref import paged_attention, paged_prefill_attention
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,6 +38,7 @@ class AttentionBackend(Protocol):
     """Computes attention over a paged cache once the new K/V are in it."""
 
     block_size_multiple: int
+    supports_cuda_graphs: bool
 
     def store_kvcache(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                       v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None: ...
@@ -47,9 +51,14 @@ class AttentionBackend(Protocol):
 
 
 class TorchBackend:
-    """The pure-torch reference backend: runs anywhere, used on CPU."""
+    """The pure-torch reference backend: runs anywhere, used on CPU.
+
+    Its cache write skips padding slots with a data-dependent mask, which a CUDA
+    graph cannot capture, so it runs eagerly.
+    """
 
     block_size_multiple = 1
+    supports_cuda_graphs = False
 
     def store_kvcache(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         keep = slot_mapping >= 0
@@ -64,6 +73,23 @@ class TorchBackend:
     def decode(self, q, k_cache, v_cache, meta, scale):
         return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                k_cache.shape[1], meta.max_context_len, scale=scale)
+
+
+def select_backend(name: str, device: torch.device) -> AttentionBackend:
+    """"auto": flash-attn when it imports on CUDA, else the torch reference."""
+    backend: AttentionBackend = TorchBackend()
+    if name == "flash_attn" and device.type != "cuda":
+        raise ValueError(f"attention_backend='flash_attn' needs a CUDA device, got {device}")
+    if name != "torch" and device.type == "cuda":
+        try:
+            from nanovllm.kernels.flash_attn_backend import FlashAttnBackend
+            backend = FlashAttnBackend()
+        except ImportError as e:
+            if name == "flash_attn":
+                raise ValueError(f"attention_backend='flash_attn' but flash-attn does not import: {e}; "
+                                 "install it with `pip install nanovllm[gpu]`") from e
+    logger.info("attention backend: %s", type(backend).__name__)
+    return backend
 
 
 class Attention(nn.Module):

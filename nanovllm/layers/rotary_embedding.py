@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from nanovllm.utils.fusion import fused_on_cuda
+
 
 def rope_parameters(config: PretrainedConfig) -> dict:
     """rope type, theta and scaling of a config, old style (rope_theta/rope_scaling) or new."""
@@ -41,6 +43,19 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+@fused_on_cuda
+def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                 cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cos_sin_cache[:, positions].unsqueeze(-2)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, params: dict):
         super().__init__()
@@ -49,13 +64,6 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos_sin_cache", torch.stack((emb.cos(), emb.sin())), persistent=False)
 
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.chunk(2, dim=-1)
-        rotated = torch.cat((-x2, x1), dim=-1)
-        return (x.float() * cos + rotated.float() * sin).to(x.dtype)
-
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]."""
-        cos, sin = self.cos_sin_cache[:, positions].unsqueeze(-2)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        return apply_rotary(positions, q, k, self.cos_sin_cache)

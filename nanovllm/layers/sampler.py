@@ -288,7 +288,9 @@ class Sampler(torch.nn.Module):
 
     def forward(self, logits: Tensor, t: SamplingTensors) -> SamplerOutput:
         logits = logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1)
+        # logprob = logit - logsumexp: cheaper than materialising log_softmax over [B, V].
+        log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
+        raw_logits = logits
         if t.min_tokens_blocked is not None:
             logits = apply_min_tokens(logits, t.min_tokens_blocked)
         if t.penalties is not None:
@@ -299,10 +301,11 @@ class Sampler(torch.nn.Module):
             token_ids = self._sample(logits, t)
             if t.greedy_rows is not None:
                 token_ids = torch.where(t.greedy_rows, logits.argmax(dim=-1), token_ids)
-        token_logprobs = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+        token_logprobs = (raw_logits.gather(1, token_ids.unsqueeze(1)) - log_z).squeeze(1)
         top_logprobs = top_token_ids = None
         if t.max_num_logprobs:
-            top_logprobs, top_token_ids = logprobs.topk(min(t.max_num_logprobs, logits.shape[1]), dim=-1)
+            top_logits, top_token_ids = raw_logits.topk(min(t.max_num_logprobs, logits.shape[1]), dim=-1)
+            top_logprobs = top_logits - log_z
         return SamplerOutput(token_ids, token_logprobs, top_logprobs, top_token_ids)
 
     @staticmethod

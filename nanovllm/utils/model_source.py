@@ -58,7 +58,9 @@ def resolve_model(model: str | os.PathLike[str] | None) -> str:
         if path.suffix.lower() != ".gguf":
             raise ValueError(f"{path} is a file but not a .gguf; pass a model directory, a .gguf file or a hub id")
         return str(converted_gguf_dir(path))
-    if isinstance(model, str) and _HUB_ID.match(model) and not model.lower().endswith(".gguf"):
+    if path.suffix.lower() == ".gguf":
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    if isinstance(model, str) and _HUB_ID.match(model):
         return _download_from_hub(model)
     raise FileNotFoundError(
         f"Model {str(model)!r} not found: no such file or directory (a hub id must look like 'org/name')"
@@ -235,7 +237,8 @@ def _require_gguf_packages() -> None:
     missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
     if missing:
         raise ImportError(
-            f"Loading a .gguf model needs the packages {', '.join(missing)}: pip install gguf accelerate"
+            f"Loading a .gguf model needs the packages {', '.join(missing)}: "
+            "pip install 'nanovllm[gguf]' (gguf, accelerate)"
         )
 
 

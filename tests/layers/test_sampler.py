@@ -232,8 +232,11 @@ def test_no_top_logprobs_when_not_requested():
 def test_mixed_greedy_and_sampled_rows():
     torch.manual_seed(0)
     logits = torch.randn(6, V)
-    seqs = [make_seq(temperature=0), make_seq(temperature=1.5, top_k=50)] * 3
+    before = logits.clone()
+    seqs = [make_seq(temperature=1e-6), make_seq(temperature=1.5, top_k=50, repetition_penalty=1.3,
+                                                  min_tokens=2, seed=3)] * 3
     out = Sampler()(logits, tensors(seqs))
+    assert torch.equal(logits, before)  # float32 input is not modified in place
     assert out.token_ids[::2].tolist() == logits[::2].argmax(-1).tolist()
     assert ((0 <= out.token_ids) & (out.token_ids < V)).all()
 

@@ -148,7 +148,9 @@ def test_large_models_are_stored_in_bfloat16(tmp_path: Path, monkeypatch: pytest
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-def test_gguf_path_is_converted_once_into_the_cache(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gguf_path_is_converted_once_into_the_cache(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     write_tiny_gguf(tmp_path / "tiny.gguf")
     first = Path(resolve_model(str(tmp_path / "tiny.gguf")))
     assert first.is_relative_to(cache) and (first / "config.json").is_file()
@@ -230,5 +232,6 @@ def test_offline_hub_id_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.chdir(tmp_path)  # so that "nanovllm-test/not-a-model" is no local path either
-    with pytest.raises(FileNotFoundError, match=r"'nanovllm-test/not-a-model'.*offline.*local model directory or \.gguf"):
+    expected = r"'nanovllm-test/not-a-model'.*offline.*local model directory or \.gguf"
+    with pytest.raises(FileNotFoundError, match=expected):
         resolve_model("nanovllm-test/not-a-model")

@@ -1,0 +1,236 @@
+"""Beam search over the paged KV cache: beams are sequences that fork, sharing blocks (copy-on-write).
+
+The search drives the engine's scheduler and model runner one step at a time,
+without overlap: every live beam decodes one token and returns its top-K
+log-probabilities; the best continuations over all (beam, token) pairs become
+the next beams. A beam continued by several candidates forks (the children share
+all its blocks; each copies the last one on its first write); a beam no
+candidate continues is freed at once.
+
+Ranking and stopping follow HF transformers' `generate(num_beams=k,
+do_sample=False)` (the vectorised `_beam_search` of transformers >= 4.50):
+
+- K = max(2, 1 + number of EOS ids) * beam_width candidates are kept per step,
+  enough that beam_width of them do not end in EOS;
+- a candidate that ends in EOS, or reaches max_tokens, is finished; only those
+  among the best beam_width candidates may join the finished hypotheses, scored
+  cum_logprob / generated_len ** length_penalty (generated_len counts the EOS, not
+  the prompt), of which the best beam_width are kept;
+- the best beam_width unfinished candidates run on;
+- the search stops at max_tokens, or per `early_stopping`: True, once beam_width
+  hypotheses are finished; False (HF's default), once they are and the best
+  running beam's score at its current length is no better than the worst
+  finished one; "never", the same with max_tokens as the length when
+  length_penalty > 0.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from tqdm.auto import tqdm
+
+from nanovllm.beam_search_params import BeamSearchParams
+from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.outputs import BeamSearchOutput, BeamSearchSequence
+from nanovllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from nanovllm.engine.llm_engine import LLMEngine, Prompt
+
+
+@dataclass
+class _Beam:
+    seq: Sequence
+    cum_logprob: float
+
+
+@dataclass(eq=False)
+class _Group:
+    """One prompt's search: its live beams (best first) and finished hypotheses (best first)."""
+
+    index: int
+    prompt_token_ids: list[int]
+    blocks_needed: int
+    beams: list[_Beam] = field(default_factory=list)
+    finished: list[BeamSearchSequence] = field(default_factory=list)
+    improvable: bool = True
+    done: bool = False
+
+
+class BeamSearch:
+    def __init__(self, engine: LLMEngine, params: BeamSearchParams):
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params must be BeamSearchParams, got {type(params).__name__}")
+        self.engine = engine
+        self.params = params
+        self.scheduler = engine.scheduler
+        self.block_manager = engine.block_manager
+        self.eos = set() if params.ignore_eos else set(engine.eos_token_ids)
+        self.num_candidates = max(2, 1 + len(self.eos)) * params.beam_width
+        # Greedy rows with top-K logprobs; EOS is handled here, not by the engine.
+        self.sampling_params = SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=True,
+                                              logprobs=self.num_candidates)
+        self.group_of: dict[int, _Group] = {}  # seq_id -> its group
+
+    def _blocks_needed(self, num_prompt_tokens: int) -> int:
+        """An upper bound on the blocks one prompt's beams hold at once.
+
+        Beams write only from the prompt's last partial block on, so the full prompt
+        blocks stay shared; each beam holds at most the rest privately.
+        """
+        bm, width = self.block_manager, self.params.beam_width
+        shared = num_prompt_tokens // bm.block_size
+        return shared + width * (bm.num_blocks_for(num_prompt_tokens + self.params.max_tokens) - shared)
+
+    def run(self, prompts: list[Prompt], use_tqdm: bool) -> list[BeamSearchOutput]:
+        engine = self.engine
+        if engine.has_unfinished_requests():
+            raise RuntimeError("beam_search needs an idle engine: finish the queued requests first")
+        groups = []
+        for i, prompt in enumerate(prompts):  # check everything before starting
+            _, token_ids = engine._tokenize(prompt)
+            engine._validate(token_ids, self.sampling_params)
+            needed = self._blocks_needed(len(token_ids))
+            if needed > self.block_manager.num_blocks:
+                raise ValueError(f"beam search of prompt {i} may need {needed} KV blocks, the cache has "
+                                 f"{self.block_manager.num_blocks}; lower beam_width or max_tokens")
+            groups.append(_Group(i, token_ids, needed))
+        engine._num_sync_requests += 1  # nothing may overlap the steps: each reads the last one's tokens
+        try:
+            with tqdm(total=len(groups), desc="Beam search", disable=not use_tqdm, dynamic_ncols=True) as bar:
+                self._search(groups, bar)
+        finally:
+            engine._num_sync_requests -= 1
+            for group in groups:  # after an error, leave the engine clean
+                self._free(group)
+        for group in groups:
+            for hypothesis in group.finished:
+                hypothesis.text = engine._decode(hypothesis.completion_token_ids)
+        return [BeamSearchOutput(group.finished) for group in groups]
+
+    def _search(self, groups: list[_Group], bar: tqdm) -> None:
+        waiting, active, used = deque(groups), [], 0
+        while waiting or active:
+            # Admit prompts while the worst case of every admitted one fits: no beam is ever preempted.
+            while waiting and used + waiting[0].blocks_needed <= self.block_manager.num_blocks:
+                group = waiting.popleft()
+                used += group.blocks_needed
+                active.append(group)
+                seq = Sequence(group.prompt_token_ids, self.sampling_params, f"beam-{group.index}")
+                group.beams = [_Beam(seq, 0.0)]
+                self.group_of[seq.seq_id] = group
+                self.scheduler.add(seq)
+            for group in self._step():
+                self._free(group)
+                active.remove(group)
+                used -= group.blocks_needed
+                bar.update(1)
+
+    def _step(self) -> list[_Group]:
+        """One forward of every scheduled beam; returns the groups that finished."""
+        engine, preemptions = self.engine, self.scheduler.num_preemptions
+        batch = self.scheduler.schedule()
+        if batch is None or self.scheduler.num_preemptions != preemptions:
+            raise RuntimeError("beam search ran out of KV blocks; this is a bug in its admission")
+        sampling = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
+        start = time.perf_counter()
+        sampled = engine.model_runner.launch(batch).wait()
+        engine._record_time(batch, time.perf_counter() - start)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_cached_tokens += n
+            self.block_manager.commit(seq)
+        if not sampling:
+            return []
+        rows = {seq.seq_id: row for row, seq in enumerate(sampling)}
+        done = []
+        for group in dict.fromkeys(self.group_of[seq.seq_id] for seq in sampling):
+            assert all(beam.seq.seq_id in rows for beam in group.beams), "a group's beams must step together"
+            candidates = []
+            for rank, beam in enumerate(group.beams):
+                row = rows[beam.seq.seq_id]
+                for token, logprob in zip(sampled.top_token_ids[row], sampled.top_logprobs[row]):
+                    candidates.append((beam.cum_logprob + logprob, rank, token))
+            self._advance(group, candidates)
+            if group.done:
+                done.append(group)
+        return done
+
+    def _advance(self, group: _Group, candidates: list[tuple[float, int, int]]) -> None:
+        """Pick the next beams and finished hypotheses from (cum_logprob, beam rank, token) candidates."""
+        p, width = self.params, self.params.beam_width
+        candidates.sort(key=lambda c: -c[0])  # stable: ties keep beam order, then token order
+        candidates = candidates[: self.num_candidates]
+        gen_len = group.beams[0].seq.num_completion_tokens + 1  # generated tokens, the new one included
+        at_length = gen_len >= p.max_tokens
+        ends = [at_length or token in self.eos for _, _, token in candidates]
+        running = [c for c, end in zip(candidates, ends) if not end][:width]
+
+        full = p.early_stopping is True and len(group.finished) == width
+        if group.improvable and not full:
+            new = False
+            for (score, rank, token), end in zip(candidates[:width], ends[:width]):
+                if end:
+                    tokens = group.beams[rank].seq.token_ids + [token]
+                    reason = "stop" if token in self.eos else "length"
+                    group.finished.append(BeamSearchSequence(
+                        tokens, len(group.prompt_token_ids), score, score / gen_len**p.length_penalty,
+                        finish_reason=reason))
+                    new = True
+            if new:
+                group.finished.sort(key=lambda s: -s.score)
+                del group.finished[width:]
+
+        self._reseat(group, running)
+
+        full = len(group.finished) == width
+        if group.improvable and full and group.beams:
+            length = p.max_tokens if p.early_stopping == "never" and p.length_penalty > 0 else gen_len
+            best = group.beams[0].cum_logprob / length**p.length_penalty
+            group.improvable = best > group.finished[-1].score
+        group.done = (not group.beams or not group.improvable or (p.early_stopping is True and full))
+
+    def _reseat(self, group: _Group, running: list[tuple[float, int, int]]) -> None:
+        """Make the running candidates the group's beams: free the pruned, fork the reused."""
+        by_parent: dict[int, list[tuple[float, int]]] = {}
+        for score, rank, token in running:
+            by_parent.setdefault(rank, []).append((score, token))
+        for rank, beam in enumerate(group.beams):
+            if rank not in by_parent:
+                self._finish(beam.seq)
+        beams = []
+        for rank, continuations in by_parent.items():
+            parent = group.beams[rank].seq
+            for score, token in continuations[1:]:
+                child = Sequence(parent.token_ids, self.sampling_params, parent.request_id)
+                child.num_prompt_tokens = parent.num_prompt_tokens
+                self.block_manager.fork(parent, child)
+                child.status = SequenceStatus.RUNNING
+                self.scheduler.running.append(child)
+                self.group_of[child.seq_id] = group
+                child.append_token(token)
+                beams.append(_Beam(child, score))
+            score, token = continuations[0]
+            parent.append_token(token)
+            beams.append(_Beam(parent, score))
+        beams.sort(key=lambda b: -b.cum_logprob)
+        group.beams = beams
+
+    def _finish(self, seq: Sequence) -> None:
+        if not seq.is_finished:
+            self.scheduler.finish(seq)
+        self.group_of.pop(seq.seq_id, None)
+
+    def _free(self, group: _Group) -> None:
+        for beam in group.beams:
+            self._finish(beam.seq)
+        group.beams = []
+
+
+def beam_search(engine: LLMEngine, prompts: Prompt | list[Prompt], params: BeamSearchParams,
+                use_tqdm: bool = True) -> list[BeamSearchOutput]:
+    """Per prompt, the beam_width best beams (best first): see the module docstring for the rules."""
+    search = BeamSearch(engine, params)
+    return search.run(engine._prompt_list(prompts), use_tqdm)

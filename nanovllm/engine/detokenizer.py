@@ -1,0 +1,75 @@
+"""Incremental detokenization of a completion, and stop strings found as the text grows."""
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+
+class IncrementalDetokenizer:
+    """A completion's text, one token at a time, decoding only a window of the last few tokens.
+
+    vLLM's scheme: `prefix_offset:read_offset` are tokens whose text is already out,
+    kept as left context; a token's text is the decode of the window past that of its
+    prefix. A window ending in U+FFFD (a UTF-8 sequence split across tokens) waits for
+    the next token. The stop-string search only looks at the new characters plus the
+    `max_stop_len - 1` before them, so each token costs O(window), not O(text).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str], include_stop_str_in_output: bool):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.include_stop = include_stop_str_in_output
+        self.max_stop_len = max((len(s) for s in stop), default=0)
+        self.token_ids: list[int] = []
+        self.prefix_offset = self.read_offset = 0
+        self.pieces: list[str] = []
+        self.num_chars = 0
+        self.tail = ""  # the last max_stop_len - 1 characters of the text
+        self.stop_text: str | None = None  # the text cut at the stop string that ended it
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def add(self, token_id: int) -> str:
+        """Append a token; returns the characters it completed ('' while they are pending)."""
+        self.token_ids.append(token_id)
+        prefix = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        window = self._decode(self.token_ids[self.prefix_offset :])
+        if len(window) <= len(prefix) or window.endswith("\ufffd"):
+            return ""
+        new = window[len(prefix) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+        self.pieces.append(new)
+        self.num_chars += len(new)
+        return new
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def add_and_check(self, token_id: int, may_stop: bool) -> str | None:
+        """Append a token; return the stop string that the new text completes, if `may_stop`.
+
+        On a stop, `stop_text` is the text up to the stop string (or through it with
+        include_stop_str_in_output). The earliest match in the text wins.
+        """
+        new = self.add(token_id)
+        if not new:
+            return None
+        old = len(self.tail)
+        search = self.tail + new
+        if self.max_stop_len > 1:
+            self.tail = search[-(self.max_stop_len - 1) :]
+        if not may_stop:
+            return None
+        start = self.num_chars - len(search)  # position of search[0] in the whole text
+        best: tuple[int, int, str] | None = None
+        for stop in self.stop:  # only matches that end in the new characters
+            i = search.find(stop, max(0, old - len(stop) + 1))
+            if i != -1 and (best is None or (i, -len(stop)) < best[:2]):
+                best = (i, -len(stop), stop)
+        if best is None:
+            return None
+        i, _, stop = best
+        end = start + i + (len(stop) if self.include_stop else 0)
+        self.stop_text = self.text[:end]
+        return stop
