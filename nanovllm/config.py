@@ -81,14 +81,15 @@ class Config:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """"auto": float32 on CPU; on CUDA the config's half dtype, bfloat16 for a float32 config (as vLLM)."""
         if self.dtype != "auto":
             return DTYPES[self.dtype]
         if self.device == "cpu":
             return torch.float32
         dtype = getattr(self.hf_config, "dtype", None) or getattr(self.hf_config, "torch_dtype", None)
         if isinstance(dtype, str):
-            dtype = DTYPES.get(dtype, torch.bfloat16)
-        return dtype if dtype in DTYPES.values() else torch.bfloat16
+            dtype = DTYPES.get(dtype)
+        return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
 def load_hf_config(model: str) -> PretrainedConfig:

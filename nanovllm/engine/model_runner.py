@@ -63,7 +63,7 @@ class ModelRunner:
         self.dtype = config.torch_dtype
         self.eos_token_ids = eos_token_ids
         torch.manual_seed(config.seed)
-        self.backend = select_backend(config.attention_backend, self.device)
+        self.backend = select_backend(config.attention_backend, self.device, self.dtype)
         self.block_size = self._block_size()
         self.model = self._build_model()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]

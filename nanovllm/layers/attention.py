@@ -75,12 +75,14 @@ class TorchBackend:
                                k_cache.shape[1], meta.max_context_len, scale=scale)
 
 
-def select_backend(name: str, device: torch.device) -> AttentionBackend:
-    """"auto": flash-attn when it imports on CUDA, else the torch reference."""
+def select_backend(name: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
+    """"auto": flash-attn when it imports on CUDA and the dtype is half, else the torch reference."""
     backend: AttentionBackend = TorchBackend()
-    if name == "flash_attn" and device.type != "cuda":
-        raise ValueError(f"attention_backend='flash_attn' needs a CUDA device, got {device}")
-    if name != "torch" and device.type == "cuda":
+    half = dtype in (torch.float16, torch.bfloat16)
+    if name == "flash_attn" and (device.type != "cuda" or not half):
+        raise ValueError(f"attention_backend='flash_attn' needs a CUDA device and float16/bfloat16, "
+                         f"got {device} and {dtype}")
+    if name != "torch" and device.type == "cuda" and half:
         try:
             from nanovllm.kernels.flash_attn_backend import FlashAttnBackend
             backend = FlashAttnBackend()
