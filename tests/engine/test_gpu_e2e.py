@@ -47,7 +47,10 @@ MODELS = {
 TIE = 0.3  # nats: how close two log-probs must be for the pick between them to be a coin toss
 MIN_TOP1 = 0.9  # teacher-forced top-1 agreement with HF
 HF_LOGPROB_DIFF = (0.08, 0.5)  # (mean, max) |logprob diff|, nanovllm vs HF
-ENGINE_LOGPROB_DIFF = (0.05, 0.4)  # the same between two nanovllm engines
+BACKEND_LOGPROB_DIFF = (0.05, 0.4)  # flash-attn (bf16 probabilities) vs the torch backend (float32)
+# Two paths of one backend (graphs, prefix hits, preemption, chunks): 0.002-0.005 mean on CPU; the bound
+# is the one that passed on the H100 and could be tightened from the means these tests print (pytest -s).
+ENGINE_LOGPROB_DIFF = (0.05, 0.4)
 NUM_LOGPROBS = 5
 
 
@@ -95,7 +98,7 @@ def check_logprob_diffs(diffs: list[float], bounds: tuple[float, float], what: s
         f"{what}: |logprob diff| mean {mean:.4f} max {worst:.4f} over {len(diffs)} values"
 
 
-def compare_runs(ref, other, what: str) -> int:
+def compare_runs(ref, other, what: str, bounds: tuple[float, float] = ENGINE_LOGPROB_DIFF) -> int:
     """Greedy runs of one model agree up to bf16 near-ties (see the module docstring).
 
     Returns how many sequences are identical token for token.
@@ -117,7 +120,7 @@ def compare_runs(ref, other, what: str) -> int:
             (f"{what}: sequence {i} parts at generated token {j} ({a} vs {b}) where it is no near-tie; "
              f"reference top log-probs {rl}, other {ol}")
         parted.append((i, j))
-    check_logprob_diffs(diffs, ENGINE_LOGPROB_DIFF, what)
+    check_logprob_diffs(diffs, bounds, what)
     print(f"{what}: {identical}/{len(ref)} identical; parted at near-ties (sequence, token): {parted}")
     return identical
 
@@ -261,7 +264,8 @@ def test_flash_attn_matches_torch_backend(flash, model_dir, llm):
     reference = LLM(model_dir("qwen3"), **engine_args(attention_backend="torch"))
     assert type(reference.model_runner.backend).__name__ == "TorchBackend"
     prompts = random_prompts([1, 30, 255, 256, 257, 400, 600, 900], seed=30)  # contexts across block edges
-    compare_runs(generate(reference, prompts, 32), generate(fast, prompts, 32), "flash-attn vs torch backend")
+    compare_runs(generate(reference, prompts, 32), generate(fast, prompts, 32), "flash-attn vs torch backend",
+                 BACKEND_LOGPROB_DIFF)
     del reference
     free_cuda()
 
