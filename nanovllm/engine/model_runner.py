@@ -265,14 +265,13 @@ class ModelRunner:
 
     def _forward_decode(self, batch: ScheduledBatch) -> torch.Tensor:
         n = len(batch.seqs)
-        if self.graphs is not None and n <= self.graphs.sizes[-1]:
-            rows = self.graphs.bucket(n)
-            ids, src, pos, slots, lens, tables = self._upload(*self._decode_arrays(batch, rows),
-                                                              self._block_table_array(batch, rows))
-            return self.graphs.run(self._input_ids(ids, src), pos, slots, lens, tables, n)
-        ids, src, pos, slots, lens, tables = self._upload(*self._decode_arrays(batch, n),
-                                                          self._block_table_array(batch, n))
+        graphed = self.graphs is not None and n <= self.graphs.sizes[-1]
+        rows = self.graphs.bucket(n) if graphed else n
+        ids, src, pos, slots, lens, tables = self._upload(*self._decode_arrays(batch, rows),
+                                                          self._block_table_array(batch, rows))
         ids = self._input_ids(ids, src)
+        if graphed:
+            return self.graphs.run(ids, pos, slots, lens, tables, n)
         meta = AttentionMetadata(is_prefill=False, slot_mapping=slots, context_lens=lens.int(),
                                  block_tables=tables.int(), max_context_len=max(s.num_tokens for s in batch.seqs))
         return self.model(ids, pos, meta)

@@ -112,6 +112,18 @@ def fill_history(paged: Paged, lens: list[int], num_kv_heads: int, head_dim: int
     paged.store(k, v, slots.to(DEVICE))
 
 
+def prefill_both(paged: Paged, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Store the step's K/V and prefill with flash-attn, and the same in float32 with the torch reference."""
+    backend = FlashAttnBackend()
+    backend.store_kvcache(k, v, paged.k_cache, paged.v_cache, meta.slot_mapping)
+    out = backend.prefill(q, k, v, paged.k_cache, paged.v_cache, meta, scale)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    TorchBackend().store_kvcache(k.float(), v.float(), paged.k_ref, paged.v_ref, meta.slot_mapping)
+    ref = TorchBackend().prefill(q.float(), k.float(), v.float(), paged.k_ref, paged.v_ref, meta, scale)
+    return out, ref
+
+
 def assert_close(out: torch.Tensor, ref: torch.Tensor, bounds: list[int], what: str) -> None:
     """Relative error below TOL on every sequence's rows (rows bounds[i]:bounds[i+1])."""
     assert out.shape == ref.shape, (out.shape, ref.shape)
@@ -220,13 +232,7 @@ def test_prefill_without_cached_prefix(num_heads, num_kv_heads, head_dim, dtype)
     slots = torch.cat([paged.slots(i, 0, n) for i, n in enumerate(lens)])
     meta = prefill_meta(paged, lens, lens, slots, has_cached_prefix=False)
 
-    backend = FlashAttnBackend()
-    backend.store_kvcache(k, v, paged.k_cache, paged.v_cache, meta.slot_mapping)
-    out = backend.prefill(q, k, v, paged.k_cache, paged.v_cache, meta, scale)
-    assert out.dtype == dtype and out.shape == q.shape
-
-    TorchBackend().store_kvcache(k.float(), v.float(), paged.k_ref, paged.v_ref, meta.slot_mapping)
-    ref = TorchBackend().prefill(q.float(), k.float(), v.float(), paged.k_ref, paged.v_ref, meta, scale)
+    out, ref = prefill_both(paged, q, k, v, meta, scale)
     bounds = [0] + torch.tensor(lens).cumsum(0).tolist()
     assert_close(out, ref, bounds, "prefill")
     # the cache now holds exactly the step's K/V at its slots
@@ -254,13 +260,7 @@ def test_prefill_with_cached_prefix(num_heads, num_kv_heads, head_dim, dtype):
     slots = torch.cat([paged.slots(i, c, c + n) for i, (c, n) in enumerate(zip(cached, new))])
     meta = prefill_meta(paged, new, k_lens, slots, has_cached_prefix=True)
 
-    backend = FlashAttnBackend()
-    backend.store_kvcache(k, v, paged.k_cache, paged.v_cache, meta.slot_mapping)
-    out = backend.prefill(q, k, v, paged.k_cache, paged.v_cache, meta, scale)
-    assert out.dtype == dtype and out.shape == q.shape
-
-    TorchBackend().store_kvcache(k.float(), v.float(), paged.k_ref, paged.v_ref, meta.slot_mapping)
-    ref = TorchBackend().prefill(q.float(), k.float(), v.float(), paged.k_ref, paged.v_ref, meta, scale)
+    out, ref = prefill_both(paged, q, k, v, meta, scale)
     bounds = [0] + torch.tensor(new).cumsum(0).tolist()
     assert_close(out, ref, bounds, "prefill with cached prefix")
 
