@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
-from nanovllm.kernels.store_kvcache import store_kvcache
+from nanovllm.attention.ops.store_kvcache import store_kvcache
 from nanovllm.layers.attention import AttentionMetadata
 
 

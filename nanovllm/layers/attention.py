@@ -8,7 +8,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from nanovllm.kernels.paged_attention_ref import paged_attention, paged_prefill_attention
+from nanovllm.attention.ops.paged_attention_ref import paged_attention, paged_prefill_attention
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ pytest.importorskip("flash_attn")
 pytest.importorskip("triton")
 
 from nanovllm.kernels.flash_attn_backend import FlashAttnBackend  # noqa: E402
-from nanovllm.kernels.store_kvcache import store_kvcache  # noqa: E402
+from nanovllm.attention.ops.store_kvcache import store_kvcache  # noqa: E402
 from nanovllm.layers.attention import AttentionMetadata, TorchBackend  # noqa: E402
 
 BLOCK = 256  # flash-attn 2's paged kernels need a multiple of 256

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from nanovllm.kernels.paged_attention_ref import (
+from nanovllm.attention.ops.paged_attention_ref import (
     paged_attention,
     paged_attention_v1,
     paged_attention_v2,

@@ -1,0 +1,1 @@
+"""Kernels over the paged KV cache: the float32 torch reference and the Triton kernels."""
