@@ -9,6 +9,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from nanovllm.layers.linear import MergedLinear
+
 
 def checkpoint_files(path: str) -> list[str]:
     """The safetensors files of a model directory, from its index json when sharded."""
@@ -24,27 +26,53 @@ def checkpoint_files(path: str) -> list[str]:
 
 
 def load_model(model: nn.Module, path: str) -> None:
-    """Copy every checkpoint tensor into its parameter; error on missing or unknown names."""
+    """Copy every checkpoint tensor into its parameter; error on missing or unknown names.
+
+    A fused parameter (qkv_proj, gate_up_proj) is accounted for shard by shard, so a
+    checkpoint lacking k_proj is an error rather than random values in its slice.
+    """
+    expected = expected_tensors(model)
     params = dict(model.named_parameters(remove_duplicate=False))
-    mapping = getattr(model, "packed_modules_mapping", {})
     loaded: set[str] = set()
     for file in checkpoint_files(path):
         with safe_open(file, "pt", "cpu") as f:
             for name in f.keys():
-                if "rotary_emb.inv_freq" in name:
+                if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and _is_tied(model)):
                     continue
-                target, shard = _target(name, mapping)
-                if target not in params:
-                    if name == "lm_head.weight" and _is_tied(model):
-                        continue
+                if name not in expected:
                     raise ValueError(f"checkpoint tensor {name!r} in {file!r} has no place in {type(model).__name__}")
+                target, shard = expected[name]
                 param = params[target]
                 loader = getattr(param, "weight_loader", _copy_whole)
                 loader(param, f.get_tensor(name), shard)
-                loaded.add(target)
-    missing = {n for n in params if n not in loaded} - _tied_names(model)
+                loaded.add(name)
+    missing = sorted(expected.keys() - loaded)
     if missing:
-        raise ValueError(f"checkpoint in {path!r} lacks {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}")
+        raise ValueError(f"checkpoint in {path!r} lacks {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+
+
+def expected_tensors(model: nn.Module) -> dict[str, tuple[str, object]]:
+    """HF tensor name -> (our parameter name, shard id) for every tensor the checkpoint must hold.
+
+    A MergedLinear's parameters expand into one HF tensor per shard, named through the
+    model's `packed_modules_mapping` (HF name -> (our fused name, shard id)).
+    """
+    hf_names = {fused: hf for hf, fused in getattr(model, "packed_modules_mapping", {}).items()}
+    tied = _tied_names(model)
+    expected: dict[str, tuple[str, object]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, _ in module.named_parameters(recurse=False):
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            if name in tied:
+                continue
+            if not isinstance(module, MergedLinear):
+                expected[name] = (name, None)
+                continue
+            parent, _, fused = module_name.rpartition(".")
+            for shard in module.shard_names or range(len(module.output_sizes)):
+                assert (fused, shard) in hf_names, f"packed_modules_mapping lacks shard {shard!r} of {fused!r}"
+                expected[f"{parent}.{hf_names[fused, shard]}.{param_name}"] = (name, shard)
+    return expected
 
 
 def load_dummy(model: nn.Module, seed: int) -> None:
@@ -62,13 +90,6 @@ def _copy_whole(param: nn.Parameter, loaded: torch.Tensor, shard: object) -> Non
     if param.shape != loaded.shape:
         raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit {tuple(param.shape)}")
     param.data.copy_(loaded)
-
-
-def _target(name: str, mapping: dict) -> tuple[str, object]:
-    for hf_name, (ours, shard) in mapping.items():
-        if f".{hf_name}." in name:
-            return name.replace(f".{hf_name}.", f".{ours}."), shard
-    return name, None
 
 
 def _is_tied(model: nn.Module) -> bool:
