@@ -59,6 +59,13 @@ class Config:
             self.max_model_len = model_max
         if not 1 <= self.max_model_len <= model_max:
             raise ValueError(f"max_model_len must be in [1, {model_max}] for this model, got {self.max_model_len}")
+        window = sliding_window(self.hf_config)
+        if window is not None and self.max_model_len > window:
+            raise ValueError(
+                f"{self.model!r} uses sliding-window attention over {window} tokens, which nanovllm does not "
+                f"implement; full attention equals it only for sequences within the window: "
+                f"set max_model_len <= {window} (it is {self.max_model_len})"
+            )
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -90,6 +97,22 @@ class Config:
         if isinstance(dtype, str):
             dtype = DTYPES.get(dtype)
         return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def sliding_window(hf_config: PretrainedConfig) -> int | None:
+    """The attention window some layer uses, read as transformers reads it; None if all attend fully.
+
+    Mistral slides whenever `sliding_window` is set; Qwen2/Qwen3 only with `use_sliding_window`
+    (transformers then keeps `sliding_window`) and only in the layers `layer_types` marks
+    "sliding_attention" (those from `max_window_layers` on).
+    """
+    window = getattr(hf_config, "sliding_window", None)
+    if window is None or getattr(hf_config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return window
 
 
 def load_hf_config(model: str) -> PretrainedConfig:

@@ -1,0 +1,60 @@
+"""Engine configuration: sliding-window models are refused unless full attention equals them."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from conftest import TINY, hf_greedy
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.config import Config
+
+WINDOW = 64
+HEADS = dict(num_attention_heads=2, num_key_value_heads=1)
+
+
+def save_config(path, config_cls: str, **overrides) -> str:
+    config = getattr(transformers, config_cls)(**{**TINY, **HEADS, **overrides})
+    config.architectures = [config_cls.replace("Config", "ForCausalLM")]
+    config.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize(("config_cls", "window_args"), [
+    ("MistralConfig", dict(sliding_window=WINDOW)),
+    ("Qwen2Config", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+    ("Qwen3Config", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=0)),
+])
+def test_used_sliding_window_needs_max_model_len_within_it(tmp_path, config_cls, window_args):
+    path = save_config(tmp_path, config_cls, **window_args)
+    with pytest.raises(ValueError, match=f"sliding.window.*set max_model_len <= {WINDOW}"):
+        Config(path)  # max_model_len defaults to max_position_embeddings (1024)
+    with pytest.raises(ValueError, match=f"set max_model_len <= {WINDOW}"):
+        Config(path, max_model_len=WINDOW + 1)
+    assert Config(path, max_model_len=WINDOW).max_model_len == WINDOW
+
+
+@pytest.mark.parametrize(("config_cls", "window_args"), [
+    ("MistralConfig", dict(sliding_window=None)),
+    ("Qwen2Config", dict(use_sliding_window=False, sliding_window=WINDOW, max_window_layers=0)),
+    ("Qwen2Config", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2)),  # no layer slides
+    ("Qwen3Config", dict(use_sliding_window=False, sliding_window=WINDOW)),
+])
+def test_unused_sliding_window_is_full_attention(tmp_path, config_cls, window_args):
+    path = save_config(tmp_path, config_cls, **window_args)
+    assert Config(path).max_model_len == TINY["max_position_embeddings"]
+
+
+def test_accepted_window_config_matches_hf(tmp_path):
+    """Mistral with max_model_len <= its window: full attention gives HF's (windowed) greedy tokens."""
+    config = transformers.MistralConfig(**{**TINY, **HEADS, "sliding_window": WINDOW})
+    torch.manual_seed(0)
+    hf_model = transformers.MistralForCausalLM(config).float().eval()
+    hf_model.save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), skip_tokenizer_init=True, device="cpu", max_model_len=WINDOW)
+    params = SamplingParams(temperature=0, max_tokens=WINDOW - 40, ignore_eos=True)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, TINY["vocab_size"], (n,), generator=g).tolist() for n in (40, 7)]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    for output, prompt in zip(outputs, prompts):
+        assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, params.max_tokens)
