@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nanovllm.sampling_params import require_bool, require_finite, require_int
+
 
 @dataclass
 class BeamSearchParams:
@@ -22,15 +24,20 @@ class BeamSearchParams:
     early_stopping: bool | str = False
 
     def __post_init__(self) -> None:
-        for name in ("beam_width", "max_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if not isinstance(self.length_penalty, (int, float)) or isinstance(self.length_penalty, bool):
-            raise TypeError(f"length_penalty must be a number, got {type(self.length_penalty).__name__}")
-        if self.length_penalty != self.length_penalty or abs(self.length_penalty) == float("inf"):
-            raise ValueError(f"length_penalty must be finite, got {self.length_penalty}")
-        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
-            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise TypeError/ValueError naming the first bad field; changes nothing.
+
+        The engine calls it again when a request is added, so fields changed after
+        construction are checked too.
+        """
+        require_int("beam_width", self.beam_width, low=1)
+        require_int("max_tokens", self.max_tokens, low=1)
+        require_finite("length_penalty", self.length_penalty)
+        require_bool("ignore_eos", self.ignore_eos)
+        if isinstance(self.early_stopping, str):
+            if self.early_stopping != "never":
+                raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        else:
+            require_bool("early_stopping", self.early_stopping)

@@ -1,6 +1,7 @@
 """Per-request sampling parameters, with vLLM's names and meanings."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -9,7 +10,9 @@ class SamplingParams:
     """How to pick each next token of a request, and when to stop.
 
     temperature 0 means greedy. top_k -1 or 0 turns top-k off. A request with a
-    seed draws the same tokens whatever else shares its batch.
+    seed draws the same tokens whatever else shares its batch. `stop` may be given
+    as a bare str and `stop`/`stop_token_ids` as None: construction turns those
+    into lists.
     """
 
     n: int = 1
@@ -32,55 +35,76 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        self._check()
+        if self.stop is None:
+            self.stop = []
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        self.validate()
 
-    def _check(self) -> None:
-        _int("n", self.n, low=1)
-        _int("max_tokens", self.max_tokens, low=1)
-        _int("min_tokens", self.min_tokens, low=0)
+    def validate(self) -> None:
+        """Raise TypeError/ValueError naming the first bad field; changes nothing.
+
+        The engine calls it again when a request is added, so fields changed after
+        construction are checked too (a bare str assigned to `stop` then is an error).
+        """
+        require_int("n", self.n, low=1)
+        require_int("max_tokens", self.max_tokens, low=1)
+        require_int("min_tokens", self.min_tokens, low=0)
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
-        _number("temperature", self.temperature)
+        require_finite("temperature", self.temperature)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        _int("top_k", self.top_k, low=-1)
-        _number("top_p", self.top_p)
+        require_int("top_k", self.top_k, low=-1)
+        require_finite("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        _number("min_p", self.min_p)
+        require_finite("min_p", self.min_p)
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            _number(name, value)
+            require_finite(name, value)
             if not -2 <= value <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {value}")
-        _number("repetition_penalty", self.repetition_penalty)
+        require_finite("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.seed is not None:
-            _int("seed", self.seed, low=0)
+            require_int("seed", self.seed, low=0)
         if self.logprobs is not None:
-            _int("logprobs", self.logprobs, low=0)
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
+            require_int("logprobs", self.logprobs, low=0)
+        require_bool("ignore_eos", self.ignore_eos)
+        require_bool("include_stop_str_in_output", self.include_stop_str_in_output)
+        self._validate_stops()
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+    def _validate_stops(self) -> None:
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
+            raise TypeError(f"stop must be a str or a list of str, got {self.stop!r}")
+        if not all(self.stop):
+            raise ValueError(f"stop strings must be non-empty, got {self.stop!r}")
+        if not isinstance(self.stop_token_ids, list):
+            raise TypeError(f"stop_token_ids must be a list of int, got {type(self.stop_token_ids).__name__}")
+        for token in self.stop_token_ids:
+            require_int("stop_token_ids", token, low=0)
 
 
-def _int(name: str, value: object, low: int) -> None:
+def require_int(name: str, value: object, low: int) -> None:
+    """TypeError unless value is an int (not a bool); ValueError if below `low`."""
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
-def _number(name: str, value: object) -> None:
+def require_finite(name: str, value: object) -> None:
+    """TypeError unless value is a real number (not a bool); ValueError for NaN and ±inf."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+def require_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
