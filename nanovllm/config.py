@@ -23,7 +23,7 @@ class Config:
     block size of the attention backend, and so on.
     """
 
-    model: str
+    model: str  # a PathLike is turned into its str
     device: str = "auto"
     dtype: str = "auto"
     max_model_len: int | None = None
@@ -50,6 +50,7 @@ class Config:
         return cls(model=model, **engine_args)
 
     def __post_init__(self) -> None:
+        self.model = model_path(self.model)
         self._check_choices()
         self.hf_config = load_hf_config(self.model)
         if self.device == "auto":
@@ -115,8 +116,17 @@ def sliding_window(hf_config: PretrainedConfig) -> int | None:
     return window
 
 
-def load_hf_config(model: str) -> PretrainedConfig:
+def model_path(model: str | os.PathLike[str]) -> str:
+    """`model` as a str, whether given as one or as a PathLike (e.g. a pathlib.Path)."""
+    path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+    if not isinstance(path, str):
+        raise TypeError(f"model must be a str or os.PathLike, got {type(model).__name__}")
+    return path
+
+
+def load_hf_config(model: str | os.PathLike[str]) -> PretrainedConfig:
     """The HF config of a model directory or of a shipped preset (`preset:NAME`)."""
+    model = model_path(model)
     if model.startswith(PRESET_PREFIX):
         name = model[len(PRESET_PREFIX) :]
         path = os.path.join(PRESETS_DIR, name)

@@ -1,13 +1,15 @@
 """Engine configuration: sliding-window models are refused unless full attention equals them."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import transformers
 from conftest import TINY, hf_greedy
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.config import Config
+from nanovllm.config import Config, load_hf_config
 
 WINDOW = 64
 HEADS = dict(num_attention_heads=2, num_key_value_heads=1)
@@ -58,3 +60,13 @@ def test_accepted_window_config_matches_hf(tmp_path):
     outputs = llm.generate(prompts, params, use_tqdm=False)
     for output, prompt in zip(outputs, prompts):
         assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, params.max_tokens)
+
+
+def test_model_may_be_a_path_like(tmp_path):
+    save_config(tmp_path, "Qwen3Config")
+    for model in (tmp_path, os.fspath(tmp_path)):
+        config = Config(model)
+        assert config.model == str(tmp_path) and config.hf_config.model_type == "qwen3"
+    assert load_hf_config(tmp_path).model_type == "qwen3"
+    with pytest.raises(TypeError, match="model must be a str or os.PathLike, got int"):
+        Config(3)

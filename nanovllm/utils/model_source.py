@@ -46,10 +46,17 @@ def cache_dir() -> Path:
 
 
 def resolve_model(model: str | os.PathLike[str] | None) -> str:
-    """A local directory with config.json, *.safetensors and the tokenizer for `model`."""
+    """A local directory with config.json, *.safetensors and the tokenizer for `model`.
+
+    Only a str can be a hub id; a PathLike is always a local path.
+    """
     if model is None:
         return str(default_model_dir())
-    path = Path(model).expanduser()
+    name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+    if not isinstance(name, str):
+        got = type(model).__name__ + (f" whose __fspath__ gives {type(name).__name__}" if name is not None else "")
+        raise TypeError(f"model must be a str, os.PathLike or None, got {got}")
+    path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json; expected a Hugging Face-style model directory")
@@ -63,7 +70,7 @@ def resolve_model(model: str | os.PathLike[str] | None) -> str:
     if isinstance(model, str) and _HUB_ID.match(model):
         return _download_from_hub(model)
     raise FileNotFoundError(
-        f"Model {str(model)!r} not found: no such file or directory (a hub id must look like 'org/name')"
+        f"Model {name!r} not found: no such file or directory (a hub id must look like 'org/name')"
     )
 
 

@@ -237,3 +237,26 @@ def test_offline_hub_id_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mon
     expected = r"'nanovllm-test/not-a-model'.*offline.*local model directory or \.gguf"
     with pytest.raises(FileNotFoundError, match=expected):
         resolve_model("nanovllm-test/not-a-model")
+
+
+class FsPath:
+    """A user-defined os.PathLike, not a pathlib.Path."""
+
+    def __init__(self, path: object) -> None:
+        self.path = path
+
+    def __fspath__(self) -> object:
+        return self.path
+
+
+def test_path_like_is_accepted(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_model(FsPath(str(tmp_path))) == str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not_there"):
+        resolve_model(FsPath(str(tmp_path / "not_there")))
+
+
+@pytest.mark.parametrize("model", [5, b"/tmp", ["/tmp"], FsPath(b"/tmp")])
+def test_other_types_are_a_type_error_naming_the_type(model: object) -> None:
+    with pytest.raises(TypeError, match=rf"model must be a str, os\.PathLike or None, got {type(model).__name__}"):
+        resolve_model(model)
