@@ -8,8 +8,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from nanovllm.attention.kv_cache import KV_CACHE_DTYPES
+from nanovllm.attention.selector import BACKENDS as ATTENTION_BACKENDS
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ATTENTION_BACKENDS = ("auto", "flash_attn", "torch")
+
 LOAD_FORMATS = ("auto", "dummy")
 PRESET_PREFIX = "preset:"
 PRESETS_DIR = os.path.join(os.path.dirname(__file__), "presets")
@@ -39,7 +42,10 @@ class Config:
     skip_tokenizer_init: bool = False
     seed: int = 0
     attention_backend: str = "auto"
+    kv_cache_dtype: str = "auto"
+    max_logprobs: int = 20
     hf_config: PretrainedConfig = field(init=False, repr=False)
+    eos_token_ids: list[int] = field(init=False, default_factory=list)  # set by the engine from the tokenizer
 
     @classmethod
     def from_engine_args(cls, model: str, **engine_args: object) -> "Config":
@@ -67,7 +73,7 @@ class Config:
                 f"implement; full attention equals it only for sequences within the window: "
                 f"set max_model_len <= {window} (it is {self.max_model_len})"
             )
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_logprobs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.kvcache_block_size is not None and self.kvcache_block_size < 1:
@@ -84,6 +90,8 @@ class Config:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {tuple(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
 

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 @dataclass
 class CompletionOutput:
+    """One completion of a request. From `engine.step()` it is a delta: the tokens, text and
+    logprobs produced since the completion's previous output; from `generate`, the whole."""
+
     index: int
     text: str
     token_ids: list[int]
@@ -13,6 +16,17 @@ class CompletionOutput:
     stop_reason: int | str | None = None
     cumulative_logprob: float | None = None
     logprobs: list[dict[int, float]] | None = None
+
+    def add(self, delta: CompletionOutput) -> None:
+        """Append a later delta of the same completion."""
+        self.text += delta.text
+        self.token_ids += delta.token_ids
+        if delta.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs += delta.logprobs
+        self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+        self.cumulative_logprob = delta.cumulative_logprob
 
 
 @dataclass
@@ -24,6 +38,16 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+
+    def add(self, delta: RequestOutput) -> None:
+        """Merge a later delta of the same request (`engine.step()` hands out deltas)."""
+        by_index = {c.index: c for c in self.outputs}
+        for completion in delta.outputs:
+            if completion.index in by_index:
+                by_index[completion.index].add(completion)
+            else:
+                self.outputs.append(completion)
+        self.finished = delta.finished
 
     def __getitem__(self, key: str) -> object:
         if key == "text":

@@ -64,16 +64,20 @@ class BeamSearch:
     def __init__(self, engine: LLMEngine, params: BeamSearchParams):
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be BeamSearchParams, got {type(params).__name__}")
+        params.validate()
         self.engine = engine
         self.params = params
         self.scheduler = engine.scheduler
         self.block_manager = engine.block_manager
-        self.eos = set() if params.ignore_eos else set(engine.eos_token_ids)
+        self.eos = set() if params.ignore_eos else set(engine.config.eos_token_ids)
         self.num_candidates = max(2, 1 + len(self.eos)) * params.beam_width
-        # Greedy rows with top-K logprobs; EOS is handled here, not by the engine.
+        if params.beam_width > engine.config.max_num_seqs:
+            raise ValueError(f"beam_width={params.beam_width} is over max_num_seqs={engine.config.max_num_seqs}")
+        # Greedy rows with top-K logprobs; EOS and the length are handled here, not by the scheduler.
         self.sampling_params = SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=True,
                                               logprobs=self.num_candidates)
         self.group_of: dict[int, _Group] = {}  # seq_id -> its group
+        self.beams_of: dict[int, list[_Beam]] = {}  # seq_id of a beam that runs on -> its new beams
 
     def _blocks_needed(self, num_prompt_tokens: int) -> int:
         """An upper bound on the blocks one prompt's beams hold at once.
@@ -92,7 +96,7 @@ class BeamSearch:
         groups = []
         for i, prompt in enumerate(prompts):  # check everything before starting
             _, token_ids = engine._tokenize(prompt)
-            engine._validate(token_ids, self.sampling_params)
+            engine._validate(token_ids, SamplingParams(max_tokens=self.params.max_tokens))
             needed = self._blocks_needed(len(token_ids))
             if needed > self.block_manager.num_blocks:
                 raise ValueError(f"beam search of prompt {i} may need {needed} KV blocks, the cache has "
@@ -106,9 +110,10 @@ class BeamSearch:
             engine._num_sync_requests -= 1
             for group in groups:  # after an error, leave the engine clean
                 self._free(group)
-        for group in groups:
-            for hypothesis in group.finished:
-                hypothesis.text = engine._decode(hypothesis.completion_token_ids)
+        if engine.tokenizer is not None:
+            for group in groups:
+                for hypothesis in group.finished:
+                    hypothesis.text = engine.tokenizer.decode(hypothesis.completion_token_ids, skip_special_tokens=True)
         return [BeamSearchOutput(group.finished) for group in groups]
 
     def _search(self, groups: list[_Group], bar: tqdm) -> None:
@@ -119,10 +124,10 @@ class BeamSearch:
                 group = waiting.popleft()
                 used += group.blocks_needed
                 active.append(group)
-                seq = Sequence(group.prompt_token_ids, self.sampling_params, f"beam-{group.index}")
+                seq = self.scheduler.new_sequence(group.prompt_token_ids, self.sampling_params,
+                                                  f"beam-{group.index}")
                 group.beams = [_Beam(seq, 0.0)]
                 self.group_of[seq.seq_id] = group
-                self.scheduler.add(seq)
             for group in self._step():
                 self._free(group)
                 active.remove(group)
@@ -131,39 +136,52 @@ class BeamSearch:
 
     def _step(self) -> list[_Group]:
         """One forward of every scheduled beam; returns the groups that finished."""
+        self.beams_of = {}
         engine, preemptions = self.engine, self.scheduler.num_preemptions
         batch = self.scheduler.schedule()
         if batch is None or self.scheduler.num_preemptions != preemptions:
             raise RuntimeError("beam search ran out of KV blocks; this is a bug in its admission")
-        sampling = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
         start = time.perf_counter()
-        sampled = engine.model_runner.launch(batch).wait()
+        pending = engine.model_runner.launch(batch)
+        self.scheduler.advance(batch)
+        sampled = pending.wait()
         engine._record_time(batch, time.perf_counter() - start)
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_cached_tokens += n
-            self.block_manager.commit(seq)
-        if not sampling:
+        if sampled is None:  # a prompt chunk that samples nothing
+            self.scheduler.update(batch, None)
             return []
-        rows = {seq.seq_id: row for row, seq in enumerate(sampling)}
-        done = []
-        for group in dict.fromkeys(self.group_of[seq.seq_id] for seq in sampling):
+        rows = {seq.seq_id: row for row, (seq, _) in enumerate(batch.sampled)}
+        done, chosen = [], {}
+        for group in dict.fromkeys(self.group_of[seq.seq_id] for seq, _ in batch.sampled):
             assert all(beam.seq.seq_id in rows for beam in group.beams), "a group's beams must step together"
             candidates = []
             for rank, beam in enumerate(group.beams):
                 row = rows[beam.seq.seq_id]
                 for token, logprob in zip(sampled.top_token_ids[row], sampled.top_logprobs[row]):
                     candidates.append((beam.cum_logprob + logprob, rank, token))
-            self._advance(group, candidates)
+            continuing = self._advance(group, candidates)
             if group.done:
                 done.append(group)
+                self._free(group)
+            else:
+                chosen.update(continuing)
+        # each beam that runs on takes its first continuation as its sampled token; the scheduler
+        # commits it, then the beam forks once per further continuation
+        tokens = [chosen[seq.seq_id][0] if seq.seq_id in chosen else 0 for seq, _ in batch.sampled]
+        self.scheduler.update(batch, tokens)
+        for seq_id, continuations in chosen.items():
+            beams = self.beams_of[seq_id]
+            children = self.scheduler.fork(beams[0].seq, len(continuations) - 1, last_tokens=continuations[1:])
+            for child, beam in zip(children, beams[1:]):
+                beam.seq = child
+                self.group_of[child.seq_id] = self.group_of[seq_id]
         return done
 
-    def _advance(self, group: _Group, candidates: list[tuple[float, int, int]]) -> None:
+    def _advance(self, group: _Group, candidates: list[tuple[float, int, int]]) -> dict[int, list[int]]:
         """Pick the next beams and finished hypotheses from (cum_logprob, beam rank, token) candidates."""
         p, width = self.params, self.params.beam_width
         candidates.sort(key=lambda c: -c[0])  # stable: ties keep beam order, then token order
         candidates = candidates[: self.num_candidates]
-        gen_len = group.beams[0].seq.num_completion_tokens + 1  # generated tokens, the new one included
+        gen_len = group.beams[0].seq.num_completion_tokens  # generated tokens, the new one's placeholder included
         at_length = gen_len >= p.max_tokens
         ends = [at_length or token in self.eos for _, _, token in candidates]
         running = [c for c, end in zip(candidates, ends) if not end][:width]
@@ -173,7 +191,7 @@ class BeamSearch:
             new = False
             for (score, rank, token), end in zip(candidates[:width], ends[:width]):
                 if end:
-                    tokens = group.beams[rank].seq.token_ids + [token]
+                    tokens = group.beams[rank].seq.token_ids[:-1] + [token]
                     reason = "stop" if token in self.eos else "length"
                     group.finished.append(BeamSearchSequence(
                         tokens, len(group.prompt_token_ids), score, score / gen_len**p.length_penalty,
@@ -183,7 +201,7 @@ class BeamSearch:
                 group.finished.sort(key=lambda s: -s.score)
                 del group.finished[width:]
 
-        self._reseat(group, running)
+        chosen = self._reseat(group, running)
 
         full = len(group.finished) == width
         if group.improvable and full and group.beams:
@@ -191,36 +209,30 @@ class BeamSearch:
             best = group.beams[0].cum_logprob / length**p.length_penalty
             group.improvable = best > group.finished[-1].score
         group.done = (not group.beams or not group.improvable or (p.early_stopping is True and full))
+        return chosen
 
-    def _reseat(self, group: _Group, running: list[tuple[float, int, int]]) -> None:
-        """Make the running candidates the group's beams: free the pruned, fork the reused."""
+    def _reseat(self, group: _Group, running: list[tuple[float, int, int]]) -> dict[int, list[int]]:
+        """Make the running candidates the group's beams: free the pruned ones; returns, per
+        beam that runs on, its continuations (the first extends it, the others fork from it)."""
         by_parent: dict[int, list[tuple[float, int]]] = {}
         for score, rank, token in running:
             by_parent.setdefault(rank, []).append((score, token))
         for rank, beam in enumerate(group.beams):
             if rank not in by_parent:
                 self._finish(beam.seq)
-        beams = []
+        beams, chosen = [], {}
         for rank, continuations in by_parent.items():
             parent = group.beams[rank].seq
-            for score, token in continuations[1:]:
-                child = Sequence(parent.token_ids, self.sampling_params, parent.request_id)
-                child.num_prompt_tokens = parent.num_prompt_tokens
-                self.block_manager.fork(parent, child)
-                child.status = SequenceStatus.RUNNING
-                self.scheduler.running.append(child)
-                self.group_of[child.seq_id] = group
-                child.append_token(token)
-                beams.append(_Beam(child, score))
-            score, token = continuations[0]
-            parent.append_token(token)
-            beams.append(_Beam(parent, score))
+            new = [_Beam(parent, score) for score, _ in continuations]  # children take their seqs after forking
+            chosen[parent.seq_id] = [token for _, token in continuations]
+            self.beams_of[parent.seq_id] = new
+            beams += new
         beams.sort(key=lambda b: -b.cum_logprob)
         group.beams = beams
+        return chosen
 
     def _finish(self, seq: Sequence) -> None:
-        if not seq.is_finished:
-            self.scheduler.finish(seq)
+        self.scheduler.finish(seq, "abort")
         self.group_of.pop(seq.seq_id, None)
 
     def _free(self, group: _Group) -> None:

@@ -69,12 +69,17 @@ class BlockManager:
     def num_free_blocks(self) -> int:
         return len(self.free_block_ids)
 
+    @property
+    def num_used_blocks(self) -> int:
+        return len(self.blocks) - len(self.free_block_ids)
+
     def num_blocks_for(self, num_tokens: int) -> int:
         return (num_tokens + self.block_size - 1) // self.block_size
 
     # -- allocation -----------------------------------------------------------
 
     def _take_free_block(self) -> int:
+        assert self.free_block_ids, "callers check the free count first"
         block_id, _ = self.free_block_ids.popitem(last=False)
         block = self.blocks[block_id]
         if block.hash != -1 and self.hash_to_block_id.get(block.hash) == block_id:
@@ -114,31 +119,31 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        hits = self._prefix_hits(seq)
-        revived = sum(self.blocks[b].ref_count == 0 for b in hits)
-        needed = self.num_blocks_for(seq.num_tokens) - len(hits) + revived
-        return needed <= self.num_free_blocks
+    def allocate(self, seq: Sequence) -> bool:
+        """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks.
 
-    def allocate(self, seq: Sequence) -> None:
-        """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks."""
+        Returns False, changing nothing, when the free blocks do not suffice.
+        """
         assert not seq.block_table, f"sequence {seq.seq_id} already has blocks"
         hits = self._prefix_hits(seq)
+        revived = sum(self.blocks[b].ref_count == 0 for b in hits)
+        fresh = self.num_blocks_for(seq.num_tokens) - len(hits)
+        if fresh + revived > self.num_free_blocks:
+            return False
         for block_id in hits:
             self._acquire(block_id)
-        seq.block_table = hits + [
-            self._take_free_block() for _ in range(self.num_blocks_for(seq.num_tokens) - len(hits))
-        ]
-        seq.num_cached_tokens = len(hits) * self.block_size
+        seq.block_table = hits + [self._take_free_block() for _ in range(fresh)]
+        seq.num_computed_tokens = seq.num_committed_tokens = len(hits) * self.block_size
         self.stats.prefix_query_tokens += seq.num_tokens
-        self.stats.prefix_hit_tokens += seq.num_cached_tokens
+        self.stats.prefix_hit_tokens += seq.num_computed_tokens
+        return True
 
     def free(self, seq: Sequence) -> None:
         """Drop seq's blocks, tail first so its prefix stays cached longest."""
         for block_id in reversed(seq.block_table):
             self._release(block_id)
         seq.block_table = []
-        seq.num_cached_tokens = 0
+        seq.num_computed_tokens = seq.num_committed_tokens = 0
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Let child share every block of parent (copy-on-write later)."""
@@ -146,24 +151,26 @@ class BlockManager:
         for block_id in parent.block_table:
             self._acquire(block_id)
         child.block_table = list(parent.block_table)
-        child.num_cached_tokens = parent.num_cached_tokens
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_committed_tokens = parent.num_committed_tokens
 
     # -- appending ------------------------------------------------------------
 
     def _blocks_to_append(self, seq: Sequence) -> tuple[int, list[int]]:
         """New blocks seq needs for its uncomputed tokens, and the shared indexes to copy."""
-        first = seq.num_cached_tokens // self.block_size
+        first = seq.num_computed_tokens // self.block_size
         last = min(len(seq.block_table), self.num_blocks_for(seq.num_tokens))
         shared = [i for i in range(first, last) if self.blocks[seq.block_table[i]].ref_count > 1]
         return self.num_blocks_for(seq.num_tokens) - len(seq.block_table), shared
 
-    def can_append(self, seq: Sequence) -> bool:
-        new, shared = self._blocks_to_append(seq)
-        return new + len(shared) <= self.num_free_blocks
+    def append_slots(self, seq: Sequence) -> bool:
+        """Make seq's table cover all its tokens, with private blocks where it will write.
 
-    def append_slots(self, seq: Sequence) -> None:
-        """Make seq's table cover all its tokens, with private blocks where it will write."""
+        Returns False, changing nothing, when the free blocks do not suffice.
+        """
         new, shared = self._blocks_to_append(seq)
+        if new + len(shared) > self.num_free_blocks:
+            return False
         for i in shared:
             src = seq.block_table[i]
             dst = self._take_free_block()
@@ -172,6 +179,7 @@ class BlockManager:
             self.pending_copies.append((src, dst))
             self.stats.block_copies += 1
         seq.block_table.extend(self._take_free_block() for _ in range(new))
+        return True
 
     def take_copies(self) -> list[tuple[int, int]]:
         """The (src, dst) block copies to run before the next forward."""
@@ -181,14 +189,14 @@ class BlockManager:
     # -- hashing computed blocks ---------------------------------------------
 
     def commit(self, seq: Sequence) -> None:
-        """Hash seq's blocks that are full and computed, making them prefix-cache hits."""
+        """Hash seq's blocks that are full of committed tokens, making them prefix-cache hits."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        first = seq.num_cached_tokens // bs
+        first = seq.num_committed_tokens // bs
         while first > 0 and self.blocks[seq.block_table[first - 1]].hash == -1:
             first -= 1  # hashed blocks always form a prefix of the table
-        for i in range(first, seq.num_cached_tokens // bs):
+        for i in range(first, seq.num_committed_tokens // bs):
             block = self.blocks[seq.block_table[i]]
             prev_hash = self.blocks[seq.block_table[i - 1]].hash if i > 0 else -1
             block.token_ids = seq.token_ids[i * bs : (i + 1) * bs]

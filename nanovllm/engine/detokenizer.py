@@ -21,10 +21,9 @@ class IncrementalDetokenizer:
         self.max_stop_len = max((len(s) for s in stop), default=0)
         self.token_ids: list[int] = []
         self.prefix_offset = self.read_offset = 0
-        self.pieces: list[str] = []
-        self.num_chars = 0
+        self.text = ""
         self.tail = ""  # the last max_stop_len - 1 characters of the text
-        self.stop_text: str | None = None  # the text cut at the stop string that ended it
+        self.num_sent_chars = 0  # characters already handed out by `take_delta`
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -38,18 +37,21 @@ class IncrementalDetokenizer:
             return ""
         new = window[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
-        self.pieces.append(new)
-        self.num_chars += len(new)
+        self.text += new
         return new
 
-    @property
-    def text(self) -> str:
-        return "".join(self.pieces)
+    def take_delta(self, finished: bool) -> str:
+        """The text not handed out yet. While running, the last `max_stop_len - 1`
+        characters are held back: they may turn out to start a stop string."""
+        end = len(self.text) if finished else max(self.num_sent_chars, len(self.text) - len(self.tail))
+        delta = self.text[self.num_sent_chars : end]
+        self.num_sent_chars = end
+        return delta
 
     def add_and_check(self, token_id: int, may_stop: bool) -> str | None:
         """Append a token; return the stop string that the new text completes, if `may_stop`.
 
-        On a stop, `stop_text` is the text up to the stop string (or through it with
+        On a stop, `text` is cut before the stop string (or after it with
         include_stop_str_in_output). The earliest match in the text wins.
         """
         new = self.add(token_id)
@@ -61,7 +63,7 @@ class IncrementalDetokenizer:
             self.tail = search[-(self.max_stop_len - 1) :]
         if not may_stop:
             return None
-        start = self.num_chars - len(search)  # position of search[0] in the whole text
+        start = len(self.text) - len(search)  # position of search[0] in the whole text
         best: tuple[int, int, str] | None = None
         for stop in self.stop:  # only matches that end in the new characters
             i = search.find(stop, max(0, old - len(stop) + 1))
@@ -71,5 +73,5 @@ class IncrementalDetokenizer:
             return None
         i, _, stop = best
         end = start + i + (len(stop) if self.include_stop else 0)
-        self.stop_text = self.text[:end]
+        self.text = self.text[:end]
         return stop

@@ -1,8 +1,17 @@
-"""The engine loop: validate and queue requests, step the scheduler and runner, build outputs."""
+"""The engine core: requests in by id, steps, per-request deltas out; and `generate` on top of it.
+
+A server drives the core directly: `add_request(request_id, prompt, params)`,
+`abort_request(request_id)`, and `step()`, which returns for every request with
+news the tokens and text produced since its previous output. `generate` is the
+offline face: it queues its prompts, steps until they are done, and merges their
+deltas; requests added by others keep running and come out of `step()`.
+"""
 from __future__ import annotations
 
 import itertools
+import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
@@ -13,7 +22,7 @@ from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.model_runner import ModelRunner, PendingSample, SampledTokens
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
-from nanovllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
+from nanovllm.engine.sequence import Sequence
 from nanovllm.outputs import CompletionOutput, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.model_source import resolve_model
@@ -23,11 +32,15 @@ Prompt = str | list[int]
 
 @dataclass
 class SeqState:
-    """What a sequence's output needs beyond its tokens, gathered as they are read back."""
+    """A sequence's output beyond its tokens, and how much of it was already handed out."""
 
-    cumulative_logprob: float = 0.0
-    logprobs: list[dict[int, float]] | None = None  # per generated token, when logprobs was asked for
-    detokenizer: IncrementalDetokenizer | None = None  # only for requests with stop strings
+    index: int  # the completion's index in its request
+    detokenizer: IncrementalDetokenizer | None
+    cumulative_logprob: float | None = None  # only when logprobs were asked for (vLLM's rule)
+    logprobs: list[dict[int, float]] | None = None
+    num_known_tokens: int = 0  # completion tokens read back
+    num_sent_tokens: int = 0  # completion tokens handed out
+    done: bool = False  # its last delta was handed out
 
 
 @dataclass
@@ -41,7 +54,7 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(seq.is_finished for seq in self.seqs)
+        return all(seq.is_finished for seq in self.seqs) and not self.seqs[0].pending_forks
 
 
 def needs_token_values(params: SamplingParams) -> bool:
@@ -53,13 +66,15 @@ def needs_token_values(params: SamplingParams) -> bool:
 class LLMEngine:
     """Turns prompts into completions with continuous batching over a paged KV cache."""
 
-    def __init__(self, model: str | None = None, **engine_args: object):
-        if model is None or not model.startswith(PRESET_PREFIX):
+    def __init__(self, model: str | os.PathLike | None = None, **engine_args: object):
+        if isinstance(model, os.PathLike):
+            model = os.fspath(model)
+        if model is None or not (isinstance(model, str) and model.startswith(PRESET_PREFIX)):
             model = resolve_model(model)
         self.config = Config.from_engine_args(model, **engine_args)
         self.tokenizer = self._load_tokenizer()
-        self.eos_token_ids = self._eos_token_ids()
-        self.model_runner = ModelRunner(self.config, self.eos_token_ids)
+        self.config.eos_token_ids = self._eos_token_ids()
+        self.model_runner = ModelRunner(self.config)
         self.block_manager = BlockManager(
             self.model_runner.num_blocks, self.model_runner.block_size, self.config.enable_prefix_caching
         )
@@ -69,7 +84,8 @@ class LLMEngine:
         self._num_sync_requests = 0  # requests whose sampling reads earlier tokens' values (penalties)
         self._in_flight: tuple[ScheduledBatch, PendingSample, float] | None = None
         self._last_completed = 0.0
-        self._request_ids = itertools.count()
+        self._generate_ids = itertools.count()
+        self._unclaimed: list[RequestOutput] = []  # other requests' deltas seen by `generate`
         self.num_prefill_tokens = self.num_decode_tokens = 0
         self.prefill_time = self.decode_time = 0.0
 
@@ -106,11 +122,14 @@ class LLMEngine:
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        params.validate()
         max_len, vocab = self.config.max_model_len, self.config.hf_config.vocab_size
         if not token_ids:
             raise ValueError("the prompt is empty")
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n={params.n} is over max_num_seqs={self.config.max_num_seqs}")
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise ValueError(f"logprobs={params.logprobs} is over max_logprobs={self.config.max_logprobs}")
         if len(token_ids) > max_len:
             raise ValueError(f"the prompt has {len(token_ids)} tokens, over max_model_len={max_len}")
         if len(token_ids) + params.max_tokens > max_len:
@@ -126,60 +145,55 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer; this engine has none (skip_tokenizer_init=True): "
                              "use stop_token_ids")
 
-    def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> str:
-        """Validate and queue one request; returns its id. Raises before queueing anything."""
+    def add_request(self, request_id: str, prompt: Prompt, sampling_params: SamplingParams | None = None) -> None:
+        """Validate and queue one request; raises before queueing anything.
+
+        Its deltas come out of `step()` under `request_id`, which must not be live already.
+        """
+        if not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
         params = sampling_params or SamplingParams()
         text, token_ids = self._tokenize(prompt)
         self._validate(token_ids, params)
-        return self._queue(text, token_ids, params)
+        self._queue(request_id, text, token_ids, params)
 
-    def _queue(self, text: str | None, token_ids: list[int], params: SamplingParams) -> str:
-        request_id = str(next(self._request_ids))
-        seq = Sequence(token_ids, params, request_id)
-        seq.pending_forks = params.n - 1
-        request = Request(request_id, text, token_ids, params, [seq])
-        request.states[seq.seq_id] = self._new_state(params)
+    def _queue(self, request_id: str, text: str | None, token_ids: list[int], params: SamplingParams) -> None:
+        seq = self.scheduler.new_sequence(token_ids, params, request_id)
+        request = Request(request_id, text, token_ids, params, [])
         self.requests[request_id] = request
+        self._track(request, seq)
         self._num_sync_requests += needs_token_values(params)
-        self.scheduler.add(seq)
-        return request_id
 
-    def _new_state(self, params: SamplingParams) -> SeqState:
-        detokenizer = None
-        if params.stop:
-            detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output)
-        return SeqState(logprobs=[] if params.logprobs is not None else None, detokenizer=detokenizer)
-
-    def _fork(self, parent: Sequence) -> None:
-        """n > 1: once the prompt's last chunk is launched, n - 1 children share all its blocks.
-
-        Each child holds the prompt with its last token uncomputed: it recomputes that
-        token as a 1-token decode step and samples its own first token. That first write
-        into the shared last block makes its private copy (copy-on-write). Child i draws
-        with seed + i when the request is seeded, so the n samples differ reproducibly.
-        """
-        request = self.requests[parent.request_id]
+    def _track(self, request: Request, seq: Sequence) -> None:
         params = request.sampling_params
-        parent.pending_forks = 0  # a parent recomputed after preemption does not fork again
-        assert parent.num_cached_tokens == parent.num_tokens == parent.num_prompt_tokens
-        for i in range(1, params.n):
-            child = Sequence(parent.token_ids, params, parent.request_id)
-            if params.seed is not None:
-                child.sample_seed = params.seed + i
-            self.block_manager.fork(parent, child)
-            child.num_cached_tokens = child.num_tokens - 1
-            child.status = SequenceStatus.RUNNING
-            self.scheduler.running.append(child)
-            request.seqs.append(child)
-            request.states[child.seq_id] = self._new_state(params)
+        detokenizer = None
+        if self.tokenizer is not None:
+            detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output)
+        with_logprobs = params.logprobs is not None
+        request.states[seq.seq_id] = SeqState(len(request.seqs), detokenizer, 0.0 if with_logprobs else None,
+                                              [] if with_logprobs else None)
+        request.seqs.append(seq)
+
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
+        """Stop requests now and free their KV blocks; unknown or finished ids are ignored."""
+        for rid in [request_id] if isinstance(request_id, str) else list(request_id):
+            request = self.requests.pop(rid, None)
+            if request is None:
+                continue
+            self._num_sync_requests -= needs_token_values(request.sampling_params)
+            for seq in request.seqs:
+                seq.pending_forks = 0
+                self.scheduler.finish(seq, "abort")
 
     # -- stepping -------------------------------------------------------------
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work() or self._in_flight is not None
+        return bool(self.requests) or self._in_flight is not None
 
     def step(self) -> list[RequestOutput]:
-        """Launch the next forward, then read back the previous one; return the requests that finished.
+        """Launch the next forward, then read back the previous one; return each request's news.
 
         With overlap (CUDA, no request that needs every token's value before
         sampling), the device runs step N while the host reads step N-1's
@@ -187,130 +201,112 @@ class LLMEngine:
         bookkeeping. Tokens not read yet are placeholders in `token_ids`; the
         next decode takes them straight from the device.
         """
-        outputs: list[RequestOutput] = []
+        outputs, self._unclaimed = self._unclaimed, []
         overlap = self.overlap_steps and not self._num_sync_requests
         if self._in_flight is not None and not overlap:
-            outputs += self._complete(*self._in_flight)
-            self._in_flight = None
-        launched = None
+            outputs += self._complete()
         batch = self.scheduler.schedule() if self.scheduler.has_work() else None
+        launched = None
         if batch is not None:
             start = time.perf_counter()
             launched = (batch, self.model_runner.launch(batch), start)
-            self._advance(batch)
+            for child in self.scheduler.advance(batch):
+                self._track(self.requests[child.request_id], child)
         if self._in_flight is not None:
-            outputs += self._complete(*self._in_flight)
+            outputs += self._complete()
         self._in_flight = launched
         if launched is not None and not overlap:
-            outputs += self._complete(*launched)
-            self._in_flight = None
+            outputs += self._complete()
         return outputs
 
-    def _advance(self, batch: ScheduledBatch) -> None:
-        """Count the batch's tokens as computed and give each sampling sequence a placeholder."""
-        for i, seq in enumerate(batch.seqs):
-            samples = batch.samples(i)
-            seq.num_cached_tokens += batch.num_new_tokens[i]
-            if samples:
-                if seq.pending_forks:
-                    self._fork(seq)
-                seq.append_token(PLACEHOLDER)
-                batch.sampled.append((seq, seq.num_tokens - 1))
-
-    def _complete(self, batch: ScheduledBatch, pending: PendingSample, start: float) -> list[RequestOutput]:
-        """Read a launched step's tokens back, fill its placeholders, finish what stopped."""
+    def _complete(self) -> list[RequestOutput]:
+        """Read the launched step's tokens back, finish what stopped, return the requests' deltas."""
+        (batch, pending, start), self._in_flight = self._in_flight, None
         sampled = pending.wait()
         now = time.perf_counter()
         self._record_time(batch, now - max(start, self._last_completed))  # overlapping steps split the wall time
         self._last_completed = now
-        live = [(row, seq, index) for row, (seq, index) in enumerate(batch.sampled) if not seq.is_finished]
-        requests = self.requests
-        for row, seq, index in live:  # a finished sequence stopped at an earlier token: drop this one
-            seq.token_ids[index] = sampled.token_ids[row]
-            self._record(requests[seq.request_id].states[seq.seq_id], seq, row, sampled)
-        for seq in batch.seqs:
-            self.block_manager.commit(seq)
-        finished = []
+        live = self.scheduler.update(batch, sampled.token_ids if sampled else None, self._stop_string)
+        touched: dict[str, Request] = {}
         for row, seq, index in live:
-            if self._check_stop(seq, index):
-                del seq.token_ids[index + 1 :]
-                self.scheduler.finish(seq)
-                finished.append(seq)
-        done = {seq.request_id for seq in finished if self.requests[seq.request_id].finished}
-        return [self._output(self.requests[request_id]) for request_id in done]
+            request = self.requests.get(seq.request_id)
+            if request is None:  # aborted while its step ran
+                continue
+            state = request.states[seq.seq_id]
+            self._record(state, seq, row, sampled)
+            if (seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str)
+                    and seq.sampling_params.include_stop_str_in_output and state.detokenizer is not None):
+                state.detokenizer.add(seq.token_ids[index])  # a stop id's text: the stop-string check skipped it
+            state.num_known_tokens = index + 1 - seq.num_prompt_tokens
+            touched[request.request_id] = request
+        return [self._delta(request) for request in touched.values()]
+
+    def _stop_string(self, seq: Sequence, index: int) -> str | None:
+        """Detokenize seq's newest token; the stop string it completes, if any (after min_tokens)."""
+        detokenizer = self.requests[seq.request_id].states[seq.seq_id].detokenizer
+        if detokenizer is None:
+            return None
+        may_stop = index + 1 - seq.num_prompt_tokens >= seq.sampling_params.min_tokens
+        return detokenizer.add_and_check(seq.token_ids[index], may_stop)
 
     def _record_time(self, batch: ScheduledBatch, seconds: float) -> None:
-        if batch.is_prefill:
-            self.num_prefill_tokens += sum(batch.num_new_tokens)
-            self.prefill_time += seconds
-        else:
+        if batch.is_decode:
             self.num_decode_tokens += len(batch.seqs)
             self.decode_time += seconds
+        else:
+            self.num_prefill_tokens += sum(batch.num_new_tokens)
+            self.prefill_time += seconds
 
     @staticmethod
     def _record(state: SeqState, seq: Sequence, row: int, sampled: SampledTokens) -> None:
-        """Add a read-back token's logprob (and its top-N alternatives when asked for)."""
+        """Add a read-back token's logprob (and its top-N alternatives) when the request asked."""
+        if state.logprobs is None:
+            return
         token, logprob = sampled.token_ids[row], sampled.logprobs[row]
         state.cumulative_logprob += logprob
-        if state.logprobs is not None:
-            entry = {token: logprob}
-            n = seq.sampling_params.logprobs
-            if n and sampled.top_token_ids is not None:
-                entry.update(zip(sampled.top_token_ids[row][:n], sampled.top_logprobs[row][:n]))
-            state.logprobs.append(entry)
+        entry = {token: logprob}
+        n = seq.sampling_params.logprobs
+        if n and sampled.top_token_ids is not None:
+            entry.update(zip(sampled.top_token_ids[row][:n], sampled.top_logprobs[row][:n]))
+        state.logprobs.append(entry)
 
-    def _check_stop(self, seq: Sequence, index: int) -> bool:
-        """Whether seq ends at token_ids[index], setting its finish and stop reasons.
-
-        Stop token ids and EOS first, then stop strings (not before min_tokens tokens),
-        then the length limits.
-        """
-        params, token = seq.sampling_params, seq.token_ids[index]
-        num_generated = index + 1 - seq.num_prompt_tokens
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
-            seq.finish_reason = "stop"
-            seq.stop_reason = token if token in params.stop_token_ids else None
-        elif params.stop and (stop := self._stop_string(seq, token, num_generated >= params.min_tokens)):
-            seq.finish_reason, seq.stop_reason = "stop", stop
-        elif num_generated >= params.max_tokens or index + 1 >= self.config.max_model_len:
-            seq.finish_reason, seq.stop_reason = "length", None
-        return seq.finish_reason is not None
-
-    def _stop_string(self, seq: Sequence, token: int, may_stop: bool) -> str | None:
-        detokenizer = self.requests[seq.request_id].states[seq.seq_id].detokenizer
-        return detokenizer.add_and_check(token, may_stop)
-
-    def _output(self, request: Request) -> RequestOutput:
-        del self.requests[request.request_id]
-        self._num_sync_requests -= needs_token_values(request.sampling_params)
-        completions = [self._completion(i, seq, request.states[seq.seq_id]) for i, seq in enumerate(request.seqs)]
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions, True)
-
-    def _completion(self, index: int, seq: Sequence, state: SeqState) -> CompletionOutput:
-        """vLLM's text rules: cut before a stop string, and a stop token's (or EOS's) own text
-        left out, both unless include_stop_str_in_output; token_ids keep every sampled token."""
-        params, token_ids = seq.sampling_params, seq.completion_token_ids
-        if isinstance(seq.stop_reason, str):
-            text = state.detokenizer.stop_text
-        elif seq.finish_reason == "stop" and not params.include_stop_str_in_output:
-            text = self._decode(token_ids[:-1])
-        else:
-            text = self._decode(token_ids)
-        return CompletionOutput(index, text, token_ids, seq.finish_reason, seq.stop_reason,
-                                state.cumulative_logprob, state.logprobs)
-
-    def _decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer else ""
+    def _delta(self, request: Request) -> RequestOutput:
+        """What each of the request's completions produced since its previous output."""
+        completions = []
+        for seq in request.seqs:
+            state = request.states[seq.seq_id]
+            finished = seq.is_finished
+            if state.done or (state.num_sent_tokens == state.num_known_tokens and not finished):
+                continue
+            first = seq.num_prompt_tokens + state.num_sent_tokens
+            token_ids = seq.token_ids[first : seq.num_prompt_tokens + state.num_known_tokens]
+            logprobs = None
+            if state.logprobs is not None:
+                logprobs = state.logprobs[state.num_sent_tokens : state.num_known_tokens]
+            text = state.detokenizer.take_delta(finished) if state.detokenizer is not None else ""
+            state.num_sent_tokens, state.done = state.num_known_tokens, finished
+            completions.append(CompletionOutput(
+                state.index, text, token_ids, seq.finish_reason if finished else None,
+                seq.stop_reason if finished else None, state.cumulative_logprob, logprobs))
+        finished = request.finished
+        if finished:
+            del self.requests[request.request_id]
+            self._num_sync_requests -= needs_token_values(request.sampling_params)
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions, finished)
 
     def stats(self) -> dict[str, float]:
-        """Prefix-cache hits, copy-on-write copies, preemptions and throughput so far."""
+        """Requests, KV-cache use (blocks now, prefix hits, copies, waste), preemptions and throughput."""
         s = self.block_manager.stats
         return {
+            "num_requests_running": len({seq.request_id for seq in self.scheduler.running}),
+            "num_requests_waiting": len({seq.request_id for seq in self.scheduler.waiting}),
             "prefix_query_tokens": s.prefix_query_tokens,
             "prefix_hit_tokens": s.prefix_hit_tokens,
             "block_copies": s.block_copies,
             "kv_blocks_total": self.block_manager.num_blocks,
+            "kv_blocks_used": self.block_manager.num_used_blocks,
             "kv_blocks_peak_used": s.peak_used_blocks,
+            "kv_waste_fraction": self.scheduler.kv_usage.waste_fraction,
             "num_preemptions": self.scheduler.num_preemptions,
             "prefill_tokens": self.num_prefill_tokens,
             "decode_tokens": self.num_decode_tokens,
@@ -329,22 +325,45 @@ class LLMEngine:
         """Complete every prompt; outputs come back in prompt order.
 
         All prompts are checked before any is queued, so a bad one leaves the
-        engine as it was.
+        engine as it was. On any exit (an error, Ctrl-C) its unfinished requests
+        are aborted and their blocks freed; other requests' outputs stay for `step()`.
         """
         prompts = self._prompt_list(prompts)
         params = self._params_list(sampling_params, len(prompts))
         tokenized = [self._tokenize(p) for p in prompts]
         for (_, token_ids), p in zip(tokenized, params):
             self._validate(token_ids, p)
-        ids = [self._queue(text, token_ids, p) for (text, token_ids), p in zip(tokenized, params)]
+        ids = []
+        for (text, token_ids), p in zip(tokenized, params):
+            ids.append(self._new_generate_id())
+            self._queue(ids[-1], text, token_ids, p)
         results: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="Generating", disable=not use_tqdm, dynamic_ncols=True) as bar:
-            while len(results) < len(ids):
-                for output in self.step():
-                    results[output.request_id] = output
-                    bar.update(1)
-                bar.set_postfix(self._throughput(), refresh=False)
+        remaining = set(ids)
+        try:
+            with tqdm(total=len(ids), desc="Generating", disable=not use_tqdm, dynamic_ncols=True) as bar:
+                while remaining:
+                    for output in self.step():
+                        if output.request_id not in remaining:
+                            self._unclaimed.append(output)
+                            continue
+                        if output.request_id in results:
+                            results[output.request_id].add(output)
+                        else:
+                            results[output.request_id] = output
+                        if output.finished:
+                            remaining.discard(output.request_id)
+                            bar.update(1)
+                    bar.set_postfix(self._throughput(), refresh=False)
+        finally:
+            self.abort_request(i for i in ids if i in self.requests)
+        for output in results.values():
+            output.outputs.sort(key=lambda c: c.index)
         return [results[i] for i in ids]
+
+    def _new_generate_id(self) -> str:
+        while (request_id := f"generate-{next(self._generate_ids)}") in self.requests:
+            pass
+        return request_id
 
     def _throughput(self) -> dict[str, str]:
         prefill = self.num_prefill_tokens / self.prefill_time if self.prefill_time else 0.0

@@ -1,12 +1,24 @@
-"""Continuous batching: which sequences run in the next forward, and how many tokens each."""
+"""Continuous batching: which sequences run in the next forward, and every transition of a sequence.
+
+The scheduler is the one owner of a sequence's life: it admits (`schedule`),
+counts launched tokens and forks (`advance`), takes sampled tokens back and stops
+on stop ids, EOS and the length rule (`update`), preempts, aborts and finishes.
+The engine, beam search and the tests call these; nothing else moves a sequence.
+"""
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from collections import deque
 from dataclasses import dataclass, field
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
+from nanovllm.sampling_params import SamplingParams
+
+# (sequence, index of its newest token) -> the stop string that token completes, if any
+StopStringCheck = Callable[[Sequence, int], "str | None"]
 
 
 @dataclass
@@ -15,15 +27,34 @@ class ScheduledBatch:
 
     seqs: list[Sequence]
     num_new_tokens: list[int]
-    is_prefill: bool
     block_copies: list[tuple[int, int]] = field(default_factory=list)
-    # (sequence, index of its placeholder token) for each row the sampler fills, set at launch
+    # (sequence, index of its placeholder token) for each row the sampler fills, set by `advance`
     sampled: list[tuple[Sequence, int]] = field(default_factory=list)
+    # each sequence's num_computed_tokens once this batch has run, set by `advance`
+    computed_after: list[int] = field(default_factory=list)
+    # every sequence computes just its last token: the shape a decode CUDA graph runs
+    is_decode: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.is_decode = all(n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens
+                             for seq, n in zip(self.seqs, self.num_new_tokens))
 
     def samples(self, i: int) -> bool:
         """Whether seqs[i] has all its tokens computed after this step, so it samples the next."""
         seq = self.seqs[i]
-        return seq.num_cached_tokens + self.num_new_tokens[i] == seq.num_tokens
+        return seq.num_computed_tokens + self.num_new_tokens[i] == seq.num_tokens
+
+
+@dataclass
+class KVUsage:
+    """Σ over scheduled steps of KV slots allocated and of slots holding a token (the waste metric)."""
+
+    slots_allocated: int = 0
+    slots_filled: int = 0
+
+    @property
+    def waste_fraction(self) -> float:
+        return 1.0 - self.slots_filled / self.slots_allocated if self.slots_allocated else 0.0
 
 
 class Scheduler:
@@ -39,13 +70,22 @@ class Scheduler:
         self.max_model_len = config.max_model_len
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.config = config
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self.kv_usage = KVUsage()
+        self._seq_ids = itertools.count()
 
-    def add(self, seq: Sequence) -> None:
+    # -- admission --------------------------------------------------------------
+
+    def new_sequence(self, token_ids: list[int], params: SamplingParams, request_id: str = "") -> Sequence:
+        """A sequence with an id of this scheduler (later ids are preempted first), queued to run."""
+        seq = Sequence(next(self._seq_ids), token_ids, params, request_id)
+        seq.pending_forks = params.n - 1
         self.waiting.append(seq)
+        return seq
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -55,12 +95,15 @@ class Scheduler:
         batch = self._schedule_prefill() or self._schedule_decode()
         if batch is not None:
             batch.block_copies = self.block_manager.take_copies()
+            self._record_kv_usage()
         return batch
 
-    def _at_length_limit(self, seq: Sequence) -> bool:
-        """seq has all the tokens it may have; it finishes once their values are read."""
-        return (seq.num_completion_tokens >= seq.sampling_params.max_tokens
-                or seq.num_tokens >= self.max_model_len)
+    def _record_kv_usage(self) -> None:
+        bs = self.block_manager.block_size
+        empty = sum(len(seq.block_table) * bs - seq.num_computed_tokens for seq in self.running)
+        allocated = self.block_manager.num_used_blocks * bs
+        self.kv_usage.slots_allocated += allocated
+        self.kv_usage.slots_filled += max(allocated - empty, 0)
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
         seqs, counts, budget = [], [], self.max_num_batched_tokens
@@ -75,9 +118,8 @@ class Scheduler:
             seq = self.waiting[0]
             if num_seqs + 1 + seq.pending_forks > self.max_num_seqs:
                 break
-            if not self.block_manager.can_allocate(seq):
+            if not self.block_manager.allocate(seq):
                 break
-            self.block_manager.allocate(seq)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -85,17 +127,17 @@ class Scheduler:
             count = min(seq.num_uncomputed_tokens, budget)
             seqs.append(seq), counts.append(count)
             budget -= count
-        return ScheduledBatch(seqs, counts, is_prefill=True) if seqs else None
+        return ScheduledBatch(seqs, counts) if seqs else None
 
     def _schedule_decode(self) -> ScheduledBatch | None:
         scheduled: list[Sequence] = []
         done: list[Sequence] = []
         while self.running:
             seq = self.running.popleft()
-            if self._at_length_limit(seq):
+            if seq.at_length_limit(self.max_model_len):
                 done.append(seq)
                 continue
-            while not self.block_manager.can_append(seq):
+            while not self.block_manager.append_slots(seq):
                 victim = max(self.running, key=lambda s: s.seq_id, default=None)
                 if victim is None or victim.seq_id < seq.seq_id:
                     self.preempt(seq)
@@ -103,14 +145,97 @@ class Scheduler:
                 self.running.remove(victim)
                 self.preempt(victim)
             else:
-                self.block_manager.append_slots(seq)
                 scheduled.append(seq)
         self.running.extend(scheduled)
         self.running.extend(done)
         if not scheduled:
             assert done, "no sequence fits in the KV cache; add_request should have refused it"
             return None
-        return ScheduledBatch(scheduled, [1] * len(scheduled), is_prefill=False)
+        return ScheduledBatch(scheduled, [1] * len(scheduled))
+
+    # -- stepping ---------------------------------------------------------------
+
+    def advance(self, batch: ScheduledBatch) -> list[Sequence]:
+        """The batch is on the device: count its tokens as computed, give each sampling
+        sequence a placeholder for its next token, and fork n > 1 parents whose prompt is
+        now computed. Returns the new children."""
+        children: list[Sequence] = []
+        for i, seq in enumerate(batch.seqs):
+            samples = batch.samples(i)
+            seq.num_computed_tokens += batch.num_new_tokens[i]
+            batch.computed_after.append(seq.num_computed_tokens)
+            if samples:
+                if seq.pending_forks:
+                    children += self.fork(seq, seq.pending_forks, recompute_last=True)
+                    seq.pending_forks = 0  # a parent recomputed after preemption does not fork again
+                seq.token_ids.append(PLACEHOLDER)
+                batch.sampled.append((seq, seq.num_tokens - 1))
+        return children
+
+    def fork(self, parent: Sequence, n: int, recompute_last: bool = False,
+             last_tokens: list[int] | None = None) -> list[Sequence]:
+        """n running children sharing all of parent's blocks (copy-on-write on their first write).
+
+        With `recompute_last` each child recomputes the parent's last token as a 1-token
+        decode step and so samples its own next token (n > 1 sampling). Child i draws
+        with seed + i when the parent is seeded, so the samples differ reproducibly.
+        `last_tokens[i]` replaces child i's last token, which must be uncomputed (beam search).
+        """
+        children = []
+        for i in range(1, n + 1):
+            child = Sequence(next(self._seq_ids), parent.token_ids, parent.sampling_params, parent.request_id)
+            child.num_prompt_tokens = parent.num_prompt_tokens
+            if parent.sample_seed is not None:
+                child.sample_seed = parent.sample_seed + i
+            self.block_manager.fork(parent, child)
+            if recompute_last:
+                child.num_computed_tokens = child.num_tokens - 1
+                child.num_committed_tokens = min(child.num_committed_tokens, child.num_computed_tokens)
+            if last_tokens is not None:
+                assert child.num_computed_tokens < child.num_tokens, "only an uncomputed token may change"
+                child.token_ids[-1] = last_tokens[i - 1]
+            child.status = SequenceStatus.RUNNING
+            self.running.append(child)
+            children.append(child)
+        return children
+
+    def update(self, batch: ScheduledBatch, token_ids: list[int] | None,
+               stop_string: StopStringCheck | None = None) -> list[tuple[int, Sequence, int]]:
+        """Take a launched batch's sampled tokens back (row i fills `batch.sampled[i]`).
+
+        Commits the tokens the batch computed (their blocks become prefix-cache hits)
+        and finishes sequences on a stop token id or EOS, then on a stop string
+        (`stop_string(seq, index)`, the engine's detokenizer), then on the length rule. Returns
+        (row, sequence, token index) for every sequence that got a token; a sequence
+        that finished at an earlier token (under overlap) gets none.
+        """
+        for seq, computed in zip(batch.seqs, batch.computed_after):
+            if seq.status == SequenceStatus.RUNNING and seq.block_table:
+                seq.num_committed_tokens = max(seq.num_committed_tokens, min(computed, seq.num_computed_tokens))
+                self.block_manager.commit(seq)
+        if token_ids is None:
+            return []
+        live = []
+        for row, (seq, index) in enumerate(batch.sampled):
+            if seq.is_finished:
+                continue
+            seq.token_ids[index] = token_ids[row]
+            live.append((row, seq, index))
+            self._check_stop(seq, index, stop_string)
+        return live
+
+    def _check_stop(self, seq: Sequence, index: int, stop_string: StopStringCheck | None) -> None:
+        params, token = seq.sampling_params, seq.token_ids[index]
+        if token in params.stop_token_ids:
+            self.finish(seq, "stop", token, index + 1)
+        elif not params.ignore_eos and token in self.config.eos_token_ids:
+            self.finish(seq, "stop", None, index + 1)
+        elif stop_string is not None and (stop := stop_string(seq, index)) is not None:
+            self.finish(seq, "stop", stop, index + 1)
+        elif index + 1 - seq.num_prompt_tokens >= params.max_tokens or index + 1 >= self.max_model_len:
+            self.finish(seq, "length", None, index + 1)
+
+    # -- leaving ----------------------------------------------------------------
 
     def preempt(self, seq: Sequence) -> None:
         """Free seq's blocks and queue it first in line, to be recomputed."""
@@ -119,9 +244,18 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def finish(self, seq: Sequence) -> None:
-        """Free a finished sequence (it may have been preempted since its last token was sampled)."""
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None,
+               num_tokens: int | None = None) -> None:
+        """End seq (it may have been preempted since): free its blocks at once and keep its
+        first `num_tokens` tokens (a later token may already be in flight)."""
+        if seq.is_finished:
+            return
         queue = self.running if seq.status == SequenceStatus.RUNNING else self.waiting
         queue.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        if num_tokens is not None:
+            del seq.token_ids[num_tokens:]
+        while seq.token_ids and seq.token_ids[-1] == PLACEHOLDER:  # aborted with a token in flight
+            seq.token_ids.pop()

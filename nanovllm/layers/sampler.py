@@ -284,7 +284,14 @@ class SamplerOutput:
 
 
 class Sampler(torch.nn.Module):
-    """Picks one token per row. Logprobs are those of the raw logits (vLLM's default)."""
+    """Picks one token per row. Logprobs are those of the raw logits (vLLM's default).
+
+    Unseeded rows draw from `generator` (the engine's own, never the global RNG).
+    """
+
+    def __init__(self, generator: torch.Generator | None = None):
+        super().__init__()
+        self.generator = generator
 
     def forward(self, logits: Tensor, t: SamplingTensors) -> SamplerOutput:
         logits = logits.float()
@@ -298,7 +305,7 @@ class Sampler(torch.nn.Module):
         if t.all_greedy:
             token_ids = logits.argmax(dim=-1)
         else:
-            token_ids = self._sample(logits, t)
+            token_ids = self._sample(logits, t, self.generator)
             if t.greedy_rows is not None:
                 token_ids = torch.where(t.greedy_rows, logits.argmax(dim=-1), token_ids)
         token_logprobs = (raw_logits.gather(1, token_ids.unsqueeze(1)) - log_z).squeeze(1)
@@ -309,17 +316,17 @@ class Sampler(torch.nn.Module):
         return SamplerOutput(token_ids, token_logprobs, top_logprobs, top_token_ids)
 
     @staticmethod
-    def _sample(logits: Tensor, t: SamplingTensors) -> Tensor:
+    def _sample(logits: Tensor, t: SamplingTensors, generator: torch.Generator | None) -> Tensor:
         logits = logits / t.temperatures.unsqueeze(1)
         logits = apply_top_k_top_p_min_p(logits, t.top_ks, t.top_ps, t.min_ps, t.max_top_k)
         probs = logits.softmax(dim=-1)
         # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) is a draw from p.
         if t.seeded_rows is None:
-            noise = torch.empty_like(probs).exponential_()
+            noise = torch.empty_like(probs).exponential_(generator=generator)
         else:
             seeded = seeded_exponential_noise(t.seeds, t.positions, probs.shape[1])
             if t.seeded_rows.shape[0] == probs.shape[0]:
                 noise = seeded
             else:
-                noise = torch.empty_like(probs).exponential_().index_copy_(0, t.seeded_rows, seeded)
+                noise = torch.empty_like(probs).exponential_(generator=generator).index_copy_(0, t.seeded_rows, seeded)
         return probs.div_(noise).argmax(dim=-1)

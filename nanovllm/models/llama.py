@@ -6,7 +6,8 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from nanovllm.layers.activation import SiluAndMul
-from nanovllm.layers.attention import Attention, AttentionMetadata
+from nanovllm.attention.metadata import AttentionMetadata
+from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import LMHead, VocabEmbedding
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import Linear, MergedLinear, QKVLinear

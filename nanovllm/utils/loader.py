@@ -77,13 +77,13 @@ def expected_tensors(model: nn.Module) -> dict[str, tuple[str, object]]:
 
 def load_dummy(model: nn.Module, seed: int) -> None:
     """Small random weights of the right shapes, as vLLM's load_format='dummy' (norms stay 1)."""
-    torch.manual_seed(seed)
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.fill_(1.0)
             else:
-                param.uniform_(-1e-3, 1e-3)
+                param.uniform_(-1e-3, 1e-3, generator=generator)
 
 
 def _copy_whole(param: nn.Parameter, loaded: torch.Tensor, shard: object) -> None:

@@ -51,7 +51,7 @@ def eos_on_the_beams(hf_model, prompt: list[int], width: int) -> list[int]:
 
 
 def check(llm, hf_model, prompts, params, eos) -> list[BeamSearchOutput]:
-    llm.eos_token_ids = eos
+    llm.config.eos_token_ids = eos
     outs = llm.beam_search(prompts, params, use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         tokens, scores = hf_beams(hf_model, prompt, params, [] if params.ignore_eos else eos)
@@ -121,7 +121,7 @@ def test_small_cache_runs_prompts_in_turn(tiny_model):
 def test_width_one_is_greedy(engines):
     llm, hf_model = engines("qwen3")
     prompt = random_prompts([6], seed=44)[0]
-    llm.eos_token_ids = []
+    llm.config.eos_token_ids = []
     out = llm.beam_search([prompt], BeamSearchParams(1, MAX), use_tqdm=False)[0]
     assert [s.completion_token_ids for s in out.sequences] == [hf_greedy(hf_model, prompt, MAX)]
 
@@ -144,7 +144,7 @@ def test_bad_requests_leave_engine_clean(engines):
         llm.beam_search([[1] * 1020], BeamSearchParams(2, MAX), use_tqdm=False)
     with pytest.raises(TypeError, match="BeamSearchParams"):
         llm.beam_search([[1, 2]], SamplingParams(), use_tqdm=False)
-    llm.add_request([1, 2, 3], SamplingParams(max_tokens=2))
+    llm.add_request("queued", [1, 2, 3], SamplingParams(max_tokens=2))
     with pytest.raises(RuntimeError, match="idle"):
         llm.beam_search([[1, 2]], BeamSearchParams(2, MAX), use_tqdm=False)
     while llm.has_unfinished_requests():

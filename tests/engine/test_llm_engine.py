@@ -79,7 +79,7 @@ def test_eos_and_max_tokens_finish(tiny_model):
     prompt = random_prompts([10], seed=9)
     greedy = hf_greedy(hf_model, prompt[0], 8)
     k = next(i for i in range(1, 8) if greedy[i] not in greedy[:i])
-    llm.eos_token_ids = [greedy[k]]  # the first greedy token not seen before ends the sequence
+    llm.config.eos_token_ids = [greedy[k]]  # the first greedy token not seen before ends the sequence
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0].outputs[0]
     assert out.token_ids == greedy[: k + 1] and out.finish_reason == "stop"
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=k), use_tqdm=False)[0].outputs[0]

@@ -142,12 +142,12 @@ def test_stop_token_ids(llm, greedy):
 def test_eos_text_and_reason(llm, greedy):
     tokens, texts = greedy
     j = next(i for i in range(2, MAX) if tokens[i] not in tokens[:i])
-    saved = llm.eos_token_ids
-    llm.eos_token_ids = [tokens[j]]
+    saved = llm.config.eos_token_ids
+    llm.config.eos_token_ids = [tokens[j]]
     try:
         out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=MAX), use_tqdm=False)[0].outputs[0]
     finally:
-        llm.eos_token_ids = saved
+        llm.config.eos_token_ids = saved
     assert out.token_ids == tokens[: j + 1] and (out.finish_reason, out.stop_reason) == ("stop", None)
     assert out.text == texts[j]
 
@@ -180,7 +180,7 @@ def test_incremental_detokenizer_unit(llm):
     assert len(ids) > 4
     detok = IncrementalDetokenizer(tokenizer, ["lo wor", "is is"], include_stop_str_in_output=False)
     k = next(i for i, t in enumerate(ids) if detok.add_and_check(t, may_stop=True))
-    assert detok.stop_text == "hel"
+    assert detok.text == "hel"
     assert tokenizer.decode(ids[: k + 1]).find("lo wor") == 3 and "lo wor" not in tokenizer.decode(ids[:k])
     # Blocked while may_stop is False, a match is not found later once it is no longer in new text.
     detok = IncrementalDetokenizer(tokenizer, ["lo wor"], include_stop_str_in_output=True)

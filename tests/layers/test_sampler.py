@@ -25,7 +25,7 @@ EOS = [3, 7]
 
 
 def make_seq(prompt=(1, 2), completion=(), seed=None, **params) -> Sequence:
-    seq = Sequence(list(prompt), SamplingParams(**params))
+    seq = Sequence(0, list(prompt), SamplingParams(**params))
     seq.token_ids.extend(completion)
     seq.sample_seed = seed
     return seq

@@ -1,0 +1,1 @@
+"""Attention backends: the torch reference (anywhere), flash-attn 2 (CUDA)."""

@@ -1,1 +1,0 @@
-"""Attention kernels over the paged KV cache."""
