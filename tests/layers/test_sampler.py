@@ -408,7 +408,9 @@ def test_triton_kernels_match_torch_path_in_interpreter():
                             timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
+
 # ---------------------------------------------------------------- GPU (Triton path)
+
 def gpu_tensors(seqs, vocab):
     return SamplingTensors.from_rows(seqs, vocab, EOS, "cuda")
 
@@ -418,7 +420,7 @@ def gpu_tensors(seqs, vocab):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_draws_follow_exact_distribution(mode, flat):
-    vocab = 20_000 if flat else 4096  # flat: nuclei wider than the candidate buffer (full-sort rows)
+    vocab = 8000 if flat else 4096  # flat: nuclei wider than the candidate buffer (full-sort rows)
     row = torch.randn(vocab, generator=torch.Generator().manual_seed(7)) * (1 if flat else 3)
     counts = draw(row.cuda(), MODES[mode], 100_000)
     chi_square_ok(counts, exact_distribution(row, MODES[mode]))
