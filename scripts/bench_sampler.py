@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 
 import torch
 
@@ -31,6 +32,7 @@ def load_sampler(path: str | None):
         return sampler
     spec = importlib.util.spec_from_file_location("other_sampler", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
     spec.loader.exec_module(module)
     return module
 

@@ -450,7 +450,8 @@ def test_gpu_matches_torch_path_at_full_vocab():
     torch.testing.assert_close(ours.logprobs, raw.gather(1, ours.token_ids[:, None]).squeeze(1))
     values, ids = raw.topk(5, dim=-1)
     torch.testing.assert_close(ours.top_logprobs, values)
-    assert (ours.top_token_ids == ids).float().mean() > 0.99  # bf16 ties may swap
+    # bf16 logits tie often: the ids must carry the listed logprobs, in any order among ties.
+    torch.testing.assert_close(raw.gather(1, ours.top_token_ids), values)
 
 
 @pytest.mark.gpu
