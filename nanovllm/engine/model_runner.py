@@ -29,7 +29,7 @@ class SampledTokens:
     """A step's sampled tokens on the host, row by row as in the batch's sampling sequences."""
 
     token_ids: list[int]
-    logprobs: list[float]
+    logprobs: list[float] | None  # None when no row asked for logprobs
     top_token_ids: list[list[int]] | None
     top_logprobs: list[list[float]] | None
 
@@ -53,7 +53,7 @@ class PendingSample:
             self.event.synchronize()
         out = self.out
         top = out.top_token_ids is not None
-        return SampledTokens(out.token_ids.tolist(), out.logprobs.tolist(),
+        return SampledTokens(out.token_ids.tolist(), out.logprobs.tolist() if out.logprobs is not None else None,
                              out.top_token_ids.tolist() if top else None, out.top_logprobs.tolist() if top else None)
 
 
@@ -236,4 +236,4 @@ class ModelRunner:
         return PendingSample(out)
 
     def _sampling_tensors(self, rows: list[Sequence], vocab_size: int) -> SamplingTensors:
-        return SamplingTensors.from_sequences(rows, vocab_size, self.config.eos_token_ids, self.device)
+        return SamplingTensors.from_rows(rows, vocab_size, self.config.eos_token_ids, self.device, self.upload)

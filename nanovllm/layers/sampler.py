@@ -1,24 +1,56 @@
 """Batched next-token sampling: min_tokens, penalties, temperature, top-k/top-p/min-p, seeds.
 
-Everything runs on whole-batch tensors; per-sequence Python work is confined to
-`SamplingTensors.from_sequences`, which builds each optional tensor only when some
-sequence in the batch uses the feature.
+Each row is drawn with the Gumbel-max trick: argmax(logit / T + G) over the tokens the
+filters keep, G a Gumbel variate that is a pure function of (key, token index). Seeded rows
+take their key from (seed, position), so the same seed gives the same tokens whatever else
+is in the batch, eager or in a CUDA graph; other rows draw a fresh key per step from the
+sampler's `torch.Generator` (never the global RNG).
+
+The filters keep exactly the tokens HF's TopK, TopP then MinP warpers keep
+(min_tokens_to_keep=1), as a per-row threshold on the scaled logits: `z >= tau`. On CUDA,
+Triton kernels find tau without sorting the vocabulary: one read gives the row's max, its
+softmax normaliser and per-lane maxima; the maxima bound the top-k / top-p thresholds from
+below, the few entries above that bound are gathered and sorted, and a last read samples.
+Rows where the bound would gather too much (a nucleus of thousands of tokens) fall back to a
+full sort of those rows. On CPU the same semantics run in plain torch.
+
+Logprobs are those of the raw logits (before penalties and temperature), vLLM's default,
+and are computed only when some row asked for them (`sampling_params.logprobs` not None);
+the engine's `cumulative_logprob` is therefore filled only for requests that asked for
+logprobs, as in vLLM.
 """
 from __future__ import annotations
 
-from array import array
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from nanovllm.engine.sequence import Sequence
+from nanovllm.sampling_params import SamplingParams
 
 # Temperatures below this are treated as greedy (as vLLM does): dividing by them overflows.
 GREEDY_TEMPERATURE = 1e-5
+# Candidates gathered per row on the GPU path; rows needing more are sorted in full.
+CANDIDATES = 2048
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = (1 << 64) - 1
+
+
+class SamplingRow(Protocol):
+    """What the sampler reads of each row (the engine's Sequence has all of it)."""
+
+    sampling_params: SamplingParams
+    sample_seed: int | None
+    num_tokens: int  # position of the token being sampled
+    token_ids: list[int]
+    num_prompt_tokens: int
+    num_completion_tokens: int
+    completion_token_ids: list[int]
 
 
 @dataclass
@@ -39,141 +71,130 @@ class PenaltyTensors:
 
 @dataclass
 class SamplingTensors:
-    """Everything the sampler needs for one step, already on the device.
+    """Everything the sampler needs for one step: [B] tensors on the device plus host flags.
 
-    Optional tensors are None when no row of the batch uses the feature; the sampler
-    then skips that work entirely.
+    Filters are off (top_k = V, top_p = 1, min_p = 0) on greedy rows, and the `do_*` flags
+    say whether any row uses them, so the sampler skips what nobody asked for.
     """
 
-    temperatures: Tensor  # [B] float32; 1.0 on greedy rows
-    greedy_rows: Tensor | None  # [B] bool; None unless the batch mixes greedy and sampled rows
-    all_greedy: bool
-    top_ks: Tensor | None  # [B] int64 in [1, V]; V where off
-    max_top_k: int  # largest entry of top_ks (0 when top_ks is None)
-    top_ps: Tensor | None  # [B] float64 (exact, so 1 - top_p rounds like HF); 1.0 where off
-    min_ps: Tensor | None  # [B] float32; 0.0 where off
+    inv_temperatures: Tensor  # [B] float32; 1.0 on greedy rows
+    greedy: Tensor  # [B] bool
+    top_ks: Tensor  # [B] int64 in [1, V]; V where off
+    top_ps: Tensor  # [B] float64 (exact, so 1 - top_p rounds like HF); 1.0 where off
+    min_ps: Tensor  # [B] float32; 0.0 where off
+    seeded: Tensor  # [B] bool: rows whose noise comes from (seed, position)
+    seeds: Tensor  # [B] int64: the seed's low 64 bits (0 where unseeded)
+    positions: Tensor  # [B] int64: position of the token being sampled
     penalties: PenaltyTensors | None
     min_tokens_blocked: Tensor | None  # [2, M] int64: (row, token id) pairs to set to -inf
-    seeded_rows: Tensor | None  # [S] int64 batch rows of seeded, non-greedy sequences
-    seeds: Tensor | None  # [S] int64 (the seed's low 64 bits)
-    positions: Tensor | None  # [S] int64 position of the token being sampled (seq.num_tokens)
+    all_greedy: bool
+    do_top_k: bool
+    do_top_p: bool
+    do_min_p: bool
+    any_seeded: bool
+    any_unseeded: bool  # some sampled (non-greedy) row without a seed
+    want_logprobs: bool  # some row asked for logprobs
     max_num_logprobs: int  # K for the top-K logprobs; 0 = none
+    vocab_size: int
 
     @property
-    def do_top_k(self) -> bool:
-        return self.top_ks is not None
-
-    @property
-    def do_top_p(self) -> bool:
-        return self.top_ps is not None
-
-    @property
-    def do_min_p(self) -> bool:
-        return self.min_ps is not None
-
-    @property
-    def do_penalties(self) -> bool:
-        return self.penalties is not None
-
-    @property
-    def any_seeded(self) -> bool:
-        return self.seeded_rows is not None
+    def do_filter(self) -> bool:
+        return self.do_top_k or self.do_top_p or self.do_min_p
 
     @classmethod
-    def from_sequences(
+    def from_rows(
         cls,
-        seqs: list[Sequence],
+        rows: Sequence[SamplingRow],
         vocab_size: int,
         eos_token_ids: list[int],
         device: torch.device | str,
+        upload: Callable[[list[np.ndarray]], list[Tensor]] | None = None,
     ) -> SamplingTensors:
-        temperatures: list[float] = []
-        greedy: list[bool] = []
-        top_ks: list[int] = []
-        top_ps: list[float] = []
-        min_ps: list[float] = []
-        rep: list[float] = []
-        freq: list[float] = []
-        pres: list[float] = []
-        penalty_tokens = array("q")  # int64 buffer: far cheaper to fill and convert than a list
-        penalty_lens: list[int] = []  # tokens of each row in penalty_tokens
-        penalty_prompt_lens: list[int] = []  # leading prompt tokens among them
+        """Build the step's arrays on the host and move them all with one `upload` call."""
+        batch = len(rows)
+        temperature = np.ones(batch, np.float32)
+        top_k = np.full(batch, vocab_size, np.int64)
+        top_p = np.ones(batch, np.float64)
+        min_p = np.zeros(batch, np.float32)
+        seeded = np.zeros(batch, np.bool_)
+        seeds = np.zeros(batch, np.int64)
+        positions = np.zeros(batch, np.int64)
+        greedy = np.zeros(batch, np.bool_)
+        penalty_rows: list[int] = []
         blocked_rows: list[int] = []
         blocked_ids: list[int] = []
-        seeded_rows: list[int] = []
-        seeds: list[int] = []
-        positions: list[int] = []
-        do_top_k = do_top_p = do_min_p = do_penalties = False
         max_num_logprobs = 0
-
-        for row, seq in enumerate(seqs):
+        want_logprobs = False
+        for row, seq in enumerate(rows):
             sp = seq.sampling_params
-            is_greedy = sp.temperature < GREEDY_TEMPERATURE
-            greedy.append(is_greedy)
-            temperatures.append(1.0 if is_greedy else sp.temperature)
-            k = sp.top_k if 0 < sp.top_k < vocab_size else vocab_size
-            top_ks.append(k)
-            top_ps.append(sp.top_p)
-            min_ps.append(sp.min_p)
-            if not is_greedy:
-                do_top_k |= k < vocab_size
-                do_top_p |= sp.top_p < 1.0
-                do_min_p |= sp.min_p > 0.0
-                if seq.sample_seed is not None:
-                    seeded_rows.append(row)
-                    seeds.append(_to_int64(seq.sample_seed))
-                    positions.append(seq.num_tokens)
-            rep.append(sp.repetition_penalty)
-            freq.append(sp.frequency_penalty)
-            pres.append(sp.presence_penalty)
-            if sp.repetition_penalty != 1.0:
-                tokens, num_prompt = seq.token_ids, seq.num_prompt_tokens
-            elif sp.frequency_penalty != 0.0 or sp.presence_penalty != 0.0:
-                tokens, num_prompt = seq.completion_token_ids, 0
+            if sp.temperature < GREEDY_TEMPERATURE:
+                greedy[row] = True
             else:
-                tokens, num_prompt = [], 0
-            do_penalties |= bool(tokens)
-            penalty_tokens.extend(tokens)
-            penalty_lens.append(len(tokens))
-            penalty_prompt_lens.append(num_prompt)
-            if seq.num_completion_tokens < sp.min_tokens:
+                temperature[row] = sp.temperature
+                if 0 < sp.top_k < vocab_size:
+                    top_k[row] = sp.top_k
+                top_p[row] = sp.top_p
+                min_p[row] = sp.min_p
+                if seq.sample_seed is not None:
+                    seeded[row] = True
+                    seeds[row] = _to_int64(seq.sample_seed)
+                    positions[row] = seq.num_tokens
+            if sp.repetition_penalty != 1.0 or sp.frequency_penalty != 0.0 or sp.presence_penalty != 0.0:
+                penalty_rows.append(row)
+            if sp.min_tokens and seq.num_completion_tokens < sp.min_tokens:
                 ids = sp.stop_token_ids if sp.ignore_eos else [*eos_token_ids, *sp.stop_token_ids]
                 ids = [i for i in ids if i < vocab_size]
                 blocked_rows.extend([row] * len(ids))
                 blocked_ids.extend(ids)
-            if sp.logprobs:
+            if sp.logprobs is not None:
+                want_logprobs = True
                 max_num_logprobs = max(max_num_logprobs, sp.logprobs)
-
-        def to_dev(values: list, dtype: torch.dtype) -> Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-        all_greedy = all(greedy)
-        penalties = None
-        if do_penalties:
-            params = to_dev([rep, freq, pres], torch.float32)
-            penalties = PenaltyTensors(
-                params[0], params[1], params[2],
-                token_ids=torch.frombuffer(penalty_tokens, dtype=torch.int64).to(device, non_blocking=True),
-                lengths=to_dev([penalty_lens, penalty_prompt_lens], torch.int64),
-            )
-        seeded = bool(seeded_rows)
-        if seeded:
-            seed_info = to_dev([seeded_rows, seeds, positions], torch.int64)
+        arrays = [1.0 / temperature, greedy, top_k, top_p, min_p, seeded, seeds, positions]
+        penalty_arrays = _penalty_arrays(rows, penalty_rows, batch)
+        if penalty_arrays is not None:
+            arrays += penalty_arrays
+        if blocked_ids:
+            arrays.append(np.array([blocked_rows, blocked_ids], np.int64))
+        tensors = upload(arrays) if upload is not None else [torch.from_numpy(a).to(device) for a in arrays]
+        inv_t, greedy_t, top_k_t, top_p_t, min_p_t, seeded_t, seeds_t, positions_t = tensors[:8]
+        penalties = PenaltyTensors(*tensors[8:13]) if penalty_arrays is not None else None
+        sampled = ~greedy
         return cls(
-            temperatures=to_dev(temperatures, torch.float32),
-            greedy_rows=to_dev(greedy, torch.bool) if any(greedy) and not all_greedy else None,
-            all_greedy=all_greedy,
-            top_ks=to_dev(top_ks, torch.int64) if do_top_k else None,
-            max_top_k=max(top_ks) if do_top_k else 0,
-            top_ps=to_dev(top_ps, torch.float64) if do_top_p else None,
-            min_ps=to_dev(min_ps, torch.float32) if do_min_p else None,
-            penalties=penalties,
-            min_tokens_blocked=to_dev([blocked_rows, blocked_ids], torch.int64) if blocked_ids else None,
-            seeded_rows=seed_info[0] if seeded else None,
-            seeds=seed_info[1] if seeded else None,
-            positions=seed_info[2] if seeded else None,
+            inv_temperatures=inv_t, greedy=greedy_t, top_ks=top_k_t, top_ps=top_p_t, min_ps=min_p_t,
+            seeded=seeded_t, seeds=seeds_t, positions=positions_t, penalties=penalties,
+            min_tokens_blocked=tensors[-1] if blocked_ids else None,
+            all_greedy=bool(greedy.all()),
+            do_top_k=bool((top_k < vocab_size).any()),
+            do_top_p=bool((top_p < 1.0).any()),
+            do_min_p=bool((min_p > 0.0).any()),
+            any_seeded=bool(seeded.any()),
+            any_unseeded=bool((sampled & ~seeded).any()),
+            want_logprobs=want_logprobs,
             max_num_logprobs=max_num_logprobs,
+            vocab_size=vocab_size,
         )
+
+
+def _penalty_arrays(rows: Sequence[SamplingRow], penalty_rows: list[int], batch: int) -> list[np.ndarray] | None:
+    """[rep, freq, pres, token ids, lengths] for PenaltyTensors, or None when no row has tokens to penalise."""
+    rep = np.ones(batch, np.float32)
+    freq = np.zeros(batch, np.float32)
+    pres = np.zeros(batch, np.float32)
+    lengths = np.zeros((2, batch), np.int64)
+    tokens: list[list[int]] = []
+    for row in penalty_rows:
+        seq = rows[row]
+        sp = seq.sampling_params
+        rep[row], freq[row], pres[row] = sp.repetition_penalty, sp.frequency_penalty, sp.presence_penalty
+        if sp.repetition_penalty != 1.0:
+            ids, num_prompt = seq.token_ids, seq.num_prompt_tokens
+        else:
+            ids, num_prompt = seq.completion_token_ids, 0
+        tokens.append(ids)
+        lengths[0, row], lengths[1, row] = len(ids), num_prompt
+    if not lengths[0].any():
+        return None
+    return [rep, freq, pres, np.fromiter((i for ids in tokens for i in ids), np.int64), lengths]
 
 
 def _to_int64(value: int) -> int:
@@ -212,34 +233,27 @@ def apply_penalties(logits: Tensor, p: PenaltyTensors) -> Tensor:
 
 
 def apply_top_k_top_p_min_p(
-    logits: Tensor,
-    top_ks: Tensor | None = None,
-    top_ps: Tensor | None = None,
-    min_ps: Tensor | None = None,
-    max_top_k: int = 0,
+    logits: Tensor, top_ks: Tensor | None = None, top_ps: Tensor | None = None, min_ps: Tensor | None = None,
 ) -> Tensor:
     """Mask logits to -inf like HF's TopK, then TopP, then MinP warpers (min_tokens_to_keep=1).
 
-    Rows whose parameter is off (top_k = V, top_p = 1, min_p = 0) are left untouched.
-    With top-p, one ascending sort serves both top-k and top-p; top-k alone uses topk(max_top_k).
+    The plain-torch reference (the CPU path): one sort per row. Rows whose parameter is off
+    (top_k = V, top_p = 1, min_p = 0) are left untouched.
     """
     neg_inf = float("-inf")
-    if top_ps is not None:
+    if top_ks is not None or top_ps is not None:
         sorted_logits, sorted_idx = logits.sort(dim=-1)
         if top_ks is not None:
             kth = sorted_logits.gather(1, (logits.shape[1] - top_ks).unsqueeze(1))
             sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, neg_inf)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # float32(1 - top_p) like HF's Python-float comparison; -1 (never true) on rows with top-p off.
-        cutoff = torch.where(top_ps < 1.0, 1.0 - top_ps, -1.0).to(cumulative.dtype)
-        remove = cumulative <= cutoff.unsqueeze(1)
-        remove[:, -1] = False
-        sorted_logits = sorted_logits.masked_fill(remove, neg_inf)
+        if top_ps is not None:
+            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            # float32(1 - top_p) like HF's Python-float comparison; -1 (never true) on rows with top-p off.
+            cutoff = torch.where(top_ps < 1.0, 1.0 - top_ps, -1.0).to(cumulative.dtype)
+            remove = cumulative <= cutoff.unsqueeze(1)
+            remove[:, -1] = False
+            sorted_logits = sorted_logits.masked_fill(remove, neg_inf)
         logits = torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
-    elif top_ks is not None:
-        top_values = logits.topk(max_top_k, dim=-1).values
-        kth = top_values.gather(1, (top_ks - 1).unsqueeze(1))
-        logits = logits.masked_fill(logits < kth, neg_inf)
     if min_ps is not None:
         probs = logits.softmax(dim=-1)
         threshold = min_ps.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
@@ -249,7 +263,8 @@ def apply_top_k_top_p_min_p(
 
 def _fmix32(x: Tensor) -> Tensor:
     """A bijective 32-bit avalanche mix of x in [0, 2**32) (C. Wellons' hash-prospector
-    xorshift-multiply form). Both multipliers are < 2**31, so x * c < 2**63 never overflows int64."""
+    xorshift-multiply form). Both multipliers are < 2**31, so x * c < 2**63 never overflows int64.
+    The Triton kernels compute the same function in uint32."""
     x = x ^ (x >> 16)
     x = (x * 0x21F0AAAD) & _MASK32
     x = x ^ (x >> 15)
@@ -257,36 +272,46 @@ def _fmix32(x: Tensor) -> Tensor:
     return x ^ (x >> 15)
 
 
-def seeded_exponential_noise(seeds: Tensor, positions: Tensor, vocab_size: int) -> Tensor:
-    """Exp(1) noise [S, V] that is a pure function of (seed, position, token index).
-
-    Counter-based hashing instead of a torch.Generator per row: no per-row kernels, and a
-    row's noise does not depend on what else is in the batch or where the row sits.
-    """
-    seeds, positions = seeds.unsqueeze(1), positions.unsqueeze(1)
+def row_keys(seeds: Tensor, positions: Tensor) -> Tensor:
+    """[B, 2] int64 in [0, 2**32): the two 32-bit keys of each row's noise, from (seed, position)."""
     key = _fmix32((positions & _MASK32) ^ 0x9E3779B9)
     key = _fmix32(key ^ (seeds & _MASK32))
     key = _fmix32(key ^ ((seeds >> 32) & _MASK32))
-    key2 = _fmix32(key ^ 0x632BE5AB)
-    index = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64).unsqueeze(0)
-    bits = _fmix32(_fmix32((index + key) & _MASK32) ^ key2)
-    # Top 24 bits -> uniform in (0, 1), exact in float32, never 0 or 1.
-    uniform = ((bits >> 8).to(torch.float32) + 0.5) * (2.0**-24)
-    return -torch.log(uniform)
+    return torch.stack([key, _fmix32(key ^ 0x632BE5AB)], dim=1)
+
+
+def uniform_from_bits(bits: Tensor) -> Tensor:
+    """32 random bits -> float32 uniform in (0, 1). Only the top 23 bits are used, so the
+    largest value, 1 - 2**-24, is representable and -log(u) is never 0."""
+    return ((bits >> 9).to(torch.float32) + 0.5) * (2.0**-23)
+
+
+def gumbel_noise(keys: Tensor, token_ids: Tensor) -> Tensor:
+    """Gumbel noise [B, N] of the given tokens ([N] or [B, N]) under each row's keys [B, 2]."""
+    key, key2 = keys[:, :1], keys[:, 1:]
+    bits = _fmix32(_fmix32((token_ids.to(torch.int64) + key) & _MASK32) ^ key2)
+    return -torch.log(-torch.log(uniform_from_bits(bits)))
+
+
+def seeded_exponential_noise(seeds: Tensor, positions: Tensor, vocab_size: int) -> Tensor:
+    """Exp(1) noise [S, V] that is a pure function of (seed, position, token index): the E of
+    the exponential race argmax(p / E), equivalent to the Gumbel-max draw the sampler makes."""
+    return torch.exp(-gumbel_noise(row_keys(seeds, positions), torch.arange(vocab_size, device=seeds.device)))
 
 
 @dataclass
 class SamplerOutput:
     token_ids: Tensor  # [B] int64
-    logprobs: Tensor  # [B] float32: raw-model logprob of the sampled token
-    top_logprobs: Tensor | None  # [B, K] float32, or None when no row asked for logprobs
+    logprobs: Tensor | None  # [B] float32 raw-model logprob of the sampled token; None when no row asked
+    top_logprobs: Tensor | None  # [B, K] float32, or None when no row asked for K > 0
     top_token_ids: Tensor | None  # [B, K] int64
 
 
 class Sampler(torch.nn.Module):
-    """Picks one token per row. Logprobs are those of the raw logits (vLLM's default).
+    """Picks one token per row; see the module docstring for the semantics.
 
-    Unseeded rows draw from `generator` (the engine's own, never the global RNG).
+    `generator` draws the noise keys of unseeded rows; without one, the sampler makes its own
+    (non-deterministically seeded) on the logits' device at first use.
     """
 
     def __init__(self, generator: torch.Generator | None = None):
@@ -294,39 +319,171 @@ class Sampler(torch.nn.Module):
         self.generator = generator
 
     def forward(self, logits: Tensor, t: SamplingTensors) -> SamplerOutput:
-        logits = logits.float()
-        # logprob = logit - logsumexp: cheaper than materialising log_softmax over [B, V].
-        log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
-        raw_logits = logits
+        raw = logits
+        x = logits
         if t.min_tokens_blocked is not None:
-            logits = apply_min_tokens(logits, t.min_tokens_blocked)
+            x = apply_min_tokens(x.float(), t.min_tokens_blocked)
         if t.penalties is not None:
-            logits = apply_penalties(logits, t.penalties)
-        if t.all_greedy:
-            token_ids = logits.argmax(dim=-1)
-        else:
-            token_ids = self._sample(logits, t, self.generator)
-            if t.greedy_rows is not None:
-                token_ids = torch.where(t.greedy_rows, logits.argmax(dim=-1), token_ids)
-        token_logprobs = (raw_logits.gather(1, token_ids.unsqueeze(1)) - log_z).squeeze(1)
-        top_logprobs = top_token_ids = None
-        if t.max_num_logprobs:
-            top_logits, top_token_ids = raw_logits.topk(min(t.max_num_logprobs, logits.shape[1]), dim=-1)
-            top_logprobs = top_logits - log_z
-        return SamplerOutput(token_ids, token_logprobs, top_logprobs, top_token_ids)
+            x = apply_penalties(x.float(), t.penalties)
+        keys = self._keys(t, logits.device)
+        if logits.is_cuda:
+            return _forward_triton(raw, x, keys, t)
+        return _forward_torch(raw, x, keys, t)
 
-    @staticmethod
-    def _sample(logits: Tensor, t: SamplingTensors, generator: torch.Generator | None) -> Tensor:
-        logits = logits / t.temperatures.unsqueeze(1)
-        logits = apply_top_k_top_p_min_p(logits, t.top_ks, t.top_ps, t.min_ps, t.max_top_k)
-        probs = logits.softmax(dim=-1)
-        # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) is a draw from p.
-        if t.seeded_rows is None:
-            noise = torch.empty_like(probs).exponential_(generator=generator)
-        else:
-            seeded = seeded_exponential_noise(t.seeds, t.positions, probs.shape[1])
-            if t.seeded_rows.shape[0] == probs.shape[0]:
-                noise = seeded
-            else:
-                noise = torch.empty_like(probs).exponential_(generator=generator).index_copy_(0, t.seeded_rows, seeded)
-        return probs.div_(noise).argmax(dim=-1)
+    def _keys(self, t: SamplingTensors, device: torch.device) -> Tensor:
+        seeds = t.seeds
+        if t.any_unseeded:
+            if self.generator is None:
+                self.generator = torch.Generator(device)
+                self.generator.seed()
+            fresh = torch.randint(-(2**63), 2**63 - 1, seeds.shape, dtype=torch.int64, generator=self.generator,
+                                  device=self.generator.device).to(device, non_blocking=True)
+            seeds = torch.where(t.seeded, seeds, fresh)
+        return row_keys(seeds, t.positions)
+
+
+def _forward_torch(raw: Tensor, x: Tensor, keys: Tensor, t: SamplingTensors) -> SamplerOutput:
+    x = x.float()
+    tokens = x.argmax(dim=-1)
+    if not t.all_greedy:
+        z = x * t.inv_temperatures.unsqueeze(1)
+        if t.do_filter:
+            z = apply_top_k_top_p_min_p(z, t.top_ks if t.do_top_k else None, t.top_ps if t.do_top_p else None,
+                                        t.min_ps if t.do_min_p else None)
+        scores = z + gumbel_noise(keys, torch.arange(z.shape[1], device=z.device))
+        tokens = torch.where(t.greedy, tokens, scores.argmax(dim=-1))
+    return _logprobs(raw, tokens, t, None)
+
+
+def _logprobs(raw: Tensor, tokens: Tensor, t: SamplingTensors, log_z: Tensor | None,
+              top: tuple[Tensor, Tensor] | None = None) -> SamplerOutput:
+    """Raw-logit logprobs of `tokens` and the top-K (given as (raw values, ids) or computed)."""
+    if not t.want_logprobs:
+        return SamplerOutput(tokens, None, None, None)
+    if log_z is None:
+        log_z = torch.logsumexp(raw.float(), dim=-1)
+    token_logprobs = raw.gather(1, tokens.unsqueeze(1)).squeeze(1).float() - log_z
+    top_logprobs = top_ids = None
+    if t.max_num_logprobs:
+        if top is None:
+            top = raw.topk(min(t.max_num_logprobs, raw.shape[1]), dim=-1)
+        top_logprobs = top[0].float() - log_z.unsqueeze(1)
+        top_ids = top[1].long()
+    return SamplerOutput(tokens, token_logprobs, top_logprobs, top_ids)
+
+
+def thresholds_from_sorted(z: Tensor | None, m: Tensor, total: Tensor, t: SamplingTensors,
+                           rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Exact per-row thresholds tau (keep z >= tau, z the scaled logits) of TopK, TopP, MinP.
+
+    z [R, N]: each row's largest scaled logits sorted descending (-inf padded); it must hold
+    the row's whole top-k set when top-k is on, else the nucleus when top-p is on (unused for
+    min-p alone). m, total: the row's max and sum of exp(z - m) over the whole row. `rows`
+    selects the batch rows that z, m, total describe (all when None).
+    Returns (tau [R], covered [R] bool: whether z held enough of the row for tau to be exact).
+    """
+    def take(a: Tensor) -> Tensor:
+        return a if rows is None else a[rows]
+
+    neg_inf = torch.full_like(m, float("-inf"))
+    tau = neg_inf
+    covered = torch.ones_like(m, dtype=torch.bool)
+    mass = total
+    if t.do_top_k:
+        top_k = take(t.top_ks)
+        on = top_k < t.vocab_size
+        kth = z.gather(1, (top_k.clamp(max=z.shape[1]) - 1).unsqueeze(1)).squeeze(1)
+        covered &= ~on | (top_k <= z.shape[1])
+        tau = torch.where(on, kth, neg_inf)
+        kept = torch.exp(z - m.unsqueeze(1)) * (z >= tau.unsqueeze(1))
+        mass = torch.where(on, kept.sum(dim=1), total)
+    if t.do_top_p:
+        top_p = take(t.top_ps).float()
+        w = torch.exp(z - m.unsqueeze(1)) * (z >= tau.unsqueeze(1))
+        cum = w.cumsum(dim=1)
+        target = top_p * mass
+        # HF keeps a token while the mass ranked strictly above it is below top_p.
+        last = ((cum - w < target.unsqueeze(1)) & (w > 0)).sum(dim=1).clamp(min=1) - 1
+        on = top_p < 1.0
+        tau = torch.maximum(tau, torch.where(on, z.gather(1, last.unsqueeze(1)).squeeze(1), neg_inf))
+        covered &= ~on | (cum[:, -1] >= target)
+    if t.do_min_p:
+        min_p = take(t.min_ps)
+        tau = torch.maximum(tau, torch.where(min_p > 0, m + torch.log(min_p), neg_inf))
+    return tau, covered
+
+
+def _pivots(lanes: Tensor, m: Tensor, total: Tensor, t: SamplingTensors) -> tuple[Tensor, Tensor]:
+    """Per-row pivots in scaled-logit space such that the entries >= pivot hold the top-k set
+    (top-k on), else the nucleus (top-p on), and the top-K for logprobs; +inf where nothing is
+    needed. The sorted lane maxima are a subset of the row, so their k-th largest is <= the
+    row's k-th largest, and their prefix mass is <= the row's. Returns (pivot, ok)."""
+    lanes = lanes.sort(dim=1, descending=True).values
+    num_lanes = lanes.shape[1]
+    inf = torch.full_like(m, float("inf"))
+    pivot = inf
+    ok = torch.ones_like(m, dtype=torch.bool)
+    if t.do_top_p:
+        on = t.top_ps < 1.0
+        cum = torch.exp(lanes - m.unsqueeze(1)).cumsum(dim=1)
+        j = (cum < (t.top_ps.float() * total).unsqueeze(1)).sum(dim=1)
+        ok &= ~on | (j < num_lanes)
+        pivot = torch.where(on, lanes.gather(1, j.clamp(max=num_lanes - 1).unsqueeze(1)).squeeze(1), inf)
+    if t.do_top_k:
+        on = t.top_ks < t.vocab_size
+        ok &= ~on | (t.top_ks <= num_lanes)
+        kth = lanes.gather(1, (t.top_ks.clamp(max=num_lanes) - 1).unsqueeze(1)).squeeze(1)
+        pivot = torch.where(on, kth, pivot)
+    if t.max_num_logprobs:
+        k = min(t.max_num_logprobs, num_lanes)
+        ok &= t.max_num_logprobs <= num_lanes
+        pivot = torch.minimum(pivot, lanes[:, k - 1])
+    return pivot, ok
+
+
+def _forward_triton(raw: Tensor, x: Tensor, keys: Tensor, t: SamplingTensors) -> SamplerOutput:
+    from nanovllm.layers import sampling_kernels as kernels
+
+    batch = x.shape[0]
+    inv_t = t.inv_temperatures
+    # Without penalties, x is raw and its top-K comes from the same candidate buffer.
+    top_from_buffer = t.max_num_logprobs > 0 and x is raw
+    no_tau = torch.full((batch,), float("-inf"), dtype=torch.float32, device=x.device)
+    if not t.do_filter and not top_from_buffer:
+        tokens, stats, _ = kernels.row_pass(x, raw, inv_t, t.greedy, keys, no_tau, sample=True, stats=False,
+                                            raw_stats=t.want_logprobs)
+        return _logprobs(raw, tokens, t, stats[:, 3])
+    _, stats, lanes = kernels.row_pass(x, raw, inv_t, t.greedy, keys, no_tau, sample=False, stats=True,
+                                       raw_stats=t.want_logprobs)
+    m, total = stats[:, 0], stats[:, 1]
+    top = None
+    if t.do_top_k or t.do_top_p or top_from_buffer:
+        pivot, ok = _pivots(lanes, m, total, t)
+        count, values, ids = kernels.gather_candidates(x, inv_t, pivot, CANDIDATES)
+        z, order = (values * inv_t.unsqueeze(1)).sort(dim=1, descending=True)
+        tau, covered = thresholds_from_sorted(z, m, total, t)
+        ok &= covered & (count <= CANDIDATES)
+        k = min(t.max_num_logprobs, CANDIDATES)
+        if top_from_buffer:
+            top = (values.gather(1, order[:, :k]), ids.gather(1, order[:, :k]))
+        if not bool(ok.all()):  # rare: a nucleus or top-k wider than the buffer; sort those rows
+            tau, top = _full_sort_rows(x, m, total, t, ~ok, tau, top)
+    else:
+        tau, _ = thresholds_from_sorted(None, m, total, t)
+    tokens, _, _ = kernels.row_pass(x, raw, inv_t, t.greedy, keys, tau, sample=True, stats=False, raw_stats=False)
+    return _logprobs(raw, tokens, t, stats[:, 3] if t.want_logprobs else None, top)
+
+
+def _full_sort_rows(x: Tensor, m: Tensor, total: Tensor, t: SamplingTensors, bad: Tensor, tau: Tensor,
+                    top: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """Thresholds (and top-K) of the `bad` rows from a full sort of those rows."""
+    rows = bad.nonzero().squeeze(1)
+    values = x[rows].float()
+    z, order = (values * t.inv_temperatures[rows].unsqueeze(1)).sort(dim=1, descending=True)
+    tau_rows, _ = thresholds_from_sorted(z, m[rows], total[rows], t, rows)
+    tau = tau.index_copy(0, rows, tau_rows)
+    if top is not None:
+        k = top[0].shape[1]
+        top = (top[0].index_copy(0, rows, values.gather(1, order[:, :k])),
+               top[1].index_copy(0, rows, order[:, :k].to(top[1].dtype)))
+    return tau, top

@@ -1,0 +1,151 @@
+"""Triton kernels of the sampler: one program per row, each streaming its row of logits once.
+
+`row_pass` reads a row once and yields its statistics (max and sum of exp of the scaled
+logits, the raw logsumexp), its per-lane maxima (a cheap upper sample that bounds top-k and
+top-p thresholds from below), and a token: the argmax of scaled logit + Gumbel noise over the
+entries >= the row's threshold (plain argmax on greedy rows). `gather_candidates` copies the
+entries >= a per-row pivot into a small buffer, where thresholds are then found exactly.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LANES = 1024  # lanes per row in row_pass: also the length of each row's lane-maxima vector
+
+
+@triton.jit
+def _fmix32(x):
+    x = x ^ (x >> 16)
+    x = x * 0x21F0AAAD
+    x = x ^ (x >> 15)
+    x = x * 0x735A2D97
+    return x ^ (x >> 15)
+
+
+@triton.jit
+def _gumbel(index, key, key2):
+    """Gumbel noise of token `index` (int32) under the row's 32-bit keys; see sampler.noise_bits."""
+    bits = _fmix32(_fmix32(index.to(tl.uint32) + key) ^ key2)
+    uniform = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # 23 bits: < 1 exactly
+    return -tl.log(-tl.log(uniform))
+
+
+@triton.jit
+def _row_pass_kernel(
+    x_ptr, x_stride, raw_ptr, raw_stride, V: tl.constexpr,
+    inv_t_ptr, greedy_ptr, key_ptr, tau_ptr,
+    token_ptr, stats_ptr, lanes_ptr,
+    SAMPLE: tl.constexpr, STATS: tl.constexpr, RAW_STATS: tl.constexpr, RAW_IS_X: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    row64 = row.to(tl.int64)
+    inv_t = tl.load(inv_t_ptr + row)
+    greedy = tl.load(greedy_ptr + row) != 0
+    key = tl.load(key_ptr + 2 * row).to(tl.uint32)
+    key2 = tl.load(key_ptr + 2 * row + 1).to(tl.uint32)
+    tau = tl.load(tau_ptr + row)
+    lane = tl.arange(0, BLOCK)
+    neg_inf = float("-inf")
+    best = tl.full([BLOCK], neg_inf, tl.float32)
+    best_idx = tl.zeros([BLOCK], tl.int32)
+    lane_max = tl.full([BLOCK], neg_inf, tl.float32)
+    m = neg_inf
+    s = 0.0
+    rm = neg_inf
+    rs = 0.0
+    for start in range(0, V, BLOCK):
+        idx = start + lane
+        valid = idx < V
+        x = tl.load(x_ptr + row64 * x_stride + idx, mask=valid, other=neg_inf).to(tl.float32)
+        z = x * inv_t
+        if STATS:
+            lane_max = tl.maximum(lane_max, z)
+            new_m = tl.maximum(m, tl.max(z, 0))
+            safe = tl.where(new_m == neg_inf, 0.0, new_m)
+            s = s * tl.exp(m - safe) + tl.sum(tl.exp(z - safe), 0)
+            m = new_m
+        if RAW_STATS:
+            if RAW_IS_X:
+                r = x
+            else:
+                r = tl.load(raw_ptr + row64 * raw_stride + idx, mask=valid, other=neg_inf).to(tl.float32)
+            new_rm = tl.maximum(rm, tl.max(r, 0))
+            safe_r = tl.where(new_rm == neg_inf, 0.0, new_rm)
+            rs = rs * tl.exp(rm - safe_r) + tl.sum(tl.exp(r - safe_r), 0)
+            rm = new_rm
+        if SAMPLE:
+            if greedy:
+                score = z
+            else:
+                score = tl.where(z >= tau, z + _gumbel(idx, key, key2), neg_inf)
+            better = score > best
+            best = tl.where(better, score, best)
+            best_idx = tl.where(better, idx, best_idx)
+    if SAMPLE:
+        top = tl.max(best, 0)
+        token = tl.min(tl.where(best == top, best_idx, 2147483647), 0)
+        tl.store(token_ptr + row, token.to(tl.int64))
+    if STATS:
+        tl.store(stats_ptr + 4 * row, m)
+        tl.store(stats_ptr + 4 * row + 1, s)
+        tl.store(lanes_ptr + row64 * BLOCK + lane, lane_max)
+    if RAW_STATS:
+        tl.store(stats_ptr + 4 * row + 2, rm)
+        tl.store(stats_ptr + 4 * row + 3, rm + tl.log(rs))
+
+
+def row_pass(
+    x: torch.Tensor, raw: torch.Tensor, inv_t: torch.Tensor, greedy: torch.Tensor, keys: torch.Tensor,
+    tau: torch.Tensor, sample: bool, stats: bool, raw_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One read of each row. Returns (token [B] int64, stats [B, 4] float32 = max and
+    sum-of-exp of x * inv_t, raw max, raw logsumexp; lane maxima [B, LANES] float32)."""
+    batch, vocab = x.shape
+    token = torch.empty(batch, dtype=torch.int64, device=x.device)
+    out_stats = torch.empty(batch, 4, dtype=torch.float32, device=x.device)
+    lanes = torch.empty(batch if stats else 1, LANES, dtype=torch.float32, device=x.device)
+    _row_pass_kernel[(batch,)](
+        x, x.stride(0), raw, raw.stride(0), vocab, inv_t, greedy, keys, tau, token, out_stats, lanes,
+        SAMPLE=sample, STATS=stats, RAW_STATS=raw_stats, RAW_IS_X=raw is x, BLOCK=LANES, num_warps=8,
+    )
+    return token, out_stats, lanes
+
+
+@triton.jit
+def _gather_kernel(x_ptr, x_stride, V: tl.constexpr, inv_t_ptr, pivot_ptr, count_ptr, val_ptr, idx_ptr,
+                   CAP: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    row64 = row.to(tl.int64)
+    pivot = tl.load(pivot_ptr + row)
+    if pivot != float("inf"):
+        inv_t = tl.load(inv_t_ptr + row)
+        lane = tl.arange(0, BLOCK)
+        count = 0
+        for start in range(0, V, BLOCK):
+            idx = start + lane
+            valid = idx < V
+            x = tl.load(x_ptr + row64 * x_stride + idx, mask=valid, other=float("-inf")).to(tl.float32)
+            keep = (x * inv_t >= pivot) & valid
+            slot = count + tl.cumsum(keep.to(tl.int32), 0) - 1
+            ok = keep & (slot < CAP)
+            tl.store(val_ptr + row64 * CAP + slot, x, mask=ok)
+            tl.store(idx_ptr + row64 * CAP + slot, idx, mask=ok)
+            count += tl.sum(keep.to(tl.int32), 0)
+        tl.store(count_ptr + row, count)
+
+
+def gather_candidates(x: torch.Tensor, inv_t: torch.Tensor, pivot: torch.Tensor, cap: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entries with x * inv_t >= pivot, per row: (count [B] int32 (may exceed cap),
+    values [B, cap] float32 of x padded with -inf, token ids [B, cap] int32).
+    Rows whose pivot is +inf are skipped (count 0)."""
+    batch, vocab = x.shape
+    count = torch.zeros(batch, dtype=torch.int32, device=x.device)
+    values = torch.full((batch, cap), float("-inf"), dtype=torch.float32, device=x.device)
+    ids = torch.zeros(batch, cap, dtype=torch.int32, device=x.device)
+    _gather_kernel[(batch,)](x, x.stride(0), vocab, inv_t, pivot, count, values, ids, CAP=cap, BLOCK=LANES,
+                             num_warps=8)
+    return count, values, ids
