@@ -10,6 +10,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from nanovllm.attention.kv_cache import KV_CACHE_DTYPES
 from nanovllm.attention.selector import BACKENDS as ATTENTION_BACKENDS
+from nanovllm.spec_decode.config import SpeculativeConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,6 +45,8 @@ class Config:
     attention_backend: str = "auto"
     kv_cache_dtype: str = "auto"
     max_logprobs: int = 20
+    # vLLM's dict ({"method": "ngram" | "draft_model", ...}), parsed into a SpeculativeConfig
+    speculative_config: "dict | SpeculativeConfig | None" = None
     hf_config: PretrainedConfig = field(init=False, repr=False)
     eos_token_ids: list[int] = field(init=False, default_factory=list)  # set by the engine from the tokenizer
 
@@ -82,6 +85,8 @@ class Config:
             raise ValueError(f"num_kvcache_blocks must be >= 1, got {self.num_kvcache_blocks}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.speculative_config is not None:
+            self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config, self)
 
     def _check_choices(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

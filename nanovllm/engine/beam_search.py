@@ -65,6 +65,8 @@ class BeamSearch:
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be BeamSearchParams, got {type(params).__name__}")
         params.validate()
+        if engine.config.speculative_config is not None:
+            raise ValueError("beam search is not supported with speculative decoding (speculative_config is set)")
         self.engine = engine
         self.params = params
         self.scheduler = engine.scheduler

@@ -156,19 +156,20 @@ class BlockManager:
 
     # -- appending ------------------------------------------------------------
 
-    def _blocks_to_append(self, seq: Sequence) -> tuple[int, list[int]]:
-        """New blocks seq needs for its uncomputed tokens, and the shared indexes to copy."""
+    def _blocks_to_append(self, seq: Sequence, num_tokens: int) -> tuple[int, list[int]]:
+        """New blocks seq needs for `num_tokens` tokens, and the shared indexes to copy."""
         first = seq.num_computed_tokens // self.block_size
-        last = min(len(seq.block_table), self.num_blocks_for(seq.num_tokens))
+        last = min(len(seq.block_table), self.num_blocks_for(num_tokens))
         shared = [i for i in range(first, last) if self.blocks[seq.block_table[i]].ref_count > 1]
-        return self.num_blocks_for(seq.num_tokens) - len(seq.block_table), shared
+        return max(self.num_blocks_for(num_tokens) - len(seq.block_table), 0), shared
 
-    def append_slots(self, seq: Sequence) -> bool:
-        """Make seq's table cover all its tokens, with private blocks where it will write.
+    def append_slots(self, seq: Sequence, num_lookahead: int = 0) -> bool:
+        """Make seq's table cover all its tokens and `num_lookahead` more (speculative
+        proposals to come), with private blocks where it will write.
 
         Returns False, changing nothing, when the free blocks do not suffice.
         """
-        new, shared = self._blocks_to_append(seq)
+        new, shared = self._blocks_to_append(seq, seq.num_tokens + num_lookahead)
         if new + len(shared) > self.num_free_blocks:
             return False
         for i in shared:
@@ -180,6 +181,15 @@ class BlockManager:
             self.stats.block_copies += 1
         seq.block_table.extend(self._take_free_block() for _ in range(new))
         return True
+
+    def free_tail(self, seq: Sequence) -> None:
+        """Release the blocks past those seq's tokens fill: after a speculative step they held
+        only rejected proposals (or reserved slots no proposal used). They were private."""
+        keep = self.num_blocks_for(seq.num_tokens)
+        for block_id in reversed(seq.block_table[keep:]):
+            assert self.blocks[block_id].ref_count == 1 and self.blocks[block_id].hash == -1
+            self._release(block_id)
+        del seq.block_table[keep:]
 
     def take_copies(self) -> list[tuple[int, int]]:
         """The (src, dst) block copies to run before the next forward."""

@@ -25,6 +25,7 @@ from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.outputs import CompletionOutput, RequestOutput
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.spec_decode.proposer import make_proposer
 from nanovllm.utils.model_source import resolve_model
 
 Prompt = str | list[int]
@@ -74,11 +75,12 @@ class LLMEngine:
         self.config = Config.from_engine_args(model, **engine_args)
         self.tokenizer = self._load_tokenizer()
         self.config.eos_token_ids = self._eos_token_ids()
+        proposer = make_proposer(self.config)  # before the target sizes its KV cache from what is left
         self.model_runner = ModelRunner(self.config)
         self.block_manager = BlockManager(
             self.model_runner.num_blocks, self.model_runner.block_size, self.config.enable_prefix_caching
         )
-        self.scheduler = Scheduler(self.config, self.block_manager)
+        self.scheduler = Scheduler(self.config, self.block_manager, proposer)
         self.requests: dict[str, Request] = {}
         self.overlap_steps = self.model_runner.device.type == "cuda"
         self._num_sync_requests = 0  # requests whose sampling reads earlier tokens' values (penalties)
@@ -126,6 +128,8 @@ class LLMEngine:
         max_len, vocab = self.config.max_model_len, self.config.hf_config.vocab_size
         if not token_ids:
             raise ValueError("the prompt is empty")
+        if params.n > 1 and self.config.speculative_config is not None:
+            raise ValueError(f"n={params.n}: parallel sampling (n > 1) is not supported with speculative decoding")
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n={params.n} is over max_num_seqs={self.config.max_num_seqs}")
         if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
@@ -199,10 +203,11 @@ class LLMEngine:
         sampling), the device runs step N while the host reads step N-1's
         tokens and finishes sequences: the GPU never waits for this
         bookkeeping. Tokens not read yet are placeholders in `token_ids`; the
-        next decode takes them straight from the device.
+        next decode takes them straight from the device. Speculative steps never
+        overlap: proposing reads the tokens so far.
         """
         outputs, self._unclaimed = self._unclaimed, []
-        overlap = self.overlap_steps and not self._num_sync_requests
+        overlap = self.overlap_steps and not self._num_sync_requests and not self.scheduler.speculating()
         if self._in_flight is not None and not overlap:
             outputs += self._complete()
         batch = self.scheduler.schedule() if self.scheduler.has_work() else None
@@ -227,6 +232,8 @@ class LLMEngine:
         self._record_time(batch, now - max(start, self._last_completed))  # overlapping steps split the wall time
         self._last_completed = now
         live = self.scheduler.update(batch, sampled.token_ids if sampled else None, self._stop_string)
+        if batch.num_proposed is not None and not batch.is_decode:  # a verify step: count it as decode
+            self.num_decode_tokens += len(live)
         touched: dict[str, Request] = {}
         for row, seq, index in live:
             request = self.requests.get(seq.request_id)
@@ -250,7 +257,9 @@ class LLMEngine:
         return detokenizer.add_and_check(seq.token_ids[index], may_stop)
 
     def _record_time(self, batch: ScheduledBatch, seconds: float) -> None:
-        if batch.is_decode:
+        if batch.num_proposed is not None and not batch.is_decode:  # tokens counted once known
+            self.decode_time += seconds
+        elif batch.is_decode:
             self.num_decode_tokens += len(batch.seqs)
             self.decode_time += seconds
         else:
@@ -312,6 +321,8 @@ class LLMEngine:
             "decode_tokens": self.num_decode_tokens,
             "prefill_time": self.prefill_time,
             "decode_time": self.decode_time,
+            "spec_proposed_tokens": self.scheduler.num_proposed_tokens,
+            "spec_accepted_tokens": self.scheduler.num_accepted_tokens,
         }
 
     # -- generate -------------------------------------------------------------

@@ -16,9 +16,10 @@ from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import PLACEHOLDER, Sequence
 from nanovllm.engine.uploader import Uploader
 from nanovllm.layers.attention import Attention
-from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingTensors
+from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingRow, SamplingTensors
 from nanovllm.models import model_class
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.spec_decode.verify_row import VerifyRow
 from nanovllm.utils.loader import load_dummy, load_model
 
 logger = logging.getLogger(__name__)
@@ -215,8 +216,7 @@ class ModelRunner:
                               self.block_size, num_rows=rows if graphed else None,
                               table_width=self.graphs.table_width if graphed else None,
                               max_seq_len=self.config.max_model_len if graphed else None)
-        sampling = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
-        logit_rows = layout.query_start_loc[1 : n + 1][[batch.samples(i) for i in range(n)]] - 1
+        sampling, logit_rows = self._sampling_rows(batch, layout.query_start_loc)
         ids, src, rows_t, *meta_tensors = self.upload([*self._input_ids(batch, rows), logit_rows, *layout.arrays()])
         positions, meta = layout.metadata(meta_tensors)
         if batch.is_decode:
@@ -235,5 +235,21 @@ class ModelRunner:
         self.prev_rows = {seq.seq_id: row for row, seq in enumerate(sampling)}
         return PendingSample(out)
 
-    def _sampling_tensors(self, rows: list[Sequence], vocab_size: int) -> SamplingTensors:
+    @staticmethod
+    def _sampling_rows(batch: ScheduledBatch, query_start_loc: np.ndarray) -> tuple[list[SamplingRow], np.ndarray]:
+        """The rows to sample and the query token whose logits each reads: a sampling sequence's
+        last token, and in a speculative step also each proposal (`VerifyRow`: the sequence up
+        to that position)."""
+        rows: list[SamplingRow] = []
+        logit_rows: list[int] = []
+        for i, seq in enumerate(batch.seqs):
+            count = batch.num_sampled(i)
+            if count == 1:
+                rows.append(seq)
+            else:
+                rows += [VerifyRow(seq, seq.num_tokens - count + 1 + j) for j in range(count)]
+            logit_rows += range(query_start_loc[i + 1] - count, query_start_loc[i + 1])
+        return rows, np.asarray(logit_rows, dtype=np.int64)
+
+    def _sampling_tensors(self, rows: list[SamplingRow], vocab_size: int) -> SamplingTensors:
         return SamplingTensors.from_rows(rows, vocab_size, self.config.eos_token_ids, self.device, self.upload)

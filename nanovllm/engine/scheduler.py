@@ -1,8 +1,9 @@
 """Continuous batching: which sequences run in the next forward, and every transition of a sequence.
 
 The scheduler is the one owner of a sequence's life: it admits (`schedule`),
-counts launched tokens and forks (`advance`), takes sampled tokens back and stops
-on stop ids, EOS and the length rule (`update`), preempts, aborts and finishes.
+appends speculative proposals, counts launched tokens and forks (`advance`), takes
+sampled tokens back, keeps the accepted proposals and rolls back the rejected ones,
+and stops on stop ids, EOS and the length rule (`update`), preempts, aborts and finishes.
 The engine, beam search and the tests call these; nothing else moves a sequence.
 """
 from __future__ import annotations
@@ -11,11 +12,15 @@ import itertools
 from collections.abc import Callable
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from nanovllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from nanovllm.spec_decode.proposer import Proposer
 
 # (sequence, index of its newest token) -> the stop string that token completes, if any
 StopStringCheck = Callable[[Sequence, int], "str | None"]
@@ -32,6 +37,8 @@ class ScheduledBatch:
     sampled: list[tuple[Sequence, int]] = field(default_factory=list)
     # each sequence's num_computed_tokens once this batch has run, set by `advance`
     computed_after: list[int] = field(default_factory=list)
+    # a speculative step: seqs[i] ends in num_proposed[i] proposed tokens, each position sampled
+    num_proposed: list[int] | None = None
     # every sequence computes just its last token: the shape a decode CUDA graph runs
     is_decode: bool = field(init=False)
 
@@ -43,6 +50,12 @@ class ScheduledBatch:
         """Whether seqs[i] has all its tokens computed after this step, so it samples the next."""
         seq = self.seqs[i]
         return seq.num_computed_tokens + self.num_new_tokens[i] == seq.num_tokens
+
+    def num_sampled(self, i: int) -> int:
+        """Positions of seqs[i] this step samples: its last token's, and one per proposal."""
+        if not self.samples(i):
+            return 0
+        return 1 + (self.num_proposed[i] if self.num_proposed is not None else 0)
 
 
 @dataclass
@@ -66,7 +79,7 @@ class Scheduler:
     (prefix caching usually finds most of their blocks again).
     """
 
-    def __init__(self, config: Config, block_manager: BlockManager):
+    def __init__(self, config: Config, block_manager: BlockManager, proposer: Proposer | None = None):
         self.max_model_len = config.max_model_len
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
@@ -76,6 +89,9 @@ class Scheduler:
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
         self.kv_usage = KVUsage()
+        self.proposer = proposer
+        self.spec = config.speculative_config
+        self.num_proposed_tokens = self.num_accepted_tokens = 0
         self._seq_ids = itertools.count()
 
     # -- admission --------------------------------------------------------------
@@ -129,14 +145,23 @@ class Scheduler:
             budget -= count
         return ScheduledBatch(seqs, counts) if seqs else None
 
+    def speculating(self) -> bool:
+        """Whether decode steps speculate now: a proposer, and no more running than disable_by_batch_size."""
+        return self.proposer is not None and len(self.running) <= self.spec.disable_by_batch_size
+
     def _schedule_decode(self) -> ScheduledBatch | None:
+        speculate = self.speculating()
         scheduled: list[Sequence] = []
+        lookaheads: list[int] = []
         done: list[Sequence] = []
         while self.running:
             seq = self.running.popleft()
             if seq.at_length_limit(self.max_model_len):
                 done.append(seq)
                 continue
+            lookahead = self._max_proposals(seq) if speculate else 0
+            if lookahead and not self.block_manager.append_slots(seq, lookahead):
+                lookahead = 0  # no room for proposals: decode plainly rather than preempt for them
             while not self.block_manager.append_slots(seq):
                 victim = max(self.running, key=lambda s: s.seq_id, default=None)
                 if victim is None or victim.seq_id < seq.seq_id:
@@ -146,12 +171,32 @@ class Scheduler:
                 self.preempt(victim)
             else:
                 scheduled.append(seq)
+                lookaheads.append(lookahead)
         self.running.extend(scheduled)
         self.running.extend(done)
         if not scheduled:
             assert done, "no sequence fits in the KV cache; add_request should have refused it"
             return None
-        return ScheduledBatch(scheduled, [1] * len(scheduled))
+        num_proposed = self._propose(scheduled, lookaheads) if speculate else None
+        return ScheduledBatch(scheduled, [1 + (num_proposed[i] if speculate else 0) for i in range(len(scheduled))],
+                              num_proposed=num_proposed)
+
+    def _max_proposals(self, seq: Sequence) -> int:
+        """k, or fewer where the step's tokens would pass max_tokens or the context, or the last
+        token's value is still on the device (an overlapped step)."""
+        if seq.token_ids[-1] == PLACEHOLDER:
+            return 0
+        left = min(seq.sampling_params.max_tokens - seq.num_completion_tokens, self.max_model_len - seq.num_tokens)
+        return max(min(self.spec.num_speculative_tokens, left - 1), 0)
+
+    def _propose(self, seqs: list[Sequence], max_lens: list[int]) -> list[int]:
+        """Append each sequence's proposals (its slots are reserved) as uncomputed tokens; their counts."""
+        proposals = self.proposer.propose(seqs, max_lens)
+        for seq, tokens, k in zip(seqs, proposals, max_lens):
+            seq.token_ids.extend(tokens[:k])
+        counts = [min(len(tokens), k) for tokens, k in zip(proposals, max_lens)]
+        self.num_proposed_tokens += sum(counts)
+        return counts
 
     # -- stepping ---------------------------------------------------------------
 
@@ -161,15 +206,15 @@ class Scheduler:
         now computed. Returns the new children."""
         children: list[Sequence] = []
         for i, seq in enumerate(batch.seqs):
-            samples = batch.samples(i)
+            num_sampled = batch.num_sampled(i)
             seq.num_computed_tokens += batch.num_new_tokens[i]
             batch.computed_after.append(seq.num_computed_tokens)
-            if samples:
+            if num_sampled:
                 if seq.pending_forks:
                     children += self.fork(seq, seq.pending_forks, recompute_last=True)
                     seq.pending_forks = 0  # a parent recomputed after preemption does not fork again
                 seq.token_ids.append(PLACEHOLDER)
-                batch.sampled.append((seq, seq.num_tokens - 1))
+                batch.sampled += [(seq, index) for index in range(seq.num_tokens - num_sampled, seq.num_tokens)]
         return children
 
     def fork(self, parent: Sequence, n: int, recompute_last: bool = False,
@@ -203,12 +248,16 @@ class Scheduler:
                stop_string: StopStringCheck | None = None) -> list[tuple[int, Sequence, int]]:
         """Take a launched batch's sampled tokens back (row i fills `batch.sampled[i]`).
 
-        Commits the tokens the batch computed (their blocks become prefix-cache hits)
-        and finishes sequences on a stop token id or EOS, then on a stop string
-        (`stop_string(seq, index)`, the engine's detokenizer), then on the length rule. Returns
-        (row, sequence, token index) for every sequence that got a token; a sequence
-        that finished at an earlier token (under overlap) gets none.
+        A speculative step first keeps each sequence's accepted proposals and rolls
+        back the rest (`_accept`). Then commits the tokens the batch computed (their
+        blocks become prefix-cache hits) and, token by token, finishes sequences on a
+        stop token id or EOS, then on a stop string (`stop_string(seq, index)`, the
+        engine's detokenizer), then on the length rule. Returns (row, sequence, token
+        index) for every token a sequence got; a sequence that finished at an earlier
+        token (under overlap, or earlier in its accepted run) gets none after it.
         """
+        if batch.num_proposed is not None and token_ids is not None:
+            self._accept(batch, token_ids)
         for seq, computed in zip(batch.seqs, batch.computed_after):
             if seq.status == SequenceStatus.RUNNING and seq.block_table:
                 seq.num_committed_tokens = max(seq.num_committed_tokens, min(computed, seq.num_computed_tokens))
@@ -217,12 +266,32 @@ class Scheduler:
             return []
         live = []
         for row, (seq, index) in enumerate(batch.sampled):
-            if seq.is_finished:
+            if seq.is_finished or index >= seq.num_tokens:  # finished, or a rejected proposal's row
                 continue
             seq.token_ids[index] = token_ids[row]
             live.append((row, seq, index))
             self._check_stop(seq, index, stop_string)
         return live
+
+    def _accept(self, batch: ScheduledBatch, token_ids: list[int]) -> None:
+        """Speculative rollback, its one owner: keep each sequence's proposals up to the first the
+        target's sample there disagrees with (greedy: its argmax; sampling: its draw, which
+        equals the proposal with probability p(proposal)), plus the target's token at that
+        position; drop the rejected proposals' tokens, computed count and blocks."""
+        row = 0
+        for seq, num_proposed in zip(batch.seqs, batch.num_proposed):  # a decode batch: every sequence samples
+            samples = token_ids[row : row + num_proposed + 1]
+            row += len(samples)
+            if seq.is_finished:
+                continue
+            first = seq.num_tokens - len(samples)  # index of the first proposal (or the placeholder)
+            accepted = 0
+            while accepted < num_proposed and samples[accepted] == seq.token_ids[first + accepted]:
+                accepted += 1
+            del seq.token_ids[first + accepted + 1 :]
+            seq.num_computed_tokens -= num_proposed - accepted
+            self.block_manager.free_tail(seq)
+            self.num_accepted_tokens += accepted
 
     def _check_stop(self, seq: Sequence, index: int, stop_string: StopStringCheck | None) -> None:
         params, token = seq.sampling_params, seq.token_ids[index]

@@ -1,0 +1,27 @@
+"""What the scheduler asks of a proposer, and how the engine makes one from its config."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from nanovllm.config import Config
+    from nanovllm.engine.sequence import Sequence
+
+
+class Proposer(Protocol):
+    def propose(self, seqs: list[Sequence], max_lens: list[int]) -> list[list[int]]:
+        """Up to `max_lens[i]` tokens guessed to follow `seqs[i]`'s tokens (all of them known)."""
+
+
+def make_proposer(config: Config) -> Proposer | None:
+    """The proposer `config.speculative_config` asks for; None without speculation."""
+    spec = config.speculative_config
+    if spec is None:
+        return None
+    if spec.method == "ngram":
+        from nanovllm.spec_decode.ngram_proposer import NgramProposer
+
+        return NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
+    from nanovllm.spec_decode.draft_model_proposer import DraftModelProposer
+
+    return DraftModelProposer(spec, config)
