@@ -309,6 +309,8 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         """Free seq's blocks and queue it first in line, to be recomputed."""
         self.block_manager.free(seq)
+        if self.proposer is not None:
+            self.proposer.release(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -322,6 +324,8 @@ class Scheduler:
         queue = self.running if seq.status == SequenceStatus.RUNNING else self.waiting
         queue.remove(seq)
         self.block_manager.free(seq)
+        if self.proposer is not None:
+            self.proposer.release(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         if num_tokens is not None:

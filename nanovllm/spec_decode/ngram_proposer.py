@@ -26,3 +26,6 @@ class NgramProposer:
     def propose(self, seqs: list[Sequence], max_lens: list[int]) -> list[list[int]]:
         return [ngram_lookup(np.asarray(seq.token_ids, dtype=np.int64), self.n_min, self.n_max, k) if k else []
                 for seq, k in zip(seqs, max_lens)]
+
+    def release(self, seq: Sequence) -> None:
+        """Nothing to forget: proposals come from the sequence's own tokens."""

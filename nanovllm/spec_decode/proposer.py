@@ -12,6 +12,9 @@ class Proposer(Protocol):
     def propose(self, seqs: list[Sequence], max_lens: list[int]) -> list[list[int]]:
         """Up to `max_lens[i]` tokens guessed to follow `seqs[i]`'s tokens (all of them known)."""
 
+    def release(self, seq: Sequence) -> None:
+        """Forget what the proposer keeps for seq (it finished or was preempted)."""
+
 
 def make_proposer(config: Config) -> Proposer | None:
     """The proposer `config.speculative_config` asks for; None without speculation."""

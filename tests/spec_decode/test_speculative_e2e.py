@@ -2,6 +2,9 @@
 speculation, and sampling keeps the target's distribution and its seeded tokens."""
 from __future__ import annotations
 
+import collections
+import math
+
 import pytest
 import torch
 
@@ -48,3 +51,129 @@ def test_ngram_greedy_is_identical(qwen3, k):
     assert stats["spec_proposed_tokens"] > 0 and 0 < stats["spec_accepted_tokens"] <= stats["spec_proposed_tokens"]
     assert stats["spec_proposed_tokens"] > stats["spec_accepted_tokens"]  # rejections happened too
     assert_no_leak(llm)
+
+
+@pytest.fixture(scope="module")
+def random_draft(tiny_model, tmp_path_factory):
+    """A second tiny Qwen3 with the same vocabulary and other random weights: it almost never agrees."""
+    from conftest import build_tiny_model
+
+    path = str(tmp_path_factory.mktemp("draft"))
+    build_tiny_model("qwen3", path, seed=1)
+    return path
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_draft_model_greedy_is_identical(qwen3, random_draft, k):
+    path, prompts, expected = qwen3
+    for draft, all_accepted in ((random_draft, False), (path, True)):  # the target as its own draft agrees
+        llm = LLM(path, skip_tokenizer_init=True, device="cpu", num_kvcache_blocks=64,
+                  speculative_config={"method": "draft_model", "model": draft, "num_speculative_tokens": k})
+        assert tokens(llm, prompts) == expected
+        stats = llm.stats()
+        assert stats["spec_proposed_tokens"] > 0
+        assert (stats["spec_accepted_tokens"] == stats["spec_proposed_tokens"]) == all_accepted
+        assert_no_leak(llm)
+        assert not llm.scheduler.proposer.shadows and llm.scheduler.proposer.block_manager.num_used_blocks == 0
+
+
+def test_greedy_through_preemption_and_prefix_hits(tiny_model):
+    path, _ = tiny_model("llama")
+    prefix = repetitive_prompts([12], seed=2)[0]
+    prompts = [prefix + tail for tail in repetitive_prompts([2, 5, 9, 4], seed=3)]
+    # ~4 sequences of ~60 tokens need ~32 blocks of 8: 16 blocks force preemption by recompute
+    small = dict(skip_tokenizer_init=True, device="cpu", kvcache_block_size=8, num_kvcache_blocks=16)
+    expected = tokens(LLM(path, **small), prompts)
+    llm = LLM(path, speculative_config=ngram(4), **small)
+    assert tokens(llm, prompts) == expected
+    assert tokens(llm, prompts[:2]) == expected[:2]  # again: the prompts' blocks are prefix-cache hits
+    stats = llm.stats()
+    assert stats["num_preemptions"] > 0 and stats["prefix_hit_tokens"] > 0 and stats["spec_accepted_tokens"] > 0
+    assert_no_leak(llm)
+
+
+def test_sampling_params_hold_within_accepted_runs(qwen3):
+    """Seeds, penalties, logprobs, stop ids and min_tokens inside an accepted run, max_tokens exactly:
+    every output equals the one without speculation."""
+    path, prompts, expected = qwen3
+    stop_id, early_id = expected[2][9], expected[2][3]  # tokens in the middle of a greedy output
+    params = [
+        SamplingParams(temperature=0.8, top_k=20, seed=5, max_tokens=17, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0, repetition_penalty=1.3, frequency_penalty=0.2, presence_penalty=0.1,
+                       max_tokens=20, ignore_eos=True, logprobs=0),
+        SamplingParams(temperature=0, stop_token_ids=[stop_id], max_tokens=24),
+        SamplingParams(temperature=0, stop_token_ids=[early_id], min_tokens=6, max_tokens=24),
+        SamplingParams(temperature=1.0, top_p=0.9, min_p=0.05, seed=11, max_tokens=13, ignore_eos=True),
+    ]
+    batch = [prompts[0], prompts[1], prompts[2], prompts[2], prompts[1]]
+    base = LLM(path, skip_tokenizer_init=True, device="cpu", num_kvcache_blocks=64).generate(batch, params, use_tqdm=False)
+    llm = LLM(path, skip_tokenizer_init=True, device="cpu", num_kvcache_blocks=64, speculative_config=ngram(5))
+    spec = llm.generate(batch, params, use_tqdm=False)
+    assert llm.stats()["spec_accepted_tokens"] > 0
+    for p, a, b in zip(params, base, spec):
+        a, b = a.outputs[0], b.outputs[0]
+        assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason and b.stop_reason == a.stop_reason
+        assert len(b.token_ids) <= p.max_tokens
+        if p.logprobs is not None:
+            assert [list(e) for e in b.logprobs] == [list(e) for e in a.logprobs]
+            for x, y in zip(a.logprobs, b.logprobs):
+                assert list(y.values()) == pytest.approx(list(x.values()), abs=1e-4)
+            assert b.cumulative_logprob == pytest.approx(a.cumulative_logprob, abs=1e-3)
+    assert spec[2].outputs[0].token_ids[-1] == stop_id and len(spec[2].outputs[0].token_ids) <= 10
+    assert len(spec[3].outputs[0].token_ids) >= 6
+    assert [len(o.outputs[0].token_ids) for o in (spec[0], spec[1], spec[4])] == [17, 20, 13]
+    assert_no_leak(llm)
+
+
+def test_seeded_sampling_is_identical_with_a_draft_model(qwen3, random_draft):
+    path, prompts, _ = qwen3
+    params = [SamplingParams(temperature=t, seed=s, max_tokens=16, ignore_eos=True) for t, s in ((0.5, 1), (1.0, 2))]
+    batch = prompts[:2]
+    base = tokens(LLM(path, skip_tokenizer_init=True, device="cpu", num_kvcache_blocks=64), batch, params)
+    for draft in (path, random_draft):
+        llm = LLM(path, skip_tokenizer_init=True, device="cpu", num_kvcache_blocks=64,
+                  speculative_config={"method": "draft_model", "model": draft, "num_speculative_tokens": 3})
+        assert tokens(llm, batch, params) == base
+        assert llm.stats()["spec_proposed_tokens"] > 0
+
+
+def chi_square_quantile(df: int, z: float) -> float:
+    """Wilson-Hilferty approximation of the chi-square quantile at standard-normal z."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def top_k_probs(hf_model, tokens: list[int], k: int, temperature: float) -> dict[int, float]:
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([tokens])).logits[0, -1].double() / temperature
+    top = logits.topk(k)
+    return dict(zip(top.indices.tolist(), torch.softmax(top.values, dim=0).tolist()))
+
+
+def test_sampled_tokens_keep_the_target_distribution(tiny_model):
+    """10^4 unseeded draws of 3 tokens, the draft (the target itself, proposing its argmax) accepted
+    about half the time: the joint distribution of the three tokens is the target's."""
+    path, hf_model = tiny_model("qwen3")
+    prompt, k, temperature, draws = [7], 3, 1.0, 10_000  # one prompt token: its prefill is decode-shaped
+    exact = {}
+    for t1, p1 in top_k_probs(hf_model, prompt, k, temperature).items():
+        for t2, p2 in top_k_probs(hf_model, prompt + [t1], k, temperature).items():
+            for t3, p3 in top_k_probs(hf_model, prompt + [t1, t2], k, temperature).items():
+                exact[(t1, t2, t3)] = p1 * p2 * p3
+    llm = LLM(path, skip_tokenizer_init=True, device="cpu", max_num_seqs=1024, num_kvcache_blocks=2048,
+              kv_cache_memory_bytes=64 << 20,
+              speculative_config={"method": "draft_model", "model": path, "num_speculative_tokens": 2,
+                                  "disable_by_batch_size": 1024})
+    outs = tokens(llm, [prompt] * draws, SamplingParams(temperature=temperature, top_k=k, max_tokens=3, ignore_eos=True))
+    stats = llm.stats()
+    assert 0.2 < stats["spec_accepted_tokens"] / stats["spec_proposed_tokens"] < 0.9  # both paths taken often
+    counts = collections.Counter(map(tuple, outs))
+    assert sum(counts.values()) == draws and set(counts) <= set(exact)
+    cells = sorted(exact, key=exact.get)
+    observed = torch.tensor([counts[c] for c in cells], dtype=torch.float64)
+    expected = torch.tensor([exact[c] * draws for c in cells])
+    small = max(int((expected < 5).sum()), 1)  # pool the rarest cells into one bin
+    observed = torch.cat([observed[:small].sum().view(1), observed[small:]])
+    expected = torch.cat([expected[:small].sum().view(1), expected[small:]])
+    assert len(expected) >= 10  # the test has power
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    assert chi2 < chi_square_quantile(len(observed) - 1, z=3.7)  # p ~ 1e-4
