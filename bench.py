@@ -2,6 +2,12 @@
 
     python bench.py                      # 256 sequences, prompts and outputs of 100..1024 tokens
     python bench.py --model PATH --num-seqs 64 --enforce-eager
+    python bench.py --model PATH --workload repeat --num-seqs 1 --temperature 0 \
+        --speculative-method ngram --num-speculative-tokens 4     # speculative decoding
+    ... --speculative-method draft_model --draft-model DRAFT_PATH
+
+The `repeat` workload asks the model to repeat a 1-2k-token text of words and numbers with every
+number doubled (chat template of the model's tokenizer): output that n-gram lookup can predict.
 """
 from __future__ import annotations
 
@@ -31,14 +37,50 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     p.add_argument("--repeat", type=int, default=1, help="timed runs, each with fresh prompts")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workload", default="random", choices=["random", "repeat"])
+    p.add_argument("--speculative-method", default=None, choices=["ngram", "draft_model"])
+    p.add_argument("--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--draft-model", default=None, help="the draft model's directory (draft_model)")
+    p.add_argument("--prompt-lookup-min", type=int, default=2)
+    p.add_argument("--prompt-lookup-max", type=int, default=5)
+    p.add_argument("--disable-by-batch-size", type=int, default=32)
     return p.parse_args()
 
 
-def workload(args: argparse.Namespace, run: int) -> tuple[list[list[int]], list[SamplingParams]]:
+def speculative_config(args: argparse.Namespace) -> dict | None:
+    if args.speculative_method is None:
+        return None
+    spec = {"method": args.speculative_method, "num_speculative_tokens": args.num_speculative_tokens,
+            "disable_by_batch_size": args.disable_by_batch_size}
+    if args.speculative_method == "ngram":
+        spec.update(prompt_lookup_min=args.prompt_lookup_min, prompt_lookup_max=args.prompt_lookup_max)
+    else:
+        spec["model"] = args.draft_model
+    return spec
+
+
+WORDS = ("the river carried boxes of apples past a quiet town where every baker counted loaves and "
+         "every child kept a list of birds seen from the bridge before the market opened").split()
+
+
+def repeat_prompt(llm: LLM, rng: random.Random, num_tokens: int) -> list[int]:
+    """'Repeat the following text, but with every number doubled:' and ~num_tokens of words and numbers."""
+    words = [str(rng.randint(1, 500)) if rng.random() < 0.15 else rng.choice(WORDS) for _ in range(num_tokens)]
+    text = "Repeat the following text, but with every number doubled:\n\n" + " ".join(words)
+    chat = llm.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=False)
+    return llm.tokenizer.encode(chat, add_special_tokens=False)
+
+
+def workload(llm: LLM, args: argparse.Namespace, run: int) -> tuple[list[list[int]], list[SamplingParams]]:
     """nano-vllm's bench workload; run 0 is exactly its prompts (seed 0), later runs are fresh."""
     rng = random.Random(args.seed + run)
-    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(args.min_input_len, args.max_input_len))]
-               for _ in range(args.num_seqs)]
+    if args.workload == "repeat":
+        prompts = [repeat_prompt(llm, rng, rng.randint(args.min_input_len, args.max_input_len))
+                   for _ in range(args.num_seqs)]
+    else:
+        prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(args.min_input_len, args.max_input_len))]
+                   for _ in range(args.num_seqs)]
     params = [SamplingParams(temperature=args.temperature, ignore_eos=True,
                              max_tokens=rng.randint(args.min_output_len, args.max_output_len))
               for _ in range(args.num_seqs)]
@@ -46,14 +88,15 @@ def workload(args: argparse.Namespace, run: int) -> tuple[list[list[int]], list[
 
 
 def timed_run(llm: LLM, args: argparse.Namespace, run: int) -> dict[str, float]:
-    prompts, params = workload(args, run)
+    prompts, params = workload(llm, args, run)
     before = llm.stats()
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
     after = llm.stats()
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    delta = {k: after[k] - before[k] for k in ("prefill_tokens", "decode_tokens", "prefill_time", "decode_time")}
+    delta = {k: after[k] - before[k] for k in ("prefill_tokens", "decode_tokens", "prefill_time", "decode_time",
+                                               "spec_proposed_tokens", "spec_accepted_tokens")}
     return {
         "output_tokens": tokens,
         "seconds": round(seconds, 3),
@@ -62,6 +105,8 @@ def timed_run(llm: LLM, args: argparse.Namespace, run: int) -> dict[str, float]:
         "decode_tok_s": round(delta["decode_tokens"] / max(delta["decode_time"], 1e-9), 1),
         "prefill_seconds": round(delta["prefill_time"], 3),
         "decode_seconds": round(delta["decode_time"], 3),
+        "spec_proposed_tokens": delta["spec_proposed_tokens"],
+        "spec_accepted_tokens": delta["spec_accepted_tokens"],
     }
 
 
@@ -71,11 +116,12 @@ def main() -> None:
     llm = LLM(args.model, load_format="dummy" if args.model.startswith(PRESET_PREFIX) else "auto",
               max_model_len=args.max_model_len, kvcache_block_size=args.block_size,
               attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
-              device=args.device, skip_tokenizer_init=True, seed=args.seed)
+              device=args.device, skip_tokenizer_init=args.workload != "repeat", seed=args.seed,
+              speculative_config=speculative_config(args))
     startup = time.perf_counter() - start
     print(f"startup: {startup:.1f} s")
     for i in range(args.warmup):
-        llm.generate(*workload(args, 1000 + i), use_tqdm=False)
+        llm.generate(*workload(llm, args, 1000 + i), use_tqdm=False)
     runs = [timed_run(llm, args, run) for run in range(args.repeat)]
     best = max(runs, key=lambda r: r["throughput_tok_s"])
     stats = llm.stats()
@@ -86,6 +132,9 @@ def main() -> None:
     print(f"prefill: {best['prefill_tok_s']:.0f} tok/s in {best['prefill_seconds']:.2f} s, "
           f"decode: {best['decode_tok_s']:.0f} tok/s in {best['decode_seconds']:.2f} s")
     print(f"KV blocks: {stats['kv_blocks_total']} total, {stats['kv_blocks_peak_used']} peak used")
+    if best["spec_proposed_tokens"]:
+        print(f"speculation: {best['spec_accepted_tokens']} of {best['spec_proposed_tokens']} proposed tokens "
+              f"accepted ({best['spec_accepted_tokens'] / best['spec_proposed_tokens']:.0%})")
     print(json.dumps(result))
 
 
