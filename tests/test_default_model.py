@@ -73,3 +73,25 @@ def test_greedy_matches_hf(model_dir: str) -> None:
         assert until_eos(tokens, eos_token_ids) == until_eos(hf_tokens, eos_token_ids), question
     answer = outputs[0].outputs[0].text
     assert "Paris" in answer, answer
+
+
+def test_ngram_speculation_is_greedy_exact(model_dir: str) -> None:
+    """On the real model a repeat-the-text prompt gets many n-gram proposals accepted; the tokens,
+    and a stop string met inside an accepted run, are those of plain greedy decoding."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": (
+        "Repeat the following text: The quick brown fox jumps over the lazy dog while the cat sleeps "
+        "on the warm windowsill and the birds sing in the old oak tree.")}], add_generation_prompt=True, tokenize=False)
+    greedy = SamplingParams(temperature=0, max_tokens=32)
+    base = LLM(model_dir, device="cpu", dtype="float32", num_kvcache_blocks=64)
+    expected = base.generate([text], greedy, use_tqdm=False)[0].outputs[0]
+    spec = LLM(model_dir, device="cpu", dtype="float32", num_kvcache_blocks=64, speculative_config={
+        "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5})
+    got = spec.generate([text], greedy, use_tqdm=False)[0].outputs[0]
+    assert got.token_ids == expected.token_ids and got.text == expected.text
+    stats = spec.stats()
+    assert stats["spec_accepted_tokens"] >= 0.5 * stats["spec_proposed_tokens"] > 0
+    stop = SamplingParams(temperature=0, max_tokens=32, stop=["lazy"])
+    stopped = spec.generate([text], stop, use_tqdm=False)[0].outputs[0]
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == "lazy"
+    assert stopped.text == base.generate([text], stop, use_tqdm=False)[0].outputs[0].text
