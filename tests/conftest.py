@@ -44,6 +44,12 @@ def tiny_model(tmp_path_factory):
     return get
 
 
+def random_prompts(lengths: list[int], seed: int = 1, vocab: int = TINY["vocab_size"]) -> list[list[int]]:
+    """Random token-id prompts of the given lengths, reproducible from the seed."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (int(n),), generator=g).tolist() for n in lengths]
+
+
 def hf_greedy(model: transformers.PreTrainedModel, prompt: list[int], max_new_tokens: int) -> list[int]:
     """HF transformers' greedy continuation, EOS ignored (min_new_tokens = max_new_tokens)."""
     input_ids = torch.tensor([prompt])

@@ -190,7 +190,8 @@ class LLMEngine:
     # -- stepping -------------------------------------------------------------
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests) or self._in_flight is not None
+        """Whether `step()` has more to do or to hand out."""
+        return bool(self.requests or self._unclaimed) or self._in_flight is not None
 
     def step(self) -> list[RequestOutput]:
         """Launch the next forward, then read back the previous one; return each request's news.
