@@ -16,6 +16,7 @@ import torch
 import triton
 from triton.testing import do_bench_cudagraph
 
+from nanovllm.attention.ops import triton_decode
 from nanovllm.attention.ops.triton_decode import BLOCK_N, choose_num_partitions, paged_attention
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128
@@ -43,11 +44,11 @@ class Caches:
                    torch.ones(NUM_KV_HEADS, device="cuda"))
 
 
-def block_table(lens: list[int], block_size: int) -> torch.Tensor:
-    """Random distinct physical blocks for each sequence."""
-    per_seq = -(-max(lens) // block_size)
-    physical = torch.randperm(MAX_TOKENS // block_size, device="cuda")[: len(lens) * per_seq]
-    return physical.view(len(lens), per_seq).int()
+def block_table(num_seqs: int, max_len: int, block_size: int) -> torch.Tensor:
+    """Random distinct physical blocks, ``max_len`` tokens' worth per sequence."""
+    per_seq = -(-max_len // block_size)
+    physical = torch.randperm(MAX_TOKENS // block_size, device="cuda")[: num_seqs * per_seq]
+    return physical.view(num_seqs, per_seq).int()
 
 
 def timed(fn) -> float:
@@ -59,21 +60,33 @@ def kv_bytes(lens: list[int], elem_size: int) -> int:
     return sum(lens) * NUM_KV_HEADS * HEAD_DIM * 2 * elem_size
 
 
+def with_fp8_tile(block_n: int, fn):
+    """``fn`` run with another K/V tile for FP8 caches (the default is ``FP8_BLOCK_N``)."""
+    def run():
+        saved, triton_decode.FP8_BLOCK_N = triton_decode.FP8_BLOCK_N, block_n
+        try:
+            return fn()
+        finally:
+            triton_decode.FP8_BLOCK_N = saved
+    return run
+
+
 def backends(caches: Caches, lens: list[int], query: torch.Tensor, max_len: int) -> dict:
     """name -> (callable, bytes per KV element)."""
     ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    table16 = block_table(lens, 16)
+    table16 = block_table(len(lens), max_len, 16)
     scale = HEAD_DIM**-0.5
     out = {
         "triton-bf16": (lambda: paged_attention(query, caches.key, caches.value, table16, ctx, 16, max_len, scale), 2),
         "triton-fp8": (lambda: paged_attention(query, caches.key_fp8, caches.value_fp8, table16, ctx, 16, max_len,
                                                scale, caches.scale, caches.scale), 1),
     }
+    out["triton-fp8 tile64"] = (with_fp8_tile(64, out["triton-fp8"][0]), 1)
     try:
         from flash_attn import flash_attn_with_kvcache
     except ImportError:
         return out
-    table256 = block_table(lens, 256)
+    table256 = block_table(len(lens), max_len, 256)
     key256 = caches.key.view(-1, 256, NUM_KV_HEADS, HEAD_DIM)
     value256 = caches.value.view(-1, 256, NUM_KV_HEADS, HEAD_DIM)
     out["flash-attn-bf16"] = (lambda: flash_attn_with_kvcache(
@@ -110,10 +123,10 @@ def main_table(caches: Caches) -> None:
 
 
 def sweep(caches: Caches) -> None:
-    """us per call of v1 (P=1), v2 at several partition sizes and the multiply-reduce v1, per batch and context;
+    """us per call of v1 (P=1) and v2 at several partition sizes, per batch and context;
     ``maxlen`` rows pass a CUDA graph's max_context_len (8192) over shorter real contexts."""
     sizes = (256, 512, 1024, 2048)
-    print("sweep (us): batch ctx maxlen | v1 | v1-mulred | " + " | ".join(f"v2 ps={s}" for s in sizes)
+    print("sweep (us): batch ctx maxlen | v1 | " + " | ".join(f"v2 ps={s}" for s in sizes)
           + " | heuristic P", flush=True)
     scale = HEAD_DIM**-0.5
     for batch in (1, 4, 16, 32, 64, 128, 256):
@@ -122,14 +135,14 @@ def sweep(caches: Caches) -> None:
                 continue
             lens = [context] * batch
             ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
-            table = block_table([max_len] * batch, 16)
+            table = block_table(batch, max_len, 16)
             query = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
 
-            def run(parts, use_dot=True):
+            def run(parts):
                 return lambda: paged_attention(query, caches.key, caches.value, table, ctx, 16, max_len, scale,
-                                               num_partitions=parts, use_dot=use_dot)
+                                               num_partitions=parts)
 
-            cells = [timed(run(1)), timed(run(1, use_dot=False))]
+            cells = [timed(run(1))]
             cells += [timed(run(triton.cdiv(max_len, s))) if s < max_len else float("nan") for s in sizes]
             print(f"sweep {batch:3d} {context:4d} {max_len:4d} | " + " | ".join(f"{c * 1e3:7.1f}" for c in cells)
                   + f" | {choose_num_partitions(batch, NUM_KV_HEADS, max_len, query.device)}", flush=True)

@@ -16,10 +16,39 @@ A context of length 0 (padding rows of a CUDA-graph batch) yields zeros. With an
 key scale is folded into the softmax scale per KV head and the value scale is applied once to
 the output.
 
-Heuristic (:func:`choose_num_partitions`) — v1 when ``num_seqs * num_kv_heads`` programs fill
-the GPU, else v2 with partitions of ``partition_size`` tokens:
+Heuristic (:func:`choose_num_partitions`): partitions of 256 tokens while ``num_seqs * num_kv_heads``
+programs < 1.5 x SMs, 512 below 3 x SMs, else 1024; v1 whenever ``max_context_len`` fits in one
+partition. Measured on an H100 (132 SMs), bf16, 8 KV heads, head dim 128, block 16, us per call
+in a CUDA graph (``scripts/bench_attention.py --sweep``; * = the heuristic's pick):
 
-TODO(table): filled in from the H100 sweep of ``scripts/bench_attention.py --sweep``.
+=====  ======  =======  ======  ======  ======  =======
+batch  ctx     v1       ps=256  ps=512  ps=1024 ps=2048
+=====  ======  =======  ======  ======  ======  =======
+1      512     12.7     9.4*    -       -       -
+1      8192    196.2    15.2*   18.1    28.7    52.8
+4      2048    52.3     14.3*   17.9    28.9    -
+4      8192    216.9    56.4*   59.0    55.2    68.1
+16     512     15.3     14.1*   -       -       -
+16     2048    66.8     54.4*   58.9    54.9    -
+16     8192    247.8    193.5*  193.4   189.3   211.0
+32     512     29.7*    33.6    -       -       -
+32     2048    98.4     104.1   100.9*  110.6   -
+32     8192    372.1    378.9   372.9*  385.7   370.0
+64     2048    212.7    196.7   196.5   190.3*  -
+64     8192    825.8    753.9   741.4   728.8*  749.4
+128    512     97.9*    104.4   -       -       -
+128    2048    368.6    384.6   379.5   382.2*  -
+128    8192    1447.1   1504.2  1466.3  1440.7* 1448.8
+256    2048    748.5    762.7   748.7   735.3*  -
+256    8192    2970.8   3003.9  2930.1  2885.9* 2863.4
+=====  ======  =======  ======  ======  ======  =======
+
+The pick is within 4% of the row's best everywhere; v1 alone loses up to 13x at small batches
+and 13% at batch 64 (a partial second wave of programs), so there is no cliff where the path
+switches. With a CUDA graph's ``max_context_len`` = 8192 over real contexts of 2048, v2 costs
+1-3% over its time at ``max_context_len`` = 2048 (2 us at batch 4); partitions past a length exit at once.
+Scoring by elementwise multiply-reduce instead of ``tl.dot`` (group padded to 16) measured
+2.6-4.2x slower at every shape, so only ``tl.dot`` is kept.
 """
 from __future__ import annotations
 
@@ -39,6 +68,7 @@ from nanovllm.attention.ops.paged_cache_checks import (
 )
 
 BLOCK_N = 64  # tokens per K/V tile
+FP8_BLOCK_N = 128  # the same bytes per tile from an FP8 cache
 LOG2E = 1.4426950408889634
 
 
@@ -55,6 +85,18 @@ def _dot_probs(probs, v, PRECISION: tl.constexpr, SPLIT_P: tl.constexpr):
 
 
 @triton.jit
+def _scaled_query(q, scale_log2, k_scale_ptr, kv_head, FP8: tl.constexpr):
+    """The query as the dots take it and the factor that turns its dot with K into log2-domain scores.
+
+    An FP8 cache is widened to float16 (one native conversion per pair on sm90; bfloat16 needs
+    several), so the query goes to float16 pre-multiplied by the softmax scale (far from float16's
+    range) and the key scale joins ``qk_scale``."""
+    if FP8:
+        return (q.to(tl.float32) * scale_log2).to(tl.float16), tl.load(k_scale_ptr + kv_head)
+    return q, scale_log2
+
+
+@triton.jit
 def _decode_kernel(
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, k_scale_ptr, v_scale_ptr,
@@ -62,7 +104,7 @@ def _decode_kernel(
     stride_qs, stride_qh, stride_os, stride_oh, stride_cb, stride_ct, stride_ch, stride_bt,
     num_heads,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, FP8: tl.constexpr, SINGLE: tl.constexpr, USE_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr, FP8: tl.constexpr, SINGLE: tl.constexpr,
     PRECISION: tl.constexpr, SPLIT_P: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -82,9 +124,7 @@ def _decode_kernel(
     row_mask = rows < GROUP
     q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + dims[None, :],
                 mask=row_mask[:, None], other=0.0)
-    qk_scale = scale_log2
-    if FP8:
-        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
+    q, qk_scale = _scaled_query(q, scale_log2, k_scale_ptr, kv_head, FP8)
     head_offset = kv_head * stride_ch
     table = block_tables_ptr + seq * stride_bt
 
@@ -98,19 +138,13 @@ def _decode_kernel(
         offsets = (block * stride_cb + (pos % BLOCK_SIZE) * stride_ct + head_offset)[:, None] + dims[None, :]
         k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
         v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
-        if USE_DOT:
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        else:
-            scores = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         probs = tl.math.exp2(scores - new_max[:, None])
         alpha = tl.math.exp2(running_max - new_max)
         running_sum = running_sum * alpha + tl.sum(probs, axis=1)
-        if USE_DOT:
-            acc = acc * alpha[:, None] + _dot_probs(probs, v, PRECISION, SPLIT_P)
-        else:
-            acc = acc * alpha[:, None] + tl.sum(probs[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        acc = acc * alpha[:, None] + _dot_probs(probs, v, PRECISION, SPLIT_P)
         running_max = new_max
 
     if SINGLE:
@@ -168,9 +202,8 @@ def choose_num_partitions(num_seqs: int, num_kv_heads: int, max_context_len: int
     """Partition count for decode (1 = v1); see the table in the module docstring."""
     num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 132
-    if num_seqs * num_kv_heads >= 2 * num_sms or max_context_len <= 2 * BLOCK_N * 4:
-        return 1
-    partition_size = 256 if num_seqs * num_kv_heads < num_sms // 2 else 512
+    programs = num_seqs * num_kv_heads
+    partition_size = 256 if 2 * programs < 3 * num_sms else 512 if programs < 3 * num_sms else 1024
     return triton.cdiv(max_context_len, partition_size)
 
 
@@ -187,15 +220,13 @@ def paged_attention(
     v_scale: Tensor | None = None,
     out: Tensor | None = None,
     num_partitions: int | None = None,
-    use_dot: bool = True,
 ) -> Tensor:
     """Decode attention: ``query`` ``[num_seqs, num_heads, head_dim]`` over each sequence's first
     ``context_lens[i]`` cached tokens (``<= max_context_len``). Returns ``[num_seqs, num_heads, head_dim]``
     in the query's dtype, written into ``out`` when given.
 
     ``num_partitions`` = 1 forces v1, > 1 forces v2 with that many partitions, ``None`` lets
-    :func:`choose_num_partitions` pick. ``use_dot=False`` scores with elementwise multiply-reduce
-    instead of ``tl.dot`` on a group padded to 16 rows (kept for the microbenchmark).
+    :func:`choose_num_partitions` pick.
     """
     check_cache(key_cache, value_cache, block_size)
     fp8 = check_scales(key_cache, k_scale, v_scale)
@@ -218,10 +249,11 @@ def paged_attention(
         return out
     if num_partitions is None:
         num_partitions = choose_num_partitions(num_seqs, num_kv_heads, max_context_len, query.device)
-    partition_size = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_partitions), BLOCK_N) * BLOCK_N
+    block_n = FP8_BLOCK_N if fp8 else BLOCK_N
+    partition_size = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_partitions), block_n) * block_n
     num_partitions = triton.cdiv(max(max_context_len, 1), partition_size)
     single = num_partitions == 1
-    group_pad = max(16, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group)
+    group_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
     if single:
         part_acc = part_max = part_sum = out  # unused
     else:
@@ -235,9 +267,9 @@ def paged_attention(
         scale * LOG2E, partition_size, num_partitions,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), *key_cache.stride()[:3],
         block_tables.stride(0), num_heads,
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N,
-        FP8=fp8, SINGLE=single, USE_DOT=use_dot,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", SPLIT_P=query.dtype == torch.bfloat16,
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        FP8=fp8, SINGLE=single, PRECISION="ieee" if query.dtype == torch.float32 and not fp8 else "tf32",
+        SPLIT_P=query.dtype == torch.bfloat16 and not fp8,
         num_warps=4, num_stages=2,
     )
     if not single:

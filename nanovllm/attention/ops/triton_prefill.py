@@ -25,7 +25,7 @@ from nanovllm.attention.ops.paged_cache_checks import (
     check_query,
     check_scales,
 )
-from nanovllm.attention.ops.triton_decode import LOG2E, _dot_probs
+from nanovllm.attention.ops.triton_decode import LOG2E, _dot_probs, _scaled_query
 
 BLOCK_N = 64  # K/V tokens per tile
 
@@ -92,9 +92,7 @@ def _prefill_kernel(
     q = tl.load(q_ptr + (q_start + token)[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
                 mask=row_mask[:, None], other=0.0)
     q_pos = context_start + token  # >= 0, so K/V position 0 is visible to every row
-    qk_scale = scale_log2
-    if FP8:
-        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
+    q, qk_scale = _scaled_query(q, scale_log2, k_scale_ptr, kv_head, FP8)
     table = block_tables_ptr + seq * stride_bt
     head_offset = kv_head * stride_ch
 
@@ -162,7 +160,8 @@ def paged_prefill_attention(
         scale * LOG2E, query.stride(0), query.stride(1), out.stride(0), out.stride(1), *key_cache.stride()[:3],
         block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, TOKENS=tokens_per_program, BLOCK_N=BLOCK_N, FP8=fp8,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", SPLIT_P=query.dtype == torch.bfloat16,
+        PRECISION="ieee" if query.dtype == torch.float32 and not fp8 else "tf32",
+        SPLIT_P=query.dtype == torch.bfloat16 and not fp8,
         num_warps=8 if block_m >= 128 else 4, num_stages=2,
     )
     return out

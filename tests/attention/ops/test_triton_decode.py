@@ -62,24 +62,26 @@ def test_decode_fp8_cache_matches_dequantized_reference(paged_kv, dtype):
     torch.manual_seed(1)
     case = paged_kv([3, 40, 100], 2, 64, 16, dtype, DEVICE, fp8=True)
     query = torch.randn(3, 8, 64, device=DEVICE).to(dtype)
-    for num_partitions in (1, 2):
-        assert rel_err(decode(case, query, num_partitions=num_partitions), reference(case, query)) < TOL[dtype]
+    for num_partitions in (1, 2):  # an FP8 cache is multiplied in float16: 1e-3 even for a float32 query
+        assert rel_err(decode(case, query, num_partitions=num_partitions), reference(case, query)) < 2e-3
 
 
-def test_decode_multiply_reduce_path_and_out(paged_kv):
+def test_decode_into_out(paged_kv):
     torch.manual_seed(2)
     case = paged_kv([5, 50], 3, 64, 16, torch.float32, DEVICE)
     query = torch.randn(2, 9, 64, device=DEVICE)
     out = torch.full_like(query, float("nan"))
-    assert decode(case, query, use_dot=False, out=out) is out
+    assert decode(case, query, out=out) is out
     assert rel_err(out, reference(case, query)) < 1e-5
 
 
 def test_partition_heuristic():
-    assert choose_num_partitions(512, 8, 8192, torch.device("cpu")) == 1  # enough programs for the GPU
-    assert choose_num_partitions(1, 8, 8192, torch.device("cpu")) > 1  # too few: split the context
-    small = choose_num_partitions(4, 8, 4096, torch.device("cpu"))
-    assert choose_num_partitions(4, 8, 8192, torch.device("cpu")) >= small  # partitions follow max_context_len
+    cpu = torch.device("cpu")  # taken as an H100's 132 SMs
+    assert choose_num_partitions(512, 8, 1024, cpu) == 1  # one partition of 1024 tokens: v1
+    assert choose_num_partitions(512, 8, 8192, cpu) == 8
+    assert choose_num_partitions(32, 8, 8192, cpu) == 16
+    assert choose_num_partitions(1, 8, 8192, cpu) == 32  # few programs: short partitions
+    assert choose_num_partitions(1, 8, 200, cpu) == 1
 
 
 def test_decode_rejects_bad_input(paged_kv):
@@ -153,7 +155,7 @@ def test_gpu_decode_in_cuda_graph_padded_batch(paged_kv, fp8):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             decode(case, query, max_model_len, out=out, num_partitions=num_partitions)
-        for new_lens in ([700, 33, 1, 2048, 0, 0], [5, 1000, 17, 300, 0, 0]):
+        for new_lens in ([700, 33, 1, 2048, 0, 0], [5, 20, 1, 1500, 0, 0]):  # within each sequence's blocks
             case.lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
             query.copy_(torch.randn_like(query))
             out.fill_(float("nan"))
