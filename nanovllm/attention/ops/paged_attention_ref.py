@@ -4,7 +4,8 @@ Cache layout: ``key_cache``/``value_cache`` are ``[num_blocks, block_size, num_k
 ``block_tables[i, j]`` is the physical block holding tokens ``j*block_size ..`` of sequence ``i``.
 Entries past a sequence's last block, and cache slots past its length, are never read into a
 result (they may hold any value, NaN included). Softmax runs in float32; outputs keep the
-query's dtype. Query head ``h`` reads kv head ``h // (num_heads // num_kv_heads)``.
+query's dtype. An FP8 cache is read as ``fp8.float() * scale`` with optional per-KV-head
+``k_scale``/``v_scale``. Query head ``h`` reads kv head ``h // (num_heads // num_kv_heads)``.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ def paged_attention_v1(
     block_size: int,
     max_context_len: int,
     scale: float | None = None,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
 ) -> Tensor:
     """Decode attention that gathers each sequence's blocks into one padded, masked context.
 
@@ -31,6 +34,7 @@ def paged_attention_v1(
     scale = _check_decode(
         query, key_cache, value_cache, block_tables, context_lens, block_size, max_context_len, scale
     )
+    key_cache, value_cache = dequantize(key_cache, k_scale), dequantize(value_cache, v_scale)
     num_blocks = -(-max_context_len // block_size)
     blocks = block_tables[:, :num_blocks].long()
     keys = key_cache[blocks].flatten(1, 2)[:, :max_context_len]
@@ -52,6 +56,8 @@ def paged_attention_v2(
     block_size: int,
     max_context_len: int,
     scale: float | None = None,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
 ) -> Tensor:
     """Decode attention streamed one block-table column at a time with an online softmax.
 
@@ -61,6 +67,7 @@ def paged_attention_v2(
     scale = _check_decode(
         query, key_cache, value_cache, block_tables, context_lens, block_size, max_context_len, scale
     )
+    key_cache, value_cache = dequantize(key_cache, k_scale), dequantize(value_cache, v_scale)
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
     stat_shape = (num_seqs, num_kv_heads, num_heads // num_kv_heads, 1)
@@ -93,13 +100,16 @@ def paged_attention(
     max_context_len: int,
     scale: float | None = None,
     version: int = 2,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
 ) -> Tensor:
     """Decode attention over the paged cache; ``version`` 1 gathers, 2 (default) streams."""
     kernels = {1: paged_attention_v1, 2: paged_attention_v2}
     if version not in kernels:
         raise ValueError(f"version must be 1 or 2, got {version!r}")
     return kernels[version](
-        query, key_cache, value_cache, block_tables, context_lens, block_size, max_context_len, scale
+        query, key_cache, value_cache, block_tables, context_lens, block_size, max_context_len, scale,
+        k_scale, v_scale,
     )
 
 
@@ -111,6 +121,8 @@ def paged_prefill_attention(
     cu_seqlens_k: Tensor,
     block_tables: Tensor,
     scale: float | None = None,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
 ) -> Tensor:
     """Varlen causal prefill attention reading all K/V through the block table.
 
@@ -121,6 +133,7 @@ def paged_prefill_attention(
     """
     _check_layout(query, key_cache, value_cache, block_tables)
     scale = _default_scale(query, scale)
+    key_cache, value_cache = dequantize(key_cache, k_scale), dequantize(value_cache, v_scale)
     block_size = key_cache.shape[1]
     q_bounds, k_bounds = _check_cu_seqlens(query, cu_seqlens_q, cu_seqlens_k, block_tables, block_size)
     outputs = []
@@ -134,6 +147,16 @@ def paged_prefill_attention(
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scale, enable_gqa=True)
         outputs.append(out.transpose(0, 1))
     return torch.cat(outputs).to(query.dtype) if outputs else query.new_empty(query.shape)
+
+
+def dequantize(cache: Tensor, scale: Tensor | None) -> Tensor:
+    """An FP8 cache ``[num_blocks, block_size, num_kv_heads, head_dim]`` in float32 times its per-KV-head
+    ``scale`` (``[num_kv_heads]``); with no scale the cache is returned unchanged."""
+    if scale is None:
+        return cache
+    if scale.shape != (cache.shape[2],):
+        raise ValueError(f"scale must be [num_kv_heads={cache.shape[2]}], got {tuple(scale.shape)}")
+    return cache.float() * scale.float()[:, None]
 
 
 def _grouped_scores(
