@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 from nanovllm.config import PRESET_PREFIX, Config
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
+from nanovllm.engine.kv_calibration import calibration_token_ids
 from nanovllm.engine.model_runner import ModelRunner, PendingSample, SampledTokens
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence
@@ -74,7 +75,10 @@ class LLMEngine:
         self.config = Config.from_engine_args(model, **engine_args)
         self.tokenizer = self._load_tokenizer()
         self.config.eos_token_ids = self._eos_token_ids()
-        self.model_runner = ModelRunner(self.config)
+        calibration = None
+        if self.config.kv_cache_dtype == "fp8":
+            calibration = calibration_token_ids(self.tokenizer, self.config.hf_config.vocab_size, self.config.seed)
+        self.model_runner = ModelRunner(self.config, calibration)
         self.block_manager = BlockManager(
             self.model_runner.num_blocks, self.model_runner.block_size, self.config.enable_prefix_caching
         )

@@ -34,11 +34,10 @@ def paged_attention_v1(
     scale = _check_decode(
         query, key_cache, value_cache, block_tables, context_lens, block_size, max_context_len, scale
     )
-    key_cache, value_cache = dequantize(key_cache, k_scale), dequantize(value_cache, v_scale)
     num_blocks = -(-max_context_len // block_size)
     blocks = block_tables[:, :num_blocks].long()
-    keys = key_cache[blocks].flatten(1, 2)[:, :max_context_len]
-    values = value_cache[blocks].flatten(1, 2)[:, :max_context_len]
+    keys = dequantize(key_cache[blocks], k_scale).flatten(1, 2)[:, :max_context_len]
+    values = dequantize(value_cache[blocks], v_scale).flatten(1, 2)[:, :max_context_len]
     positions = torch.arange(keys.shape[1], device=query.device)
     valid = positions[None, :] < context_lens[:, None]
     scores, values = _grouped_scores(query, keys, values, valid, scale)
@@ -67,7 +66,6 @@ def paged_attention_v2(
     scale = _check_decode(
         query, key_cache, value_cache, block_tables, context_lens, block_size, max_context_len, scale
     )
-    key_cache, value_cache = dequantize(key_cache, k_scale), dequantize(value_cache, v_scale)
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
     stat_shape = (num_seqs, num_kv_heads, num_heads // num_kv_heads, 1)
@@ -78,7 +76,8 @@ def paged_attention_v2(
     for j in range(-(-max_context_len // block_size)):
         blocks = block_tables[:, j].long()
         valid = (j * block_size + offsets)[None, :] < context_lens[:, None]
-        scores, values = _grouped_scores(query, key_cache[blocks], value_cache[blocks], valid, scale)
+        scores, values = _grouped_scores(query, dequantize(key_cache[blocks], k_scale),
+                                         dequantize(value_cache[blocks], v_scale), valid, scale)
         new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))
         shift = new_max.masked_fill(new_max == float("-inf"), 0.0)  # no token seen yet: exp(-inf) = 0
         probs = torch.exp(scores - shift)
@@ -133,15 +132,14 @@ def paged_prefill_attention(
     """
     _check_layout(query, key_cache, value_cache, block_tables)
     scale = _default_scale(query, scale)
-    key_cache, value_cache = dequantize(key_cache, k_scale), dequantize(value_cache, v_scale)
     block_size = key_cache.shape[1]
     q_bounds, k_bounds = _check_cu_seqlens(query, cu_seqlens_q, cu_seqlens_k, block_tables, block_size)
     outputs = []
     for i, (q_start, q_end) in enumerate(zip(q_bounds, q_bounds[1:])):
         q_len, k_len = q_end - q_start, k_bounds[i + 1] - k_bounds[i]
         blocks = block_tables[i, : -(-k_len // block_size)].long()
-        keys = key_cache[blocks].flatten(0, 1)[:k_len]
-        values = value_cache[blocks].flatten(0, 1)[:k_len]
+        keys = dequantize(key_cache[blocks], k_scale).flatten(0, 1)[:k_len]
+        values = dequantize(value_cache[blocks], v_scale).flatten(0, 1)[:k_len]
         causal = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
         q, k, v = (x.transpose(0, 1).float() for x in (query[q_start:q_end], keys, values))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scale, enable_gqa=True)
@@ -150,12 +148,12 @@ def paged_prefill_attention(
 
 
 def dequantize(cache: Tensor, scale: Tensor | None) -> Tensor:
-    """An FP8 cache ``[num_blocks, block_size, num_kv_heads, head_dim]`` in float32 times its per-KV-head
-    ``scale`` (``[num_kv_heads]``); with no scale the cache is returned unchanged."""
+    """FP8 cache entries ``[..., num_kv_heads, head_dim]`` (blocks gathered from the cache) in float32
+    times their per-KV-head ``scale`` (``[num_kv_heads]``); with no scale they are returned unchanged."""
     if scale is None:
         return cache
-    if scale.shape != (cache.shape[2],):
-        raise ValueError(f"scale must be [num_kv_heads={cache.shape[2]}], got {tuple(scale.shape)}")
+    if scale.shape != (cache.shape[-2],):
+        raise ValueError(f"scale must be [num_kv_heads={cache.shape[-2]}], got {tuple(scale.shape)}")
     return cache.float() * scale.float()[:, None]
 
 
