@@ -1,6 +1,6 @@
 """Triton decode (PagedAttention v1 and v2) against the float32 torch reference.
 
-On CPU the kernels run in Triton's interpreter (see conftest.py) on small shapes; the
+On CPU the kernels run in Triton's interpreter (see triton_cpu.py) on small shapes; the
 ``gpu`` tests sweep block sizes, head dims, GQA ratios and contexts on CUDA, FP8 caches and a
 padded batch replayed in a CUDA graph.
 """
@@ -10,6 +10,8 @@ import random
 
 import pytest
 import torch
+import triton_cpu  # noqa: F401  (before the kernels: interpreter on CPU)
+from paged_kv_case import PagedKV
 
 from nanovllm.attention.ops.paged_attention_ref import paged_attention_v1
 from nanovllm.attention.ops.triton_decode import choose_num_partitions, paged_attention
@@ -46,10 +48,10 @@ CASES = [(shape, torch.float32) for shape in SHAPES] + [(SHAPES[0], torch.float1
 
 @pytest.mark.parametrize("num_partitions", [1, 3, None])
 @pytest.mark.parametrize("shape,dtype", CASES, ids=str)
-def test_decode_matches_reference(paged_kv, shape, dtype, num_partitions):
+def test_decode_matches_reference(shape, dtype, num_partitions):
     torch.manual_seed(0)
     heads, kv_heads, head_dim, block = shape
-    case = paged_kv([1, block, 2 * block + 5, 0, 77], kv_heads, head_dim, block, dtype, DEVICE)
+    case = PagedKV([1, block, 2 * block + 5, 0, 77], kv_heads, head_dim, block, dtype, DEVICE)
     query = torch.randn(5, heads, head_dim, device=DEVICE).to(dtype)
     out = decode(case, query, num_partitions=num_partitions)
     assert out.shape == query.shape and out.dtype == dtype
@@ -58,17 +60,17 @@ def test_decode_matches_reference(paged_kv, shape, dtype, num_partitions):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_fp8_cache_matches_dequantized_reference(paged_kv, dtype):
+def test_decode_fp8_cache_matches_dequantized_reference(dtype):
     torch.manual_seed(1)
-    case = paged_kv([3, 40, 100], 2, 64, 16, dtype, DEVICE, fp8=True)
+    case = PagedKV([3, 40, 100], 2, 64, 16, dtype, DEVICE, fp8=True)
     query = torch.randn(3, 8, 64, device=DEVICE).to(dtype)
     for num_partitions in (1, 2):  # an FP8 cache is multiplied in float16: 1e-3 even for a float32 query
         assert rel_err(decode(case, query, num_partitions=num_partitions), reference(case, query)) < 2e-3
 
 
-def test_decode_into_out(paged_kv):
+def test_decode_into_out():
     torch.manual_seed(2)
-    case = paged_kv([5, 50], 3, 64, 16, torch.float32, DEVICE)
+    case = PagedKV([5, 50], 3, 64, 16, torch.float32, DEVICE)
     query = torch.randn(2, 9, 64, device=DEVICE)
     out = torch.full_like(query, float("nan"))
     assert decode(case, query, out=out) is out
@@ -84,12 +86,12 @@ def test_partition_heuristic():
     assert choose_num_partitions(1, 8, 200, cpu) == 1
 
 
-def test_decode_rejects_bad_input(paged_kv):
-    case = paged_kv([5], 2, 64, 16, torch.float32, DEVICE)
+def test_decode_rejects_bad_input():
+    case = PagedKV([5], 2, 64, 16, torch.float32, DEVICE)
     query = torch.randn(1, 4, 64, device=DEVICE)
     with pytest.raises(ValueError, match="block_size"):
         paged_attention(query, case.key_cache, case.value_cache, case.block_tables, case.lens, 32, 16, 0.1)
-    bad_block = paged_kv([5], 2, 64, 16, torch.float32, DEVICE).key_cache[:, :12]
+    bad_block = PagedKV([5], 2, 64, 16, torch.float32, DEVICE).key_cache[:, :12]
     with pytest.raises(ValueError, match="power of two"):
         paged_attention(query, bad_block, bad_block, case.block_tables, case.lens, 12, 12, 0.1)
     odd_dim = torch.randn(3, 16, 2, 96)
@@ -127,10 +129,10 @@ def sweep_cases(seed, count):
 @pytest.mark.parametrize("num_partitions", [1, 4, None])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_decode_sweep(paged_kv, num_partitions, fp8):
+def test_gpu_decode_sweep(num_partitions, fp8):
     worst = 0.0
     for heads, kv_heads, head_dim, block, lens in sweep_cases(seed=num_partitions or 0, count=24):
-        case = paged_kv(lens, kv_heads, head_dim, block, torch.bfloat16, DEVICE, fp8=fp8)
+        case = PagedKV(lens, kv_heads, head_dim, block, torch.bfloat16, DEVICE, fp8=fp8)
         query = torch.randn(len(lens), heads, head_dim, device=DEVICE).bfloat16()
         out = decode(case, query, num_partitions=num_partitions)
         assert not out.isnan().any() and torch.equal(out[-1], torch.zeros_like(out[-1]))
@@ -142,11 +144,11 @@ def test_gpu_decode_sweep(paged_kv, num_partitions, fp8):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_gpu_decode_in_cuda_graph_padded_batch(paged_kv, fp8):
+def test_gpu_decode_in_cuda_graph_padded_batch(fp8):
     """Captured once for a padded batch and max_model_len, replayed with new lengths and queries."""
     torch.manual_seed(3)
     lens = [700, 33, 1, 2048, 0, 0]  # the last two are padding rows
-    case = paged_kv(lens, 8, 128, 16, torch.bfloat16, DEVICE, fp8=fp8, extra_cols=300)
+    case = PagedKV(lens, 8, 128, 16, torch.bfloat16, DEVICE, fp8=fp8, extra_cols=300)
     max_model_len = case.block_tables.shape[1] * 16
     query = torch.randn(len(lens), 16, 128, device=DEVICE).bfloat16()
     out = torch.empty_like(query)

@@ -6,6 +6,8 @@ import random
 
 import pytest
 import torch
+import triton_cpu  # noqa: F401  (before the kernels: interpreter on CPU)
+from paged_kv_case import PagedKV
 
 from nanovllm.attention.ops.paged_attention_ref import paged_prefill_attention as reference_prefill
 from nanovllm.attention.ops.triton_prefill import paged_prefill_attention
@@ -18,9 +20,9 @@ def rel_err(out, ref):
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def prefill_case(paged_kv, q_lens, seq_lens, num_heads, num_kv_heads, head_dim, block, dtype, fp8=False,
+def prefill_case(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, block, dtype, fp8=False,
                  pad_rows=0):
-    case = paged_kv(seq_lens, num_kv_heads, head_dim, block, dtype, DEVICE, fp8=fp8)
+    case = PagedKV(seq_lens, num_kv_heads, head_dim, block, dtype, DEVICE, fp8=fp8)
     query = torch.randn(sum(q_lens) + pad_rows, num_heads, head_dim, device=DEVICE).to(dtype)
     query_start_loc = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     return case, query, query_start_loc
@@ -49,26 +51,26 @@ LENS = [([5, 16, 1], [5, 16, 1]), ([7, 1, 20, 0], [70, 33, 37, 9]), ([4, 3], [13
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(8, 2, 64, 16), (6, 2, 128, 32), (3, 3, 64, 16), (12, 4, 64, 64)], ids=str)
-def test_prefill_matches_reference(paged_kv, shape, dtype):
+def test_prefill_matches_reference(shape, dtype):
     torch.manual_seed(0)
     for q_lens, seq_lens in LENS if dtype == torch.float32 else LENS[1:2]:
-        case, query, qsl = prefill_case(paged_kv, q_lens, seq_lens, *shape, dtype, pad_rows=2)
+        case, query, qsl = prefill_case(q_lens, seq_lens, *shape, dtype, pad_rows=2)
         out = run(case, query, qsl, q_lens)
         assert out.shape == query.shape and out.dtype == dtype
         assert torch.equal(out[-2:], torch.zeros_like(out[-2:]))  # padding rows
         assert rel_err(out[:-2], reference(case, query, qsl)) < TOL[dtype]
 
 
-def test_prefill_fp8_cache_matches_dequantized_reference(paged_kv):
+def test_prefill_fp8_cache_matches_dequantized_reference():
     torch.manual_seed(1)
     q_lens, seq_lens = LENS[1]
-    case, query, qsl = prefill_case(paged_kv, q_lens, seq_lens, 8, 2, 64, 16, torch.float32, fp8=True)
+    case, query, qsl = prefill_case(q_lens, seq_lens, 8, 2, 64, 16, torch.float32, fp8=True)
     assert rel_err(run(case, query, qsl, q_lens), reference(case, query, qsl)) < 2e-3  # float16 dots
 
 
-def test_prefill_rejects_bad_input(paged_kv):
+def test_prefill_rejects_bad_input():
     q_lens, seq_lens = LENS[0]
-    case, query, qsl = prefill_case(paged_kv, q_lens, seq_lens, 4, 2, 64, 16, torch.float32)
+    case, query, qsl = prefill_case(q_lens, seq_lens, 4, 2, 64, 16, torch.float32)
     args = (query, case.key_cache, case.value_cache, case.block_tables)
     with pytest.raises(ValueError, match="query_start_loc"):
         paged_prefill_attention(*args, qsl[:-1], case.lens, 16, 16, 0.1)
@@ -84,7 +86,7 @@ def test_prefill_rejects_bad_input(paged_kv):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_gpu_prefill_sweep(paged_kv, fp8):
+def test_gpu_prefill_sweep(fp8):
     """Blocks 16/32/64/256, head dims 64/128, GQA 1/2/4/8, contexts 1-4096, with and without a cached
     prefix (q_len < seq_len), and padding rows past the last sequence."""
     rng = random.Random(7)
@@ -93,7 +95,7 @@ def test_gpu_prefill_sweep(paged_kv, fp8):
         kv_heads, group = rng.choice([1, 2, 4, 8]), rng.choice([1, 2, 4, 8])
         seq_lens = [rng.choice([rng.randint(1, 64), rng.randint(1, 4096)]) for _ in range(rng.randint(1, 5))]
         q_lens = [rng.choice([n, rng.randint(1, n), min(n, rng.randint(1, 8))]) for n in seq_lens]
-        case, query, qsl = prefill_case(paged_kv, q_lens, seq_lens, kv_heads * group, kv_heads,
+        case, query, qsl = prefill_case(q_lens, seq_lens, kv_heads * group, kv_heads,
                                         rng.choice([64, 128]), rng.choice([16, 32, 64, 256]), torch.bfloat16,
                                         fp8=fp8, pad_rows=3)
         out = run(case, query, qsl, q_lens)

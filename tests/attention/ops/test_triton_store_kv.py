@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton_cpu  # noqa: F401  (before the kernels: interpreter on CPU)
 
 from nanovllm.attention.ops.triton_store_kv import store_kv
 

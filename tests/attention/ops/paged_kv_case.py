@@ -1,9 +1,7 @@
-"""Paged K/V fixtures for the kernel tests (the Triton interpreter is set up in tests/conftest.py)."""
+"""Random paged K/V cases for the kernel tests."""
 from __future__ import annotations
 
 import torch
-
-import pytest
 
 from nanovllm.attention.ops.paged_attention_ref import dequantize
 
@@ -49,9 +47,3 @@ class PagedKV:
     def float_caches(self):
         """The caches as the float32 reference reads them (dequantized when FP8)."""
         return (dequantize(self.key_cache, self.k_scale).float(), dequantize(self.value_cache, self.v_scale).float())
-
-
-@pytest.fixture
-def paged_kv():
-    """Builder of :class:`PagedKV` cases."""
-    return PagedKV
