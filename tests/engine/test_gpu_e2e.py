@@ -31,7 +31,7 @@ VOCAB = 4096
 MAX_MODEL_LEN = 1024
 KV_TOKENS = 64 * 256  # per engine, so that several fit side by side
 # Every GPU backend runs the whole module: (attention_backend, kvcache_block_size).
-BACKENDS = [pytest.param(("flash_attn", 256), id="flash_attn-256")]
+BACKENDS = [pytest.param(("flash_attn", 256), id="flash_attn-256"), pytest.param(("triton", 16), id="triton-16")]
 
 # Untied embeddings: a tied random model tends to repeat one token forever, which tests little.
 COMMON = dict(vocab_size=VOCAB, num_hidden_layers=4, max_position_embeddings=MAX_MODEL_LEN, rms_norm_eps=1e-6,
@@ -150,7 +150,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def backend(request) -> tuple[str, int]:
-    pytest.importorskip(request.param[0])
+    if request.param[0] == "flash_attn":
+        pytest.importorskip("flash_attn")
     return request.param
 
 
