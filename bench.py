@@ -17,6 +17,8 @@ import random
 import time
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.attention.kv_cache import KV_CACHE_DTYPES
+from nanovllm.attention.selector import BACKENDS
 from nanovllm.config import PRESET_PREFIX
 
 
@@ -31,7 +33,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--block-size", type=int, default=None)
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "flash_attn", "torch"])
+    p.add_argument("--attention-backend", default="auto", choices=BACKENDS)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--device", default="auto")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
@@ -115,8 +118,9 @@ def main() -> None:
     start = time.perf_counter()
     llm = LLM(args.model, load_format="dummy" if args.model.startswith(PRESET_PREFIX) else "auto",
               max_model_len=args.max_model_len, kvcache_block_size=args.block_size,
-              attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
-              device=args.device, skip_tokenizer_init=args.workload != "repeat", seed=args.seed,
+              attention_backend=args.attention_backend, kv_cache_dtype=args.kv_cache_dtype,
+              enforce_eager=args.enforce_eager, device=args.device,
+              skip_tokenizer_init=args.workload != "repeat", seed=args.seed,
               speculative_config=speculative_config(args))
     startup = time.perf_counter() - start
     print(f"startup: {startup:.1f} s")
@@ -126,12 +130,15 @@ def main() -> None:
     best = max(runs, key=lambda r: r["throughput_tok_s"])
     stats = llm.stats()
     result = {**best, "startup_seconds": round(startup, 1), "runs": len(runs),
-              "kv_blocks_total": stats["kv_blocks_total"], "kv_blocks_peak_used": stats["kv_blocks_peak_used"]}
+              "kv_blocks_total": stats["kv_blocks_total"], "kv_blocks_peak_used": stats["kv_blocks_peak_used"],
+              "kv_blocks_used": stats["kv_blocks_used"], "kv_waste_fraction": round(stats["kv_waste_fraction"], 4)}
     print(f"output tokens: {best['output_tokens']}, time: {best['seconds']:.2f} s, "
           f"throughput: {best['throughput_tok_s']:.0f} tok/s")
     print(f"prefill: {best['prefill_tok_s']:.0f} tok/s in {best['prefill_seconds']:.2f} s, "
           f"decode: {best['decode_tok_s']:.0f} tok/s in {best['decode_seconds']:.2f} s")
-    print(f"KV blocks: {stats['kv_blocks_total']} total, {stats['kv_blocks_peak_used']} peak used")
+    print(f"KV blocks: {stats['kv_blocks_total']} total, {stats['kv_blocks_peak_used']} peak used, "
+          f"{stats['kv_blocks_used']} used now; KV waste (time-averaged empty share of allocated slots): "
+          f"{stats['kv_waste_fraction']:.2%}")
     if best["spec_proposed_tokens"]:
         print(f"speculation: {best['spec_accepted_tokens']} of {best['spec_proposed_tokens']} proposed tokens "
               f"accepted ({best['spec_accepted_tokens'] / best['spec_proposed_tokens']:.0%})")

@@ -12,6 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.attention.metadata import build_layout
 
 
 def main() -> None:
@@ -22,9 +23,9 @@ def main() -> None:
     args = p.parse_args()
     llm = LLM("preset:qwen3-0.6b", load_format="dummy", max_model_len=4096, enforce_eager=args.enforce_eager)
     rng = random.Random(0)
-    for _ in range(args.num_seqs):
+    for i in range(args.num_seqs):
         prompt = [rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))]
-        llm.add_request(prompt, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1000))
+        llm.add_request(str(i), prompt, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1000))
     while llm.scheduler.waiting or any(s.num_uncomputed_tokens > 1 for s in llm.scheduler.running):
         llm.step()
     for _ in range(10):
@@ -36,11 +37,12 @@ def main() -> None:
     torch.cuda.synchronize()
     print(f"decode step wall: {(time.perf_counter() - start) / args.steps * 1e3:.2f} ms "
           f"({args.num_seqs} seqs)")
-    # host-only cost of one step's bookkeeping, without the device
-    batch = llm.scheduler.schedule()
+    # host-only cost of one step's input arrays, without the device
+    runner, seqs = llm.model_runner, list(llm.scheduler.running)
     t0 = time.perf_counter()
-    llm.model_runner._decode_arrays(batch, len(batch.seqs))
-    llm.model_runner._block_table_array(batch, len(batch.seqs))
+    build_layout([1] * len(seqs), [s.num_tokens for s in seqs], [s.block_table for s in seqs], runner.block_size,
+                 num_rows=runner.graphs.bucket(len(seqs)) if runner.graphs else None,
+                 table_width=runner.graphs.table_width if runner.graphs else None)
     t1 = time.perf_counter()
     print(f"host input arrays: {(t1 - t0) * 1e3:.2f} ms")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

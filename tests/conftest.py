@@ -1,9 +1,17 @@
 """Shared fixtures: tiny random HF models saved to disk, and HF's greedy continuation."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
-import transformers
+
+if not torch.cuda.is_available():
+    # Triton kernels run in Triton's interpreter; @triton.jit (triton.language's own helpers included)
+    # reads this when it decorates, so it must be set before anything imports triton.language.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import transformers  # noqa: E402
 
 TINY = dict(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             max_position_embeddings=1024, rms_norm_eps=1e-6, initializer_range=0.08)
@@ -42,6 +50,12 @@ def tiny_model(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+def random_prompts(lengths: list[int], seed: int = 1, vocab: int = TINY["vocab_size"]) -> list[list[int]]:
+    """Random token-id prompts of the given lengths, reproducible from the seed."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (int(n),), generator=g).tolist() for n in lengths]
 
 
 def hf_greedy(model: transformers.PreTrainedModel, prompt: list[int], max_new_tokens: int) -> list[int]:

@@ -5,11 +5,13 @@ $NANOVLLM_CACHE (default ~/.cache/nanovllm); later runs reuse the converted dire
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.attention.metadata import build_layout
 from nanovllm.utils import model_source
 from nanovllm.utils.model_source import resolve_model
 
@@ -95,3 +97,70 @@ def test_ngram_speculation_is_greedy_exact(model_dir: str) -> None:
     stopped = spec.generate([text], stop, use_tqdm=False)[0].outputs[0]
     assert stopped.finish_reason == "stop" and stopped.stop_reason == "lazy"
     assert stopped.text == base.generate([text], stop, use_tqdm=False)[0].outputs[0].text
+
+
+# -- FP8 KV cache accuracy on the real model --------------------------------------------------------
+
+FP8_QUESTIONS = QUESTIONS + [
+    "List three uses of copper.",
+    "Translate 'good morning, how are you?' into French and German.",
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Why is the sky blue?",
+]
+
+
+def teacher_forced_logprobs(llm: LLM, token_ids: list[int]) -> torch.Tensor:
+    """log_softmax of the engine's logits at every position of one prefill over token_ids.
+
+    The prefill writes the K/V into the engine's cache (quantized when it is FP8) and reads them
+    back from there, as every later step would. It borrows the first blocks of an idle engine.
+    """
+    runner = llm.model_runner
+    bs = runner.block_size
+    layout = build_layout([len(token_ids)], [len(token_ids)], [list(range(-(-len(token_ids) // bs)))], bs)
+    ids, *tensors = runner.upload([np.asarray(token_ids, dtype=np.int64), *layout.arrays()])
+    with torch.inference_mode():
+        hidden = runner.model(ids, *layout.metadata(tensors))
+        return runner.model.compute_logits(hidden).float().log_softmax(-1).cpu()
+
+
+def fp8_agreement(model_dir: str, device: str, dtype: str, backend: str, max_tokens: int,
+                  questions: list[str]) -> tuple[float, float, int]:
+    """Greedy completions with the model-dtype cache, then both caches teacher-forced on them:
+    (top-1 agreement of the FP8 cache with the reference, mean |Δ logprob| of the chosen token, positions)."""
+    args = dict(device=device, dtype=dtype, attention_backend=backend, enable_prefix_caching=False)
+    ref = LLM(model_dir, **args)
+    texts = [ref.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                               tokenize=False) for q in questions]
+    outputs = ref.generate(texts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                           use_tqdm=False)
+    fp8 = LLM(model_dir, kv_cache_dtype="fp8", **args)
+    agree = total = 0
+    gaps = []
+    for out in outputs:
+        tokens = out.prompt_token_ids + out.outputs[0].token_ids
+        n = len(out.prompt_token_ids)
+        a = teacher_forced_logprobs(ref, tokens)[n - 1 : -1]
+        b = teacher_forced_logprobs(fp8, tokens)[n - 1 : -1]
+        chosen = torch.tensor(out.outputs[0].token_ids)
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += len(chosen)
+        gaps.append((a.gather(1, chosen[:, None]) - b.gather(1, chosen[:, None])).abs().squeeze(1))
+    return agree / total, float(torch.cat(gaps).mean()), total
+
+
+def test_fp8_kv_cache_accuracy_cpu(model_dir: str) -> None:
+    """FP8 cache vs float32 through the torch reference: the same numerics as on the GPU."""
+    top1, gap, positions = fp8_agreement(model_dir, "cpu", "float32", "torch", 40, FP8_QUESTIONS)
+    print(f"fp8 vs fp32 KV on CPU: top-1 agreement {top1:.4f}, mean |Δ logprob| {gap:.4f} over {positions}")
+    assert positions >= 300 and top1 >= 0.97 and gap <= 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp8_kv_cache_accuracy_gpu(model_dir: str) -> None:
+    """Triton FP8 vs Triton bf16 caches, >= 2,000 positions (32 chat prompts x 96 tokens)."""
+    questions = [f"{q} (variant {i})" for i in range(4) for q in FP8_QUESTIONS]
+    top1, gap, positions = fp8_agreement(model_dir, "cuda", "bfloat16", "triton", 96, questions)
+    print(f"fp8 vs bf16 KV on GPU: top-1 agreement {top1:.4f}, mean |Δ logprob| {gap:.4f} over {positions}")
+    assert positions >= 2000 and top1 >= 0.97 and gap <= 0.05

@@ -22,6 +22,12 @@ class AttentionBackend(ABC):
     supports_cuda_graphs: bool  # its calls can be captured (no host syncs, fixed shapes)
     kv_cache_dtypes: tuple[str, ...] = ("auto",)  # the Config.kv_cache_dtype values it reads
 
+    def check_block_size(self, block_size: int) -> None:
+        """ValueError unless the backend's kernels take this block size."""
+        if block_size % self.block_size_multiple:
+            raise ValueError(f"kvcache_block_size={block_size} must be a multiple of {self.block_size_multiple} "
+                             f"with the {self.name} attention backend")
+
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
                        head_dim: int) -> tuple[int, ...]:
         """One layer's key (or value) cache; the block dimension comes first."""

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import torch
 
 # Config.kv_cache_dtype -> the cache's element type ("auto": the model's dtype)
-KV_CACHE_DTYPES = {"auto": None}
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
 def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -36,6 +37,11 @@ class KVCache:
     @property
     def num_bytes(self) -> int:
         return self.data.numel() * self.data.element_size()
+
+    def set_scales(self, k_scales: torch.Tensor, v_scales: torch.Tensor) -> None:
+        """Per-layer, per-KV-head dequantization scales, [num_layers, num_kv_heads] float32."""
+        for layer, k, v in zip(self.layers, k_scales, v_scales):
+            layer.k_scale, layer.v_scale = k.contiguous(), v.contiguous()
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy-on-write: block src[i] -> dst[i] in every layer, keys and values."""

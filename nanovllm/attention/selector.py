@@ -11,7 +11,8 @@ from nanovllm.attention.backends.torch_ref import TorchRefBackend
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "flash_attn", "torch")
+BACKENDS = ("auto", "flash_attn", "triton", "torch")
+INSTALL_HINT = "install the fast path with `pip install 'nanovllm[gpu]'`"
 
 
 def _flash_attn() -> AttentionBackend:
@@ -19,36 +20,50 @@ def _flash_attn() -> AttentionBackend:
     return FlashAttnBackend()
 
 
+def _triton() -> AttentionBackend:
+    from nanovllm.attention.backends.triton import TritonBackend
+    return TritonBackend()
+
+
 def select_backend(name: str, device: torch.device, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> AttentionBackend:
-    """"auto": flash-attn on CUDA with a half dtype, else the torch reference.
+    """"auto": on CUDA with a half dtype flash-attn (Triton for an FP8 cache), else the torch reference.
 
     An explicitly named backend that cannot run here is a ValueError. On CUDA, "auto"
     falling back to the torch reference (flash-attn missing) warns once, loudly.
     """
     if name not in BACKENDS:
         raise ValueError(f"attention_backend must be one of {BACKENDS}, got {name!r}")
-    half = dtype in (torch.float16, torch.bfloat16)
-    if name == "flash_attn":
-        if device.type != "cuda" or not half:
-            raise ValueError(f"attention_backend='flash_attn' needs a CUDA device and float16/bfloat16, "
-                             f"got {device} and {dtype}")
-        try:
-            backend = _flash_attn()
-        except ImportError as e:
-            raise ValueError(f"attention_backend='flash_attn' but flash-attn does not import ({e}); "
-                             "install it with `pip install 'nanovllm[gpu]'`") from e
-    elif name == "auto" and device.type == "cuda" and half:
-        try:
-            backend = _flash_attn()
-        except ImportError as e:
-            warnings.warn(f"flash-attn does not import ({e}): attention runs on the torch reference backend, "
-                          "eagerly and without CUDA graphs, several times slower. Install the fast path with "
-                          "`pip install 'nanovllm[gpu]'`.", RuntimeWarning, stacklevel=2)
-            backend = TorchRefBackend()
-    else:
-        backend = TorchRefBackend()
+    cuda, half = device.type == "cuda", dtype in (torch.float16, torch.bfloat16)
+    if kv_cache_dtype == "fp8" and cuda and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError(f"kv_cache_dtype='fp8' needs a GPU with FP8 support (compute capability 8.9+, "
+                         f"Ada or Hopper); this one is {torch.cuda.get_device_capability(device)}: "
+                         "use kv_cache_dtype='auto'")
+    if name == "auto":
+        name = ("triton" if kv_cache_dtype == "fp8" else "flash_attn") if cuda and half else "torch"
+        if name == "flash_attn":
+            try:
+                return _announce(_flash_attn())
+            except ImportError as e:
+                warnings.warn(f"flash-attn does not import ({e}): attention runs on the torch reference "
+                              f"backend, eagerly and without CUDA graphs, several times slower; {INSTALL_HINT}.",
+                              RuntimeWarning, stacklevel=2)
+                name = "torch"
+    if name in ("flash_attn", "triton") and (not cuda or not half):
+        raise ValueError(f"attention_backend={name!r} needs a CUDA device and float16/bfloat16, "
+                         f"got {device} and {dtype}")
+    if name == "flash_attn" and kv_cache_dtype != "auto":
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported by flash-attn 2: "
+                         "use attention_backend='triton' (or 'auto')")
+    try:
+        backend = {"flash_attn": _flash_attn, "triton": _triton, "torch": TorchRefBackend}[name]()
+    except ImportError as e:
+        raise ValueError(f"attention_backend={name!r} does not import ({e}); {INSTALL_HINT}") from e
     if kv_cache_dtype not in backend.kv_cache_dtypes:
         raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported by the {backend.name} backend "
                          f"(it supports {backend.kv_cache_dtypes})")
+    return _announce(backend)
+
+
+def _announce(backend: AttentionBackend) -> AttentionBackend:
     logger.info("attention backend: %s", backend.name)
     return backend

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 from nanovllm.config import PRESET_PREFIX, Config
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
+from nanovllm.engine.kv_calibration import calibration_token_ids
 from nanovllm.engine.model_runner import ModelRunner, PendingSample, SampledTokens
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence
@@ -76,7 +77,10 @@ class LLMEngine:
         self.tokenizer = self._load_tokenizer()
         self.config.eos_token_ids = self._eos_token_ids()
         proposer = make_proposer(self.config)  # before the target sizes its KV cache from what is left
-        self.model_runner = ModelRunner(self.config)
+        calibration = None
+        if self.config.kv_cache_dtype == "fp8":
+            calibration = calibration_token_ids(self.tokenizer, self.config.hf_config.vocab_size, self.config.seed)
+        self.model_runner = ModelRunner(self.config, calibration)
         self.block_manager = BlockManager(
             self.model_runner.num_blocks, self.model_runner.block_size, self.config.enable_prefix_caching
         )
@@ -194,7 +198,8 @@ class LLMEngine:
     # -- stepping -------------------------------------------------------------
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests) or self._in_flight is not None
+        """Whether `step()` has more to do or to hand out."""
+        return bool(self.requests or self._unclaimed) or self._in_flight is not None
 
     def step(self) -> list[RequestOutput]:
         """Launch the next forward, then read back the previous one; return each request's news.

@@ -12,6 +12,7 @@ from nanovllm.attention.metadata import build_layout
 from nanovllm.attention.selector import select_backend
 from nanovllm.config import Config
 from nanovllm.engine.cuda_graph import DecodeGraphs
+from nanovllm.engine.kv_calibration import calibration_token_ids, scales_from_amax
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import PLACEHOLDER, Sequence
 from nanovllm.engine.uploader import Uploader
@@ -61,7 +62,7 @@ class PendingSample:
 class ModelRunner:
     """Owns the model, the KV cache and the sampler on one device."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, calibration_ids: list[int] | None = None):
         self.config = config
         self.hf_config = config.hf_config
         self.device = torch.device(config.device)
@@ -73,9 +74,10 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for attn in self.attention_layers:
             attn.backend = self.backend
-        self.kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
         self.sampler = Sampler(self.generator)
         self.upload = Uploader(self.device)
+        self.kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
+        self.kv_scales = self._calibrate_kv_scales(calibration_ids) if config.kv_cache_dtype == "fp8" else None
         # the last launched step's sampled tokens, still on the device, and each sequence's row in them
         self.prev_tokens = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.prev_rows: dict[int, int] = {}
@@ -84,11 +86,8 @@ class ModelRunner:
         self.graphs = self._capture_graphs()
 
     def _block_size(self) -> int:
-        multiple = self.backend.block_size_multiple
         size = self.config.kvcache_block_size or self.backend.default_block_size
-        if size % multiple:
-            raise ValueError(f"kvcache_block_size={size} must be a multiple of {multiple} with the "
-                             f"{self.backend.name} attention backend")
+        self.backend.check_block_size(size)
         return size
 
     def _build_model(self) -> torch.nn.Module:
@@ -147,8 +146,7 @@ class ModelRunner:
         blocks = [-(-n // bs) for n in lens]
         first = np.cumsum([0] + blocks)
         tables = [list(range(first[i], first[i] + n)) for i, n in enumerate(blocks)]
-        scratch = KVCache(len(self.attention_layers), self._layer_shape(sum(blocks)), self.kv_dtype, self.device)
-        self._bind_cache(scratch)
+        scratch = self._new_kv_cache(sum(blocks))
         layout = build_layout(lens, lens, tables, bs)
         ids, *meta_tensors = self.upload([np.random.randint(0, self.hf_config.vocab_size, num_tokens),
                                           *layout.arrays()])
@@ -160,16 +158,52 @@ class ModelRunner:
         del scratch
         torch.cuda.synchronize(self.device)
 
+    def _new_kv_cache(self, num_blocks: int, dtype: torch.dtype | None = None) -> KVCache:
+        """A cache of num_blocks bound to every attention layer (FP8 with its scales)."""
+        kv_cache = KVCache(len(self.attention_layers), self._layer_shape(num_blocks), dtype or self.kv_dtype,
+                           self.device)
+        if kv_cache.data.dtype == torch.float8_e4m3fn:
+            kv_cache.set_scales(*self.kv_scales)
+        for attn, layer_cache in zip(self.attention_layers, kv_cache.layers):
+            attn.kv_cache = layer_cache
+        return kv_cache
+
+    @torch.inference_mode()
+    def _calibrate_kv_scales(self, token_ids: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """FP8: per-layer, per-KV-head scales from one forward over calibration tokens (see kv_calibration)."""
+        if token_ids is None:
+            token_ids = calibration_token_ids(None, self.hf_config.vocab_size, self.config.seed)
+        token_ids = token_ids[: min(len(token_ids), self.config.max_model_len, self.config.max_num_batched_tokens)]
+        n, bs = len(token_ids), self.block_size
+        scratch = self._new_kv_cache(-(-n // bs), dtype=self.dtype)
+        amax = torch.zeros(2, len(self.attention_layers), self.attention_layers[0].num_kv_heads, device=self.device)
+
+        def record(layer: int):
+            def hook(module, args):
+                _, k, v, _ = args
+                amax[0, layer] = torch.maximum(amax[0, layer], k.abs().amax(dim=(0, 2)).float())
+                amax[1, layer] = torch.maximum(amax[1, layer], v.abs().amax(dim=(0, 2)).float())
+            return hook
+
+        handles = [attn.register_forward_pre_hook(record(i)) for i, attn in enumerate(self.attention_layers)]
+        try:
+            layout = build_layout([n], [n], [list(range(-(-n // bs)))], bs)
+            ids, *meta_tensors = self.upload([np.asarray(token_ids, dtype=np.int64), *layout.arrays()])
+            self.model(ids, *layout.metadata(meta_tensors))
+        finally:
+            for handle in handles:
+                handle.remove()
+        del scratch
+        k_scales, v_scales = scales_from_amax(amax[0]), scales_from_amax(amax[1])
+        logger.info("FP8 KV scales from %d calibration tokens: key %.3g..%.3g, value %.3g..%.3g", n,
+                    k_scales.min(), k_scales.max(), v_scales.min(), v_scales.max())
+        return k_scales, v_scales
+
     def _allocate_kv_cache(self) -> KVCache:
-        kv_cache = KVCache(len(self.attention_layers), self._layer_shape(self.num_blocks), self.kv_dtype, self.device)
-        self._bind_cache(kv_cache)
+        kv_cache = self._new_kv_cache(self.num_blocks)
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s)", self.num_blocks, self.block_size,
                     self.num_blocks * self.block_size, kv_cache.num_bytes / 2**30, self.kv_dtype)
         return kv_cache
-
-    def _bind_cache(self, kv_cache: KVCache) -> None:
-        for attn, layer_cache in zip(self.attention_layers, kv_cache.layers):
-            attn.kv_cache = layer_cache
 
     def _capture_graphs(self) -> DecodeGraphs | None:
         if self.device.type != "cuda" or self.config.enforce_eager or not self.backend.supports_cuda_graphs:

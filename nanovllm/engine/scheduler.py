@@ -115,11 +115,21 @@ class Scheduler:
         return batch
 
     def _record_kv_usage(self) -> None:
+        """Count each used block's filled slots once, however many sequences share it.
+
+        A block that some holder has not filled is in that holder's tail: from the block of
+        its last computed token on. Every used block outside all tails is full.
+        """
         bs = self.block_manager.block_size
-        empty = sum(len(seq.block_table) * bs - seq.num_computed_tokens for seq in self.running)
-        allocated = self.block_manager.num_used_blocks * bs
-        self.kv_usage.slots_allocated += allocated
-        self.kv_usage.slots_filled += max(allocated - empty, 0)
+        tails: dict[int, int] = {}  # block id -> the most slots any holder has filled
+        for seq in self.running:
+            computed = seq.num_computed_tokens
+            for i in range(max(computed - 1, 0) // bs, len(seq.block_table)):
+                filled = min(max(computed - i * bs, 0), bs)
+                tails[seq.block_table[i]] = max(tails.get(seq.block_table[i], 0), filled)
+        used = self.block_manager.num_used_blocks
+        self.kv_usage.slots_allocated += used * bs
+        self.kv_usage.slots_filled += (used - len(tails)) * bs + sum(tails.values())
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
         seqs, counts, budget = [], [], self.max_num_batched_tokens

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hf_greedy
+from conftest import hf_greedy, random_prompts
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.beam_search_params import BeamSearchParams
@@ -11,10 +11,6 @@ from nanovllm.outputs import BeamSearchOutput
 
 MAX = 10
 
-
-def random_prompts(lengths: list[int], seed: int, vocab: int = 384) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 def hf_beams(hf_model, prompt: list[int], params: BeamSearchParams, eos: list[int]) -> tuple[list, list]:

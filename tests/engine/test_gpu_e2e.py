@@ -20,6 +20,8 @@ import pytest
 import torch
 import transformers
 
+from conftest import random_prompts
+
 from nanovllm import LLM, SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -27,7 +29,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 DEVICE = "cuda"
 VOCAB = 4096
 MAX_MODEL_LEN = 1024
-BLOCK = 256  # flash-attn's paged kernels need multiples of 256; the torch backend takes it too
+KV_TOKENS = 64 * 256  # per engine, so that several fit side by side
+# Every GPU backend runs the whole module: (attention_backend, kvcache_block_size).
+BACKENDS = [pytest.param(("flash_attn", 256), id="flash_attn-256"), pytest.param(("triton", 16), id="triton-16")]
 
 # Untied embeddings: a tied random model tends to repeat one token forever, which tests little.
 COMMON = dict(vocab_size=VOCAB, num_hidden_layers=4, max_position_embeddings=MAX_MODEL_LEN, rms_norm_eps=1e-6,
@@ -54,10 +58,12 @@ ENGINE_LOGPROB_DIFF = (0.05, 0.4)
 NUM_LOGPROBS = 5
 
 
-def engine_args(**overrides: object) -> dict:
-    """Small explicit KV caches (64 blocks of 256 tokens) so that several engines fit side by side."""
+def engine_args(backend: tuple[str, int], **overrides: object) -> dict:
+    """Small explicit KV caches (KV_TOKENS) so that several engines fit side by side."""
+    name, block = backend
     args = dict(skip_tokenizer_init=True, dtype="bfloat16", device=DEVICE, max_model_len=MAX_MODEL_LEN,
-                max_num_seqs=32, kvcache_block_size=BLOCK, num_kvcache_blocks=64)
+                max_num_seqs=32, attention_backend=name, kvcache_block_size=block,
+                num_kvcache_blocks=KV_TOKENS // block)
     args.update(overrides)
     return args
 
@@ -66,11 +72,6 @@ def free_cuda() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def random_prompts(lengths: list[int], seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (int(n),), generator=g).tolist() for n in lengths]
 
 
 def generate(engine: LLM, prompts: list[list[int]], max_tokens: int):
@@ -147,24 +148,26 @@ def model_dir(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request) -> tuple[str, int]:
+    if request.param[0] == "flash_attn":
+        pytest.importorskip("flash_attn")
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def llm(model_dir):
-    """name -> the model's default engine (auto backend: flash-attn and CUDA graphs), one per module."""
+def llm(model_dir, backend):
+    """name -> the model's engine on this backend (with CUDA graphs), one per module and backend."""
     engines: dict[str, LLM] = {}
 
     def get(name: str) -> LLM:
         if name not in engines:
-            engines[name] = LLM(model_dir(name), **engine_args())
+            engines[name] = LLM(model_dir(name), **engine_args(backend))
         return engines[name]
 
     yield get
     engines.clear()
     free_cuda()
-
-
-@pytest.fixture
-def flash():
-    pytest.importorskip("flash_attn")
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +178,8 @@ def hf_reference(model_dir, llm):
 
     def get(name: str) -> tuple:
         if name not in cache:
-            prompts = random_prompts([20, 37, 64, 100, 150, 211, 256, 300], seed={"qwen3": 10, "llama": 11}[name])
+            prompts = random_prompts([20, 37, 64, 100, 150, 211, 256, 300], seed={"qwen3": 10, "llama": 11}[name],
+                                     vocab=VOCAB)
             completions = generate(llm(name), prompts, 32)
             hf = getattr(transformers, MODELS[name][1]).from_pretrained(
                 model_dir(name), dtype=torch.bfloat16, attn_implementation="eager").to(DEVICE).eval()
@@ -242,46 +246,48 @@ def test_greedy_continuation_matches_hf_generate(hf_reference, name):
 # -- engine paths against each other ---------------------------------------------------------------
 
 
-def test_cuda_graphs_match_eager(flash, model_dir, llm):
+def test_cuda_graphs_match_eager(model_dir, llm, backend):
     graphed = llm("qwen3")
     graphs = graphed.model_runner.graphs
-    assert graphs is not None and type(graphed.model_runner.backend).__name__ == "FlashAttnBackend"
-    eager = LLM(model_dir("qwen3"), **engine_args(enforce_eager=True))
+    assert graphs is not None and graphed.model_runner.backend.name == backend[0]
+    eager = LLM(model_dir("qwen3"), **engine_args(backend, enforce_eager=True))
     assert eager.model_runner.graphs is None
     g = torch.Generator().manual_seed(20)
     for num_seqs in (3, 20):
         assert graphs.bucket(num_seqs) > num_seqs  # graph batches padded with rows that write nowhere
-        prompts = random_prompts(torch.randint(10, 300, (num_seqs,), generator=g).tolist(), seed=20 + num_seqs)
+        prompts = random_prompts(torch.randint(10, 300, (num_seqs,), generator=g).tolist(), seed=20 + num_seqs,
+                                 vocab=VOCAB)
         compare_runs(generate(eager, prompts, 32), generate(graphed, prompts, 32),
                      f"CUDA graphs vs eager, {num_seqs} sequences")
     del eager
     free_cuda()
 
 
-def test_flash_attn_matches_torch_backend(flash, model_dir, llm):
+def test_backend_matches_torch_backend(model_dir, llm, backend):
     fast = llm("qwen3")
-    assert type(fast.model_runner.backend).__name__ == "FlashAttnBackend"
-    reference = LLM(model_dir("qwen3"), **engine_args(attention_backend="torch"))
-    assert type(reference.model_runner.backend).__name__ == "TorchBackend"
-    prompts = random_prompts([1, 30, 255, 256, 257, 400, 600, 900], seed=30)  # contexts across block edges
-    compare_runs(generate(reference, prompts, 32), generate(fast, prompts, 32), "flash-attn vs torch backend",
+    assert fast.model_runner.backend.name == backend[0]
+    reference = LLM(model_dir("qwen3"), **engine_args(backend, attention_backend="torch"))
+    assert reference.model_runner.backend.name == "torch"
+    prompts = random_prompts([1, 30, 255, 256, 257, 400, 600, 900], seed=30, vocab=VOCAB)  # across block edges
+    compare_runs(generate(reference, prompts, 32), generate(fast, prompts, 32), f"{backend[0]} vs torch backend",
                  BACKEND_LOGPROB_DIFF)
     del reference
     free_cuda()
 
 
-def test_prefix_caching_matches_no_caching(model_dir, llm):
-    """A 600-token shared prefix: later prompts hit its 2 full blocks and prefill only their tails."""
+def test_prefix_caching_matches_no_caching(model_dir, llm, backend):
+    """A 600-token shared prefix: later prompts hit its full blocks and prefill only their tails."""
+    block = backend[1]
     cached = llm("qwen3")
-    prefix = random_prompts([600], seed=40)[0]
-    prompts = [prefix + tail for tail in random_prompts([7, 40, 150], seed=41)]
+    prefix = random_prompts([600], seed=40, vocab=VOCAB)[0]
+    prompts = [prefix + tail for tail in random_prompts([7, 40, 150], seed=41, vocab=VOCAB)]
     hits = cached.stats()["prefix_hit_tokens"]
     first = generate(cached, prompts[:1], 16)
     assert cached.stats()["prefix_hit_tokens"] == hits
     later = generate(cached, prompts[1:] + prompts[:1], 16)  # the first prompt again: a hit on its own blocks
-    assert cached.stats()["prefix_hit_tokens"] - hits == 3 * 2 * BLOCK
+    assert cached.stats()["prefix_hit_tokens"] - hits == 3 * (600 // block) * block
 
-    plain = LLM(model_dir("qwen3"), **engine_args(enable_prefix_caching=False))
+    plain = LLM(model_dir("qwen3"), **engine_args(backend, enable_prefix_caching=False))
     reference = generate(plain, prompts + prompts[:1], 16)
     assert plain.stats()["prefix_hit_tokens"] == 0
     compare_runs(reference, first + later, "prefix caching vs none")
@@ -289,11 +295,11 @@ def test_prefix_caching_matches_no_caching(model_dir, llm):
     free_cuda()
 
 
-def test_preemption_matches_big_cache(model_dir, llm):
-    """6 prompts of one block each, all admitted into 7 blocks; past 256 tokens each needs a second
-    block, so the latest arrivals are preempted and later recomputed."""
-    prompts = random_prompts([230, 240, 245, 250, 235, 248], seed=50)
-    small = LLM(model_dir("qwen3"), **engine_args(num_kvcache_blocks=7))
+def test_preemption_matches_big_cache(model_dir, llm, backend):
+    """6 prompts of ~240 tokens, all admitted into a cache of 7 * 256 tokens; past 256 tokens they
+    need more than it holds, so the latest arrivals are preempted and later recomputed."""
+    prompts = random_prompts([230, 240, 245, 250, 235, 248], seed=50, vocab=VOCAB)
+    small = LLM(model_dir("qwen3"), **engine_args(backend, num_kvcache_blocks=7 * 256 // backend[1]))
     out = generate(small, prompts, 48)
     assert small.stats()["num_preemptions"] > 0
     del small
@@ -301,10 +307,10 @@ def test_preemption_matches_big_cache(model_dir, llm):
     compare_runs(generate(llm("qwen3"), prompts, 48), out, "preempted vs big cache")
 
 
-def test_chunked_prefill_matches_one_shot(model_dir, llm):
+def test_chunked_prefill_matches_one_shot(model_dir, llm, backend):
     """A 200-token budget splits prompts into chunks that do not end on block edges."""
-    prompts = random_prompts([700, 333, 90, 257], seed=60)
-    chunked = LLM(model_dir("qwen3"), **engine_args(max_num_batched_tokens=200))
+    prompts = random_prompts([700, 333, 90, 257], seed=60, vocab=VOCAB)
+    chunked = LLM(model_dir("qwen3"), **engine_args(backend, max_num_batched_tokens=200))
     out = generate(chunked, prompts, 16)
     assert chunked.stats()["prefill_tokens"] >= sum(map(len, prompts))
     del chunked
@@ -312,6 +318,7 @@ def test_chunked_prefill_matches_one_shot(model_dir, llm):
     compare_runs(generate(llm("qwen3"), prompts, 16), out, "chunked vs one-shot prefill")
 
 
-def test_flash_attn_rejects_blocks_not_multiple_of_256(flash, model_dir):
+def test_flash_attn_rejects_blocks_not_multiple_of_256(model_dir):
+    pytest.importorskip("flash_attn")
     with pytest.raises(ValueError, match="256"):
-        LLM(model_dir("qwen3"), **engine_args(attention_backend="flash_attn", kvcache_block_size=16))
+        LLM(model_dir("qwen3"), **engine_args(("flash_attn", 16)))

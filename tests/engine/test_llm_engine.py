@@ -1,18 +1,16 @@
 """End to end on CPU: nanovllm's greedy tokens equal HF transformers', float32."""
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 import torch
-from conftest import TINY_MODELS, hf_greedy
+from conftest import TINY_MODELS, hf_greedy, random_prompts
 
-from nanovllm import LLM, SamplingParams
+from nanovllm import LLM, BeamSearchParams, RequestOutput, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 
-
-def random_prompts(lengths: list[int], seed: int = 1, vocab: int = 384) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 def check_against_hf(hf_model, llm: LLM, prompts: list[list[int]], params: SamplingParams = GREEDY) -> None:
@@ -144,3 +142,140 @@ def test_bad_model_paths(tmp_path, tiny_model):
         LLM(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="config.json"):
         LLM(str(tmp_path))
+
+
+# -- the engine core: request ids, abort, deltas -------------------------------------------------
+
+
+def drain(llm: LLM) -> dict[str, RequestOutput]:
+    """Step until idle, merging each request's deltas; checks a finished request sends nothing after."""
+    merged: dict[str, RequestOutput] = {}
+    while llm.has_unfinished_requests():
+        for out in llm.step():
+            assert not (out.request_id in merged and merged[out.request_id].finished), "output after finish"
+            if out.request_id in merged:
+                merged[out.request_id].add(out)
+            else:
+                merged[out.request_id] = out
+    return merged
+
+
+def test_step_deltas_join_to_generate(tiny_model):
+    path, hf_model = tiny_model("qwen3")
+    llm = LLM(path, skip_tokenizer_init=True, device="cpu")
+    prompts = random_prompts([5, 30], seed=70)
+    llm.add_request("a", prompts[0], GREEDY)
+    llm.add_request("b", prompts[1], SamplingParams(temperature=0, max_tokens=9, ignore_eos=True, logprobs=2, n=2))
+    seen = []
+    merged: dict[str, RequestOutput] = {}
+    while llm.has_unfinished_requests():
+        for out in llm.step():
+            for c in out.outputs:
+                assert c.token_ids, "a delta carries new tokens"
+                assert (c.finish_reason is not None) == (out.finished or c.finish_reason is not None)
+            seen.append(out.request_id)
+            merged.setdefault(out.request_id, RequestOutput(out.request_id, out.prompt, out.prompt_token_ids))
+            merged[out.request_id].add(out)
+    assert seen.count("a") == GREEDY.max_tokens  # one new token per step
+    a, b = merged["a"].outputs[0], merged["b"]
+    assert a.token_ids == hf_greedy(hf_model, prompts[0], GREEDY.max_tokens) and a.finish_reason == "length"
+    assert sorted(c.index for c in b.outputs) == [0, 1] and b.finished
+    for c in b.outputs:  # greedy n=2: both children equal HF, with one logprob entry per token
+        assert c.token_ids == hf_greedy(hf_model, prompts[1], 9) and len(c.logprobs) == 9
+    assert llm.stats()["kv_blocks_used"] == 0 and not llm.requests
+
+
+def test_request_ids_are_the_callers(tiny_model):
+    path, _ = tiny_model("qwen3")
+    llm = LLM(path, skip_tokenizer_init=True, device="cpu")
+    llm.add_request("x", [1, 2, 3], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="'x' is already in use"):
+        llm.add_request("x", [4, 5], SamplingParams(max_tokens=2))
+    with pytest.raises(TypeError, match="request_id"):
+        llm.add_request(7, [4, 5])
+    assert list(drain(llm)) == ["x"]
+    llm.add_request("x", [1, 2, 3], SamplingParams(max_tokens=2))  # free again once finished
+    assert list(drain(llm)) == ["x"]
+
+
+def test_abort_frees_blocks_at_once_and_others_run_on(tiny_model):
+    path, hf_model = tiny_model("llama")
+    llm = LLM(path, skip_tokenizer_init=True, device="cpu", kvcache_block_size=8)
+    prompts = random_prompts([40, 12], seed=71)
+    llm.add_request("doomed", prompts[0], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    llm.add_request("kept", prompts[1], GREEDY)
+    for _ in range(3):
+        llm.step()
+    used = llm.stats()["kv_blocks_used"]
+    llm.abort_request("doomed")
+    llm.abort_request("never-existed")  # unknown ids are ignored
+    assert llm.stats()["kv_blocks_used"] <= used - 40 // 8
+    outputs = drain(llm)
+    assert "doomed" not in outputs
+    assert outputs["kept"].outputs[0].token_ids[-GREEDY.max_tokens + 3:] == \
+        hf_greedy(hf_model, prompts[1], GREEDY.max_tokens)[3:]
+    assert llm.stats()["kv_blocks_used"] == 0
+
+
+def test_generate_returns_exactly_its_own_requests(tiny_model):
+    """A request queued by add_request does not end generate early; its output stays for step()."""
+    path, hf_model = tiny_model("qwen3")
+    llm = LLM(path, skip_tokenizer_init=True, device="cpu")
+    early, mine = random_prompts([6], seed=72)[0], random_prompts([25, 9], seed=73)
+    llm.add_request("early", early, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    outputs = llm.generate(mine, GREEDY, use_tqdm=False)
+    assert [o.prompt_token_ids for o in outputs] == mine
+    assert [o.outputs[0].token_ids for o in outputs] == [hf_greedy(hf_model, p, GREEDY.max_tokens) for p in mine]
+    rest = drain(llm)
+    assert rest["early"].outputs[0].token_ids == hf_greedy(hf_model, early, 2) and rest["early"].finished
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_interrupted_generate_cleans_up(tiny_model, monkeypatch, error):
+    path, hf_model = tiny_model("qwen3")
+    llm = LLM(path, skip_tokenizer_init=True, device="cpu")
+    prompts = random_prompts([12, 30, 7], seed=74)
+    launch, calls = llm.model_runner.launch, []
+
+    def failing(batch):
+        calls.append(1)
+        if len(calls) == 4:
+            raise error
+        return launch(batch)
+
+    monkeypatch.setattr(llm.model_runner, "launch", failing)
+    with pytest.raises(type(error)):
+        llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert not llm.requests and not llm.scheduler.has_work() and llm.stats()["kv_blocks_used"] == 0
+    monkeypatch.setattr(llm.model_runner, "launch", launch)
+    for _ in range(2):  # every later call returns exactly its own, correct outputs
+        outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == [hf_greedy(hf_model, p, GREEDY.max_tokens) for p in prompts]
+    assert llm.beam_search([prompts[0]], BeamSearchParams(2, 4), use_tqdm=False)  # not "needs an idle engine"
+
+
+def test_params_are_checked_when_added(tiny_model):
+    path, _ = tiny_model("qwen3")
+    llm = LLM(path, skip_tokenizer_init=True, device="cpu", max_num_seqs=4)
+    params = SamplingParams()
+    params.max_tokens = 0  # changed after construction
+    with pytest.raises(ValueError, match="max_tokens"):
+        llm.generate([[1, 2]], params, use_tqdm=False)
+    with pytest.raises(ValueError, match="logprobs=21 is over max_logprobs=20"):
+        llm.generate([[1, 2]], SamplingParams(logprobs=21), use_tqdm=False)
+    with pytest.raises(ValueError, match="beam_width=5 is over max_num_seqs=4"):
+        llm.beam_search([[1, 2]], BeamSearchParams(5, 4), use_tqdm=False)
+    assert not llm.requests and llm.stats()["kv_blocks_used"] == 0
+    wide = LLM(path, skip_tokenizer_init=True, device="cpu", max_logprobs=30)
+    out = wide.generate([[1, 2]], SamplingParams(max_tokens=1, logprobs=25), use_tqdm=False)[0].outputs[0]
+    assert len(out.logprobs[0]) >= 25
+
+
+def test_model_path_may_be_a_pathlike(tiny_model):
+    path, hf_model = tiny_model("qwen2")
+    llm = LLM(pathlib.Path(path), skip_tokenizer_init=True, device="cpu")
+    prompt = random_prompts([8], seed=75)[0]
+    assert llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == \
+        hf_greedy(hf_model, prompt, GREEDY.max_tokens)
+    with pytest.raises(TypeError, match="int"):
+        LLM(3, device="cpu")

@@ -6,14 +6,10 @@ import math
 
 import pytest
 import torch
-from conftest import hf_greedy
+from conftest import hf_greedy, random_prompts
 
 from nanovllm import LLM, SamplingParams
 
-
-def random_prompts(lengths: list[int], seed: int, vocab: int = 384) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 @pytest.fixture(scope="module")

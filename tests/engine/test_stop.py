@@ -186,3 +186,28 @@ def test_incremental_detokenizer_unit(llm):
     detok = IncrementalDetokenizer(tokenizer, ["lo wor"], include_stop_str_in_output=True)
     assert [detok.add_and_check(t, may_stop=i > k) for i, t in enumerate(ids)] == [None] * len(ids)
     assert detok.text == tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_streamed_text_joins_to_final_text(llm, greedy, include):
+    """Deltas from step(): text that may start a stop string is held back, so the stream never
+    shows characters past the cut, and the joined deltas equal generate's text."""
+    tokens, texts = greedy
+    stop = texts[-1][len(texts[MAX // 2]) :][:4]  # a string that first completes mid-way
+    params = SamplingParams(temperature=0, max_tokens=MAX, ignore_eos=True, stop=[stop],
+                            include_stop_str_in_output=include)
+    final = llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0]
+    llm.add_request("s", PROMPT, params)
+    streamed, ids = "", []
+    while llm.has_unfinished_requests():
+        for out in llm.step():
+            streamed += out.outputs[0].text
+            ids += out.outputs[0].token_ids
+            assert final.text.startswith(streamed)
+    assert streamed == final.text and ids == final.token_ids and final.stop_reason == stop
+    plain = SamplingParams(temperature=0, max_tokens=MAX, ignore_eos=True)  # no stop strings: every token's text
+    llm.add_request("p", PROMPT, plain)
+    pieces = []
+    while llm.has_unfinished_requests():
+        pieces += [out.outputs[0].text for out in llm.step()]
+    assert "".join(pieces) == texts[-1]

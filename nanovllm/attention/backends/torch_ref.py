@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from nanovllm.attention.backend import AttentionBackend
-from nanovllm.attention.kv_cache import LayerKVCache
+from nanovllm.attention.kv_cache import FP8_MAX, LayerKVCache
 from nanovllm.attention.metadata import AttentionMetadata
 from nanovllm.attention.ops.paged_attention_ref import paged_attention, paged_prefill_attention
 
@@ -20,18 +20,30 @@ class TorchRefBackend(AttentionBackend):
     block_size_multiple = 1
     default_block_size = 16
     supports_cuda_graphs = False
+    kv_cache_dtypes = ("auto", "fp8")
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                  slot_mapping: torch.Tensor) -> None:
         keep = slot_mapping >= 0
         slots = slot_mapping[keep]
-        cache.key.view(-1, *cache.key.shape[2:]).index_copy_(0, slots, key[keep].to(cache.key.dtype))
-        cache.value.view(-1, *cache.value.shape[2:]).index_copy_(0, slots, value[keep].to(cache.value.dtype))
+        for x, target, scale in ((key, cache.key, cache.k_scale), (value, cache.value, cache.v_scale)):
+            new = quantize(x[keep], target.dtype, scale)
+            if scale is not None:  # torch has no index_copy for float8: copy the bytes
+                target, new = target.view(torch.uint8), new.view(torch.uint8)
+            target.view(-1, *target.shape[2:]).index_copy_(0, slots, new)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if meta.max_query_len == 1:
             return paged_attention(query, cache.key, cache.value, meta.block_tables, meta.seq_lens,
-                                   cache.key.shape[1], meta.max_seq_len, scale=scale)
+                                   cache.key.shape[1], meta.max_seq_len, scale=scale,
+                                   k_scale=cache.k_scale, v_scale=cache.v_scale)
         return paged_prefill_attention(query, cache.key, cache.value, meta.query_start_loc, meta.seq_start_loc,
-                                       meta.block_tables, scale=scale)
+                                       meta.block_tables, scale=scale, k_scale=cache.k_scale, v_scale=cache.v_scale)
+
+
+def quantize(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    """x [tokens, kv_heads, head_dim] in the cache's dtype; FP8 divides by the per-head scale and saturates."""
+    if scale is None:
+        return x.to(dtype)
+    return (x.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(dtype)

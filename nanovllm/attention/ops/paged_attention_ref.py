@@ -4,7 +4,8 @@ Cache layout: ``key_cache``/``value_cache`` are ``[num_blocks, block_size, num_k
 ``block_tables[i, j]`` is the physical block holding tokens ``j*block_size ..`` of sequence ``i``.
 Entries past a sequence's last block, and cache slots past its length, are never read into a
 result (they may hold any value, NaN included). Softmax runs in float32; outputs keep the
-query's dtype. Query head ``h`` reads kv head ``h // (num_heads // num_kv_heads)``.
+query's dtype. An FP8 cache is read as ``fp8.float() * scale`` with optional per-KV-head
+``k_scale``/``v_scale``. Query head ``h`` reads kv head ``h // (num_heads // num_kv_heads)``.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ def paged_attention_v1(
     block_size: int,
     max_context_len: int,
     scale: float | None = None,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
 ) -> Tensor:
     """Decode attention that gathers each sequence's blocks into one padded, masked context.
 
@@ -33,8 +36,8 @@ def paged_attention_v1(
     )
     num_blocks = -(-max_context_len // block_size)
     blocks = block_tables[:, :num_blocks].long()
-    keys = key_cache[blocks].flatten(1, 2)[:, :max_context_len]
-    values = value_cache[blocks].flatten(1, 2)[:, :max_context_len]
+    keys = dequantize(key_cache[blocks], k_scale).flatten(1, 2)[:, :max_context_len]
+    values = dequantize(value_cache[blocks], v_scale).flatten(1, 2)[:, :max_context_len]
     positions = torch.arange(keys.shape[1], device=query.device)
     valid = positions[None, :] < context_lens[:, None]
     scores, values = _grouped_scores(query, keys, values, valid, scale)
@@ -52,6 +55,8 @@ def paged_attention_v2(
     block_size: int,
     max_context_len: int,
     scale: float | None = None,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
 ) -> Tensor:
     """Decode attention streamed one block-table column at a time with an online softmax.
 
@@ -71,7 +76,8 @@ def paged_attention_v2(
     for j in range(-(-max_context_len // block_size)):
         blocks = block_tables[:, j].long()
         valid = (j * block_size + offsets)[None, :] < context_lens[:, None]
-        scores, values = _grouped_scores(query, key_cache[blocks], value_cache[blocks], valid, scale)
+        scores, values = _grouped_scores(query, dequantize(key_cache[blocks], k_scale),
+                                         dequantize(value_cache[blocks], v_scale), valid, scale)
         new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))
         shift = new_max.masked_fill(new_max == float("-inf"), 0.0)  # no token seen yet: exp(-inf) = 0
         probs = torch.exp(scores - shift)
@@ -93,13 +99,16 @@ def paged_attention(
     max_context_len: int,
     scale: float | None = None,
     version: int = 2,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
 ) -> Tensor:
     """Decode attention over the paged cache; ``version`` 1 gathers, 2 (default) streams."""
     kernels = {1: paged_attention_v1, 2: paged_attention_v2}
     if version not in kernels:
         raise ValueError(f"version must be 1 or 2, got {version!r}")
     return kernels[version](
-        query, key_cache, value_cache, block_tables, context_lens, block_size, max_context_len, scale
+        query, key_cache, value_cache, block_tables, context_lens, block_size, max_context_len, scale,
+        k_scale, v_scale,
     )
 
 
@@ -111,6 +120,8 @@ def paged_prefill_attention(
     cu_seqlens_k: Tensor,
     block_tables: Tensor,
     scale: float | None = None,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
 ) -> Tensor:
     """Varlen causal prefill attention reading all K/V through the block table.
 
@@ -127,13 +138,23 @@ def paged_prefill_attention(
     for i, (q_start, q_end) in enumerate(zip(q_bounds, q_bounds[1:])):
         q_len, k_len = q_end - q_start, k_bounds[i + 1] - k_bounds[i]
         blocks = block_tables[i, : -(-k_len // block_size)].long()
-        keys = key_cache[blocks].flatten(0, 1)[:k_len]
-        values = value_cache[blocks].flatten(0, 1)[:k_len]
+        keys = dequantize(key_cache[blocks], k_scale).flatten(0, 1)[:k_len]
+        values = dequantize(value_cache[blocks], v_scale).flatten(0, 1)[:k_len]
         causal = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
         q, k, v = (x.transpose(0, 1).float() for x in (query[q_start:q_end], keys, values))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scale, enable_gqa=True)
         outputs.append(out.transpose(0, 1))
     return torch.cat(outputs).to(query.dtype) if outputs else query.new_empty(query.shape)
+
+
+def dequantize(cache: Tensor, scale: Tensor | None) -> Tensor:
+    """FP8 cache entries ``[..., num_kv_heads, head_dim]`` (blocks gathered from the cache) in float32
+    times their per-KV-head ``scale`` (``[num_kv_heads]``); with no scale they are returned unchanged."""
+    if scale is None:
+        return cache
+    if scale.shape != (cache.shape[-2],):
+        raise ValueError(f"scale must be [num_kv_heads={cache.shape[-2]}], got {tuple(scale.shape)}")
+    return cache.float() * scale.float()[:, None]
 
 
 def _grouped_scores(

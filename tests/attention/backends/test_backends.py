@@ -18,6 +18,7 @@ import torch
 from nanovllm.attention.backends.torch_ref import TorchRefBackend
 from nanovllm.attention.kv_cache import LayerKVCache
 from nanovllm.attention.metadata import build_layout
+from nanovllm.attention.ops.paged_attention_ref import dequantize
 from nanovllm.attention.selector import select_backend
 
 CUDA = torch.cuda.is_available()
@@ -28,16 +29,19 @@ BACKENDS = [
     pytest.param("torch", 16, "cpu", torch.float32, id="torch-16-cpu"),
     pytest.param("flash_attn", 256, "cuda", torch.bfloat16, id="flash_attn-256", marks=gpu),
     pytest.param("flash_attn", 256, "cuda", torch.float16, id="flash_attn-256-fp16", marks=gpu),
+    pytest.param("triton", 16, "cuda", torch.bfloat16, id="triton-16", marks=gpu),
+    pytest.param("triton", 64, "cuda", torch.bfloat16, id="triton-64", marks=gpu),
+    pytest.param("triton", 256, "cuda", torch.float16, id="triton-256-fp16", marks=gpu),
 ]
 # (num_heads, num_kv_heads, head_dim): Qwen3-0.6B's GQA with both head dims, SmolLM2's 9/3, MHA.
 HEADS = [(16, 8, 128), (16, 8, 64), (9, 3, 64), (8, 8, 128)]
 TOL = 1e-2  # ||out - ref|| / ||ref|| per sequence; a half-precision kernel lands around 3e-3
 
 
-def make_backend(name: str, device: str, dtype: torch.dtype):
-    if name != "torch":
+def make_backend(name: str, device: str, dtype: torch.dtype, kv_cache_dtype: str = "auto"):
+    if name == "flash_attn":
         pytest.importorskip(name)
-    return select_backend(name, torch.device(device), dtype)
+    return select_backend(name, torch.device(device), dtype, kv_cache_dtype)
 
 
 class Paged:
@@ -196,3 +200,35 @@ def test_chunked_prefill_matches_one_shot(name, block_size, device, dtype, chunk
     ref = reference.forward(q.float(), k.float(), v.float(), paged.ref, meta, scale)
     bounds = [0] + torch.tensor(chunks).cumsum(0).tolist()
     assert_close(torch.cat(outs), ref, bounds, f"chunked prefill {chunks}")
+
+
+FP8_BACKENDS = [
+    pytest.param("torch", 16, "cpu", torch.float32, id="torch-16-cpu"),
+    pytest.param("triton", 16, "cuda", torch.bfloat16, id="triton-16", marks=gpu),
+]
+
+
+@pytest.mark.parametrize("name, block_size, device, dtype", FP8_BACKENDS)
+@pytest.mark.parametrize("cached, new", [([0, 0, 0], [1, 40, 300]), ([40, 255, 700], [1, 1, 1]),
+                                         ([40, 255, 700], [5, 5, 5])], ids=["fresh", "decode", "verify"])
+def test_fp8_cache(name, block_size, device, dtype, cached, new):
+    """write_kv quantizes with the layer's per-head scales; attention over the FP8 cache equals the
+    float32 reference over the dequantized cache."""
+    torch.manual_seed(0)
+    backend = make_backend(name, device, dtype, "fp8")
+    lens = [c + n for c, n in zip(cached, new)]
+    paged = Paged(backend, lens, block_size, (8, 2, 64), device, dtype, extra_cols=1)
+    paged.cache = LayerKVCache(paged.cache.key.to(torch.float8_e4m3fn), paged.cache.value.to(torch.float8_e4m3fn),
+                               torch.rand(2, device=device) * 0.02 + 0.01, torch.rand(2, device=device) * 0.02 + 0.01)
+    paged.history(cached)
+    layout = build_layout(new, lens, paged.tables, block_size)
+    _, meta = layout.metadata([torch.from_numpy(a).to(device) for a in layout.arrays()])
+    q, k, v = paged.qkv(sum(new))
+    backend.write_kv(k, v, paged.cache, meta.slot_mapping)
+    out = backend.forward(q, k, v, paged.cache, meta, 64**-0.5)
+    dequantized = LayerKVCache(dequantize(paged.cache.key, paged.cache.k_scale).float(),
+                               dequantize(paged.cache.value, paged.cache.v_scale).float())
+    ref = TorchRefBackend().forward(q.float(), k.float(), v.float(), dequantized, meta, 64**-0.5)
+    assert_close(out, ref, layout.query_start_loc.tolist(), "fp8")
+    written = dequantized.key.view(-1, 2, 64)[meta.slot_mapping]  # within FP8's 3-bit mantissa of the input
+    torch.testing.assert_close(written, k.float(), rtol=0.07, atol=0.02 * 2)

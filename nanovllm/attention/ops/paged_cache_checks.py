@@ -1,0 +1,88 @@
+"""Argument checks shared by the Triton kernels over the paged KV cache.
+
+Every check reads shapes, dtypes and strides only (never tensor values), so the entry points stay
+free of host syncs and can be captured in CUDA graphs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+HEAD_DIMS = (64, 128)
+QUERY_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_cache(key_cache: Tensor, value_cache: Tensor, block_size: int | None = None) -> None:
+    """``[num_blocks, block_size, num_kv_heads, head_dim]`` caches with a supported block size and head dim."""
+    if key_cache.dim() != 4 or key_cache.shape != value_cache.shape or key_cache.dtype != value_cache.dtype:
+        raise ValueError(
+            "key_cache and value_cache must both be [num_blocks, block_size, num_kv_heads, head_dim] of one "
+            f"dtype, got {key_cache.dtype} {tuple(key_cache.shape)} and {value_cache.dtype} {tuple(value_cache.shape)}"
+        )
+    if key_cache.stride() != value_cache.stride() or key_cache.stride(-1) != 1:
+        raise ValueError(
+            f"key_cache and value_cache need equal strides with a contiguous head_dim, "
+            f"got {key_cache.stride()} and {value_cache.stride()}"
+        )
+    if key_cache.dtype not in (*QUERY_DTYPES, FP8_DTYPE):
+        raise ValueError(f"cache dtype must be one of {(*QUERY_DTYPES, FP8_DTYPE)}, got {key_cache.dtype}")
+    cache_block = key_cache.shape[1]
+    if cache_block < 16 or cache_block & (cache_block - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {cache_block}")
+    if block_size is not None and block_size != cache_block:
+        raise ValueError(f"block_size ({block_size}) != the cache's block size ({cache_block})")
+    if key_cache.shape[3] not in HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {key_cache.shape[3]}")
+
+
+def check_scales(key_cache: Tensor, k_scale: Tensor | None, v_scale: Tensor | None) -> bool:
+    """Scales are float32 ``[num_kv_heads]`` and given iff the cache is FP8; returns whether it is."""
+    fp8 = key_cache.dtype == FP8_DTYPE
+    if fp8 and (k_scale is None or v_scale is None):
+        raise ValueError("an fp8 (float8_e4m3fn) cache needs both k_scale and v_scale")
+    if not fp8 and (k_scale is not None or v_scale is not None):
+        raise ValueError(f"k_scale/v_scale are only allowed with an fp8 cache, the cache is {key_cache.dtype}")
+    num_kv_heads = key_cache.shape[2]
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is not None and (scale.shape != (num_kv_heads,) or scale.dtype != torch.float32
+                                  or scale.device != key_cache.device):
+            raise ValueError(
+                f"{name} must be float32 [num_kv_heads={num_kv_heads}] on {key_cache.device}, "
+                f"got {scale.dtype} {tuple(scale.shape)} on {scale.device}"
+            )
+    return fp8
+
+
+def check_query(query: Tensor, key_cache: Tensor) -> int:
+    """``[tokens, num_heads, head_dim]`` query matching the cache; returns the GQA group size."""
+    if query.dim() != 3 or query.stride(-1) != 1:
+        raise ValueError(f"query must be [tokens, num_heads, head_dim] with a contiguous head_dim, "
+                         f"got shape {tuple(query.shape)} strides {query.stride()}")
+    if query.dtype not in QUERY_DTYPES:
+        raise ValueError(f"query dtype must be one of {QUERY_DTYPES}, got {query.dtype}")
+    if key_cache.dtype not in (query.dtype, FP8_DTYPE):
+        raise ValueError(f"cache dtype {key_cache.dtype} must be the query's ({query.dtype}) or {FP8_DTYPE}")
+    num_heads, num_kv_heads = query.shape[1], key_cache.shape[2]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if query.shape[2] != key_cache.shape[3]:
+        raise ValueError(f"query head_dim ({query.shape[2]}) != cache head_dim ({key_cache.shape[3]})")
+    if query.device != key_cache.device:
+        raise ValueError(f"query is on {query.device} but the cache is on {key_cache.device}")
+    return num_heads // num_kv_heads
+
+
+def check_int_vector(name: str, tensor: Tensor, length: int) -> None:
+    """A 1-D int32 tensor of ``length`` entries."""
+    if tensor.shape != (length,) or tensor.dtype != torch.int32:
+        raise ValueError(f"{name} must be int32 [{length}], got {tensor.dtype} {tuple(tensor.shape)}")
+
+
+def check_block_tables(block_tables: Tensor, num_seqs: int) -> None:
+    """An int32 ``[num_seqs, max_blocks]`` table with a contiguous last dim."""
+    if (block_tables.dim() != 2 or block_tables.shape[0] != num_seqs or block_tables.dtype != torch.int32
+            or block_tables.stride(-1) != 1):
+        raise ValueError(f"block_tables must be int32 [num_seqs={num_seqs}, max_blocks] with contiguous rows, "
+                         f"got {block_tables.dtype} {tuple(block_tables.shape)}")

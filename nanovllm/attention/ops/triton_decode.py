@@ -1,0 +1,290 @@
+"""Triton PagedAttention decode: one query token per sequence over the paged KV cache.
+
+One program handles one (sequence, KV head, partition): it loads each K/V tile of the partition
+once for all the query heads that share the KV head (the GQA group, padded to 16 rows for
+``tl.dot``) and keeps an online softmax in float32. A tile is ``BLOCK_N`` tokens gathered through
+the block table, so the tile size does not depend on the cache's block size.
+
+- v1 (``num_partitions == 1``): one pass over the whole context, output written directly.
+- v2 (``num_partitions > 1``): the context is cut into ``num_partitions`` equal partitions (a
+  multiple of ``BLOCK_N`` tokens) of ``max_context_len``; each writes its unnormalized output,
+  running max and sum, and a reduce kernel merges them with an online softmax. Partitions that
+  start past a sequence's length exit at once, so a CUDA graph captured for ``max_model_len``
+  costs little on short contexts.
+
+A context of length 0 (padding rows of a CUDA-graph batch) yields zeros. With an FP8 cache the
+key scale is folded into the softmax scale per KV head and the value scale is applied once to
+the output.
+
+Heuristic (:func:`choose_num_partitions`): partitions of 256 tokens while ``num_seqs * num_kv_heads``
+programs < 1.5 x SMs, 512 below 3 x SMs, else 1024; v1 whenever ``max_context_len`` fits in one
+partition. Measured on an H100 (132 SMs), bf16, 8 KV heads, head dim 128, block 16, us per call
+in a CUDA graph (``scripts/bench_attention.py --sweep``; * = the heuristic's pick):
+
+=====  ======  =======  ======  ======  ======  =======
+batch  ctx     v1       ps=256  ps=512  ps=1024 ps=2048
+=====  ======  =======  ======  ======  ======  =======
+1      512     12.7     9.4*    -       -       -
+1      8192    196.2    15.2*   18.1    28.7    52.8
+4      2048    52.3     14.3*   17.9    28.9    -
+4      8192    216.9    56.4*   59.0    55.2    68.1
+16     512     15.3     14.1*   -       -       -
+16     2048    66.8     54.4*   58.9    54.9    -
+16     8192    247.8    193.5*  193.4   189.3   211.0
+32     512     29.7*    33.6    -       -       -
+32     2048    98.4     104.1   100.9*  110.6   -
+32     8192    372.1    378.9   372.9*  385.7   370.0
+64     2048    212.7    196.7   196.5   190.3*  -
+64     8192    825.8    753.9   741.4   728.8*  749.4
+128    512     97.9*    104.4   -       -       -
+128    2048    368.6    384.6   379.5   382.2*  -
+128    8192    1447.1   1504.2  1466.3  1440.7* 1448.8
+256    2048    748.5    762.7   748.7   735.3*  -
+256    8192    2970.8   3003.9  2930.1  2885.9* 2863.4
+=====  ======  =======  ======  ======  ======  =======
+
+The pick is within 4% of the row's best everywhere; v1 alone loses up to 13x at small batches
+and 13% at batch 64 (a partial second wave of programs), so there is no cliff where the path
+switches. With a CUDA graph's ``max_context_len`` = 8192 over real contexts of 2048, v2 costs
+1-3% over its time at ``max_context_len`` = 2048 (2 us at batch 4); partitions past a length exit at once.
+Scoring by elementwise multiply-reduce instead of ``tl.dot`` (group padded to 16) measured
+2.6-4.2x slower at every shape, so only ``tl.dot`` is kept.
+
+FP8: the first version widened FP8 to bfloat16 and ran at only 0.85-0.9x flash-attn bf16's time
+(bound by the conversion, not memory). Widening to float16 (native ``cvt.rn.f16x2.e4m3x2``, checked
+in the sm90 PTX) with 128-token tiles replaced it; it compiles for sm90 but its speed has not been
+measured yet.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from nanovllm.attention.ops.paged_cache_checks import (
+    check_block_tables,
+    check_cache,
+    check_int_vector,
+    check_query,
+    check_scales,
+)
+
+BLOCK_N = 64  # tokens per K/V tile
+FP8_BLOCK_N = 128  # the same bytes per tile from an FP8 cache
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot_probs(probs, v, PRECISION: tl.constexpr, SPLIT_P: tl.constexpr):
+    """``probs @ v`` in float32 with ``probs`` cast to ``v``'s dtype. With ``SPLIT_P`` the bf16 rounding
+    of ``probs`` is cancelled by a second dot over the residual: bf16 probabilities alone cost ~2e-3
+    relative error, more than the output's own rounding, and decode is bound by memory, not MMA."""
+    high = probs.to(v.dtype)
+    out = tl.dot(high, v, input_precision=PRECISION)
+    if SPLIT_P:
+        out = tl.dot((probs - high.to(tl.float32)).to(v.dtype), v, out, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _scaled_query(q, scale_log2, k_scale_ptr, kv_head, FP8: tl.constexpr):
+    """The query as the dots take it and the factor that turns its dot with K into log2-domain scores.
+
+    An FP8 cache is widened to float16 (one native conversion per pair on sm90; bfloat16 needs
+    several), so the query goes to float16 pre-multiplied by the softmax scale (far from float16's
+    range) and the key scale joins ``qk_scale``."""
+    qk_scale = scale_log2
+    if FP8:  # one return: Triton wants one type per return site, and these differ between the branches
+        q = (q.to(tl.float32) * scale_log2).to(tl.float16)
+        qk_scale = tl.load(k_scale_ptr + kv_head)
+    return q, qk_scale
+
+
+@triton.jit
+def _decode_kernel(
+    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, k_scale_ptr, v_scale_ptr,
+    scale_log2, partition_size, num_partitions,
+    stride_qs, stride_qh, stride_os, stride_oh, stride_cb, stride_ct, stride_ch, stride_bt,
+    num_heads,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, FP8: tl.constexpr, SINGLE: tl.constexpr,
+    PRECISION: tl.constexpr, SPLIT_P: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    part = tl.program_id(2)
+    context_len = tl.load(context_lens_ptr + seq)
+    start = part * partition_size
+    if not SINGLE:
+        if start >= context_len:  # the reduce kernel never reads this partition
+            return
+    end = tl.minimum(start + partition_size, context_len)
+
+    rows = tl.arange(0, GROUP_PAD)
+    dims = tl.arange(0, HEAD_DIM)
+    tokens = tl.arange(0, BLOCK_N)
+    heads = kv_head * GROUP + rows
+    row_mask = rows < GROUP
+    q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + dims[None, :],
+                mask=row_mask[:, None], other=0.0)
+    q, qk_scale = _scaled_query(q, scale_log2, k_scale_ptr, kv_head, FP8)
+    head_offset = kv_head * stride_ch
+    table = block_tables_ptr + seq * stride_bt
+
+    running_max = tl.full([GROUP_PAD], -1.0e30, tl.float32)
+    running_sum = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for tile in range(start, end, BLOCK_N):
+        pos = tile + tokens
+        valid = pos < end
+        block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        offsets = (block * stride_cb + (pos % BLOCK_SIZE) * stride_ct + head_offset)[:, None] + dims[None, :]
+        k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        probs = tl.math.exp2(scores - new_max[:, None])
+        alpha = tl.math.exp2(running_max - new_max)
+        running_sum = running_sum * alpha + tl.sum(probs, axis=1)
+        acc = acc * alpha[:, None] + _dot_probs(probs, v, PRECISION, SPLIT_P)
+        running_max = new_max
+
+    if SINGLE:
+        out = acc / tl.maximum(running_sum, 1e-30)[:, None]  # empty context: 0 / tiny = 0
+        if FP8:
+            out = out * tl.load(v_scale_ptr + kv_head)
+        tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+    else:
+        stat = (seq * num_heads + heads) * num_partitions + part
+        tl.store(part_max_ptr + stat, running_max, mask=row_mask)
+        tl.store(part_sum_ptr + stat, running_sum, mask=row_mask)
+        tl.store(part_acc_ptr + stat[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_mask[:, None])
+
+
+@triton.jit
+def _reduce_kernel(
+    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, context_lens_ptr, v_scale_ptr,
+    partition_size, num_partitions, stride_os, stride_oh, num_heads,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PARTS_PAD: tl.constexpr, CHUNK: tl.constexpr, FP8: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    context_len = tl.load(context_lens_ptr + seq)
+    used = tl.cdiv(context_len, partition_size)
+    base = (seq * num_heads + head) * num_partitions
+    parts = tl.arange(0, PARTS_PAD)
+    maxes = tl.load(part_max_ptr + base + parts, mask=parts < used, other=float("-inf"))
+    global_max = tl.maximum(tl.max(maxes, axis=0), -1.0e30)  # no partition: stays finite
+    sums = tl.load(part_sum_ptr + base + parts, mask=parts < used, other=0.0)
+    denom = tl.sum(sums * tl.math.exp2(maxes - global_max), axis=0)
+
+    dims = tl.arange(0, HEAD_DIM)
+    chunk = tl.arange(0, CHUNK)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for first in range(0, used, CHUNK):
+        idx = first + chunk
+        live = idx < used
+        weights = tl.math.exp2(tl.load(part_max_ptr + base + idx, mask=live, other=float("-inf")) - global_max)
+        partial = tl.load(part_acc_ptr + (base + idx)[:, None] * HEAD_DIM + dims[None, :], mask=live[:, None],
+                          other=0.0)
+        acc += tl.sum(partial * weights[:, None], axis=0)
+    out = acc / tl.maximum(denom, 1e-30)
+    if FP8:
+        out = out * tl.load(v_scale_ptr + head // GROUP)
+    tl.store(out_ptr + seq * stride_os + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_partitions(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
+    """Partition count for decode (1 = v1); see the table in the module docstring."""
+    num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 132
+    programs = num_seqs * num_kv_heads
+    partition_size = 256 if 2 * programs < 3 * num_sms else 512 if programs < 3 * num_sms else 1024
+    return triton.cdiv(max_context_len, partition_size)
+
+
+def paged_attention(
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    block_tables: Tensor,
+    context_lens: Tensor,
+    block_size: int,
+    max_context_len: int,
+    scale: float,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
+    out: Tensor | None = None,
+    num_partitions: int | None = None,
+) -> Tensor:
+    """Decode attention: ``query`` ``[num_seqs, num_heads, head_dim]`` over each sequence's first
+    ``context_lens[i]`` cached tokens (``<= max_context_len``). Returns ``[num_seqs, num_heads, head_dim]``
+    in the query's dtype, written into ``out`` when given.
+
+    ``num_partitions`` = 1 forces v1, > 1 forces v2 with that many partitions, ``None`` lets
+    :func:`choose_num_partitions` pick.
+    """
+    check_cache(key_cache, value_cache, block_size)
+    fp8 = check_scales(key_cache, k_scale, v_scale)
+    group = check_query(query, key_cache)
+    num_seqs, num_heads, head_dim = query.shape
+    num_kv_heads = key_cache.shape[2]
+    check_block_tables(block_tables, num_seqs)
+    check_int_vector("context_lens", context_lens, num_seqs)
+    if not 0 <= max_context_len <= block_tables.shape[1] * block_size:
+        raise ValueError(f"max_context_len ({max_context_len}) must be in [0, block table capacity "
+                         f"{block_tables.shape[1] * block_size}]")
+    if num_partitions is not None and num_partitions < 1:
+        raise ValueError(f"num_partitions must be >= 1 or None, got {num_partitions}")
+    if out is None:
+        out = torch.empty_like(query)
+    elif out.shape != query.shape or out.dtype != query.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {query.dtype} {tuple(query.shape)} with a contiguous head_dim, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    if num_seqs == 0:
+        return out
+    if num_partitions is None:
+        num_partitions = choose_num_partitions(num_seqs, num_kv_heads, max_context_len, query.device)
+    block_n = FP8_BLOCK_N if fp8 else BLOCK_N
+    partition_size = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_partitions), block_n) * block_n
+    num_partitions = triton.cdiv(max(max_context_len, 1), partition_size)
+    single = num_partitions == 1
+    group_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
+    if single:
+        part_acc = part_max = part_sum = out  # unused
+    else:
+        part_max = torch.empty(num_seqs, num_heads, num_partitions, dtype=torch.float32, device=query.device)
+        part_sum = torch.empty_like(part_max)
+        part_acc = torch.empty(num_seqs, num_heads, num_partitions, head_dim, dtype=torch.float32,
+                               device=query.device)
+    _decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
+        out, part_acc, part_max, part_sum,
+        query, key_cache, value_cache, block_tables, context_lens, k_scale, v_scale,
+        scale * LOG2E, partition_size, num_partitions,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), *key_cache.stride()[:3],
+        block_tables.stride(0), num_heads,
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        FP8=fp8, SINGLE=single, PRECISION="ieee" if query.dtype == torch.float32 and not fp8 else "tf32",
+        SPLIT_P=query.dtype == torch.bfloat16 and not fp8,
+        num_warps=4, num_stages=2,
+    )
+    if not single:
+        parts_pad = triton.next_power_of_2(num_partitions)
+        _reduce_kernel[(num_seqs, num_heads)](
+            out, part_acc, part_max, part_sum, context_lens, v_scale,
+            partition_size, num_partitions, out.stride(0), out.stride(1), num_heads,
+            GROUP=group, HEAD_DIM=head_dim, PARTS_PAD=parts_pad, CHUNK=min(parts_pad, 16), FP8=fp8,
+            num_warps=4,
+        )
+    return out

@@ -1,0 +1,66 @@
+"""Write a step's new K/V into the paged cache by slot, quantizing to FP8 when the cache is FP8.
+
+Generalizes ``store_kvcache``: any cache dtype, any cache strides (contiguous head_dim), and
+per-KV-head scales for an FP8 cache: ``fp8 = clamp(x / scale, -448, 448)``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from nanovllm.attention.ops.paged_cache_checks import FP8_MAX, check_cache, check_scales
+
+
+@triton.jit
+def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
+                     stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ct, stride_ch,
+                     num_kv_heads, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr,
+                     FP8: tl.constexpr, FP8_MAX: tl.constexpr):
+    token = tl.program_id(0)
+    slot = tl.load(slot_ptr + token)
+    if slot < 0:  # padding token of a CUDA-graph batch
+        return
+    heads = tl.arange(0, HEADS_PAD)
+    dims = tl.arange(0, HEAD_DIM)
+    mask = (heads < num_kv_heads)[:, None]
+    k = tl.load(key_ptr + token * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=mask)
+    v = tl.load(value_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask)
+    if FP8:
+        k_scale = tl.load(k_scale_ptr + heads, mask=heads < num_kv_heads, other=1.0)
+        v_scale = tl.load(v_scale_ptr + heads, mask=heads < num_kv_heads, other=1.0)
+        k = tl.clamp(k.to(tl.float32) / k_scale[:, None], -FP8_MAX, FP8_MAX)
+        v = tl.clamp(v.to(tl.float32) / v_scale[:, None], -FP8_MAX, FP8_MAX)
+    cache_offsets = ((slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct
+                     + heads[:, None] * stride_ch + dims[None, :])
+    tl.store(k_cache_ptr + cache_offsets, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + cache_offsets, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor, slot_mapping: Tensor,
+             k_scale: Tensor | None = None, v_scale: Tensor | None = None) -> None:
+    """Write ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` to cache slot ``slot_mapping[t]``.
+
+    Slot ``s`` is token ``s % block_size`` of physical block ``s // block_size``; slot -1 skips the
+    token (padding). ``k_scale``/``v_scale`` (float32 ``[num_kv_heads]``) are required iff the cache
+    is ``float8_e4m3fn``.
+    """
+    check_cache(key_cache, value_cache)
+    fp8 = check_scales(key_cache, k_scale, v_scale)
+    num_tokens, (num_kv_heads, head_dim) = key.shape[0], key_cache.shape[2:]
+    expected = (num_tokens, num_kv_heads, head_dim)
+    if key.shape != value.shape or tuple(key.shape) != expected or key.stride(-1) != 1 or value.stride(-1) != 1:
+        raise ValueError(f"key and value must be [num_tokens, num_kv_heads, head_dim] = {expected} with a contiguous "
+                         f"head_dim, got {tuple(key.shape)} and {tuple(value.shape)}")
+    if slot_mapping.shape != (num_tokens,) or slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot_mapping must be an int64 (or int32) [num_tokens={num_tokens}] tensor, "
+                         f"got {slot_mapping.dtype} {tuple(slot_mapping.shape)}")
+    if num_tokens == 0:
+        return
+    _store_kv_kernel[(num_tokens,)](
+        key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1), *key_cache.stride()[:3],
+        num_kv_heads, BLOCK_SIZE=key_cache.shape[1], HEAD_DIM=head_dim,
+        HEADS_PAD=triton.next_power_of_2(num_kv_heads), FP8=fp8, FP8_MAX=FP8_MAX,
+    )

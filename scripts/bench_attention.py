@@ -1,0 +1,162 @@
+"""Decode-attention microbenchmark over the paged KV cache (Qwen3-0.6B shapes: 16 q heads, 8 KV heads,
+head dim 128), one layer, every backend that loads: Triton bf16 and FP8 (block 16) and flash-attn's
+``flash_attn_with_kvcache`` (block 256). Each call is timed inside a CUDA graph
+(``triton.testing.do_bench_cudagraph``), so host overhead is excluded; small caches stay in L2.
+
+    python scripts/bench_attention.py            # batch x context table, plus the bench-like mixed batch
+    python scripts/bench_attention.py --sweep    # v1 vs v2 partition sizes: the data behind the heuristic
+"""
+from __future__ import annotations
+
+import argparse
+import random
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.testing import do_bench_cudagraph
+
+from nanovllm.attention.ops import triton_decode
+from nanovllm.attention.ops.triton_decode import BLOCK_N, choose_num_partitions, paged_attention
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128
+BATCHES = (1, 16, 64, 256, 512)
+CONTEXTS = (512, 2048, 8192)
+MAX_TOKENS = max(BATCHES) * max(CONTEXTS)
+
+
+@dataclass
+class Caches:
+    """One bf16 and one fp8 cache big enough for the largest case; flash-attn views the bf16 one as 256-token blocks."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    key_fp8: torch.Tensor
+    value_fp8: torch.Tensor
+    scale: torch.Tensor
+
+    @classmethod
+    def allocate(cls) -> "Caches":
+        shape = (MAX_TOKENS // 16, 16, NUM_KV_HEADS, HEAD_DIM)
+        key = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
+        value = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
+        return cls(key, value, key.to(torch.float8_e4m3fn), value.to(torch.float8_e4m3fn),
+                   torch.ones(NUM_KV_HEADS, device="cuda"))
+
+
+def block_table(num_seqs: int, max_len: int, block_size: int) -> torch.Tensor:
+    """Random distinct physical blocks, ``max_len`` tokens' worth per sequence."""
+    per_seq = -(-max_len // block_size)
+    physical = torch.randperm(MAX_TOKENS // block_size, device="cuda")[: num_seqs * per_seq]
+    return physical.view(num_seqs, per_seq).int()
+
+
+def timed(fn) -> float:
+    """Milliseconds per call."""
+    return do_bench_cudagraph(fn, rep=20)
+
+
+def kv_bytes(lens: list[int], elem_size: int) -> int:
+    return sum(lens) * NUM_KV_HEADS * HEAD_DIM * 2 * elem_size
+
+
+def with_fp8_tile(block_n: int, fn):
+    """``fn`` run with another K/V tile for FP8 caches (the default is ``FP8_BLOCK_N``)."""
+    def run():
+        saved, triton_decode.FP8_BLOCK_N = triton_decode.FP8_BLOCK_N, block_n
+        try:
+            return fn()
+        finally:
+            triton_decode.FP8_BLOCK_N = saved
+    return run
+
+
+def backends(caches: Caches, lens: list[int], query: torch.Tensor, max_len: int) -> dict:
+    """name -> (callable, bytes per KV element)."""
+    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    table16 = block_table(len(lens), max_len, 16)
+    scale = HEAD_DIM**-0.5
+    out = {
+        "triton-bf16": (lambda: paged_attention(query, caches.key, caches.value, table16, ctx, 16, max_len, scale), 2),
+        "triton-fp8": (lambda: paged_attention(query, caches.key_fp8, caches.value_fp8, table16, ctx, 16, max_len,
+                                               scale, caches.scale, caches.scale), 1),
+    }
+    out["triton-fp8 tile64"] = (with_fp8_tile(64, out["triton-fp8"][0]), 1)
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except ImportError:
+        return out
+    table256 = block_table(len(lens), max_len, 256)
+    key256 = caches.key.view(-1, 256, NUM_KV_HEADS, HEAD_DIM)
+    value256 = caches.value.view(-1, 256, NUM_KV_HEADS, HEAD_DIM)
+    out["flash-attn-bf16"] = (lambda: flash_attn_with_kvcache(
+        query[:, None], key256, value256, cache_seqlens=ctx, block_table=table256, softmax_scale=scale,
+        causal=True), 2)
+    return out
+
+
+def report(name: str, lens: list[int], query, caches: Caches, max_len: int) -> None:
+    row = []
+    for backend, (fn, elem_size) in backends(caches, lens, query, max_len).items():
+        try:
+            ms = timed(fn)
+        except Exception as exc:  # a backend that cannot run this shape is reported, not fatal
+            row.append(f"{backend} failed ({type(exc).__name__}: {str(exc)[:60]})")
+            continue
+        row.append(f"{backend} {ms * 1e3:8.1f} us {kv_bytes(lens, elem_size) / ms / 1e9:5.2f} TB/s")
+    print(f"{name:<28} " + " | ".join(row), flush=True)
+
+
+def main_table(caches: Caches) -> None:
+    print(f"decode, {NUM_HEADS} q heads / {NUM_KV_HEADS} kv heads / head dim {HEAD_DIM}; time per call and KV read "
+          "bandwidth; triton picks v1/v2 by choose_num_partitions", flush=True)
+    for batch in BATCHES:
+        for context in CONTEXTS:
+            query = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+            parts = choose_num_partitions(batch, NUM_KV_HEADS, context, query.device)
+            report(f"batch {batch:3d} ctx {context:4d} (P={parts})", [context] * batch, query, caches, context)
+    rng = random.Random(0)
+    lens = [rng.randint(100, 1024) + rng.randint(100, 1024) for _ in range(256)]
+    query = torch.randn(256, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    report("bench mix: 256 x 200-2048", lens, query, caches, max(lens))
+    report("  same, graph max_len 8192", lens, query, caches, 8192)
+
+
+def sweep(caches: Caches) -> None:
+    """us per call of v1 (P=1) and v2 at several partition sizes, per batch and context;
+    ``maxlen`` rows pass a CUDA graph's max_context_len (8192) over shorter real contexts."""
+    sizes = (256, 512, 1024, 2048)
+    print("sweep (us): batch ctx maxlen | v1 | " + " | ".join(f"v2 ps={s}" for s in sizes)
+          + " | heuristic P", flush=True)
+    scale = HEAD_DIM**-0.5
+    for batch in (1, 4, 16, 32, 64, 128, 256):
+        for context, max_len in ((512, 512), (2048, 2048), (8192, 8192), (2048, 8192)):
+            if batch * max_len > MAX_TOKENS:
+                continue
+            lens = [context] * batch
+            ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+            table = block_table(batch, max_len, 16)
+            query = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+
+            def run(parts):
+                return lambda: paged_attention(query, caches.key, caches.value, table, ctx, 16, max_len, scale,
+                                               num_partitions=parts)
+
+            cells = [timed(run(1))]
+            cells += [timed(run(triton.cdiv(max_len, s))) if s < max_len else float("nan") for s in sizes]
+            print(f"sweep {batch:3d} {context:4d} {max_len:4d} | " + " | ".join(f"{c * 1e3:7.1f}" for c in cells)
+                  + f" | {choose_num_partitions(batch, NUM_KV_HEADS, max_len, query.device)}", flush=True)
+    print(f"(tile BLOCK_N={BLOCK_N})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="v1/v2 partition sweep instead of the table")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    caches = Caches.allocate()
+    sweep(caches) if args.sweep else main_table(caches)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Triton decode (PagedAttention v1 and v2) against the float32 torch reference.
+
+On CPU the kernels run in Triton's interpreter (see triton_cpu.py) on small shapes; the
+``gpu`` tests sweep block sizes, head dims, GQA ratios and contexts on CUDA, FP8 caches and a
+padded batch replayed in a CUDA graph.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import triton_cpu  # noqa: F401  (before the kernels: interpreter on CPU)
+from paged_kv_case import PagedKV
+
+from nanovllm.attention.ops.paged_attention_ref import paged_attention_v1
+from nanovllm.attention.ops.triton_decode import choose_num_partitions, paged_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def decode(case, query, max_context_len=None, **kwargs):
+    max_context_len = case.block_tables.shape[1] * case.block_size if max_context_len is None else max_context_len
+    return paged_attention(query, case.key_cache, case.value_cache, case.block_tables, case.lens, case.block_size,
+                           max_context_len, query.shape[-1] ** -0.5, case.k_scale, case.v_scale, **kwargs)
+
+
+def reference(case, query):
+    """Float32 reference over the (dequantized) cache, returned in the query's dtype as the kernel is."""
+    key_cache, value_cache = case.float_caches()
+    out = paged_attention_v1(query.float(), key_cache, value_cache, case.block_tables, case.lens, case.block_size,
+                             case.block_tables.shape[1] * case.block_size, query.shape[-1] ** -0.5)
+    return out.to(query.dtype)
+
+
+# -- CPU (interpreter) ----------------------------------------------------------------------------
+
+SHAPES = [(8, 2, 64, 16), (6, 2, 128, 32), (4, 4, 64, 16), (16, 2, 64, 64)]  # (heads, kv heads, head dim, block)
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 2e-3}
+
+
+CASES = [(shape, torch.float32) for shape in SHAPES] + [(SHAPES[0], torch.float16), (SHAPES[1], torch.bfloat16)]
+
+
+@pytest.mark.parametrize("num_partitions", [1, 3, None])
+@pytest.mark.parametrize("shape,dtype", CASES, ids=str)
+def test_decode_matches_reference(shape, dtype, num_partitions):
+    torch.manual_seed(0)
+    heads, kv_heads, head_dim, block = shape
+    case = PagedKV([1, block, 2 * block + 5, 0, 77], kv_heads, head_dim, block, dtype, DEVICE)
+    query = torch.randn(5, heads, head_dim, device=DEVICE).to(dtype)
+    out = decode(case, query, num_partitions=num_partitions)
+    assert out.shape == query.shape and out.dtype == dtype
+    assert torch.equal(out[3], torch.zeros_like(out[3]))  # empty context (a padding row) -> zeros
+    assert rel_err(out, reference(case, query)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_fp8_cache_matches_dequantized_reference(dtype):
+    torch.manual_seed(1)
+    case = PagedKV([3, 40, 100], 2, 64, 16, dtype, DEVICE, fp8=True)
+    query = torch.randn(3, 8, 64, device=DEVICE).to(dtype)
+    for num_partitions in (1, 2):  # an FP8 cache is multiplied in float16: 1e-3 even for a float32 query
+        assert rel_err(decode(case, query, num_partitions=num_partitions), reference(case, query)) < 2e-3
+
+
+def test_decode_into_out():
+    torch.manual_seed(2)
+    case = PagedKV([5, 50], 3, 64, 16, torch.float32, DEVICE)
+    query = torch.randn(2, 9, 64, device=DEVICE)
+    out = torch.full_like(query, float("nan"))
+    assert decode(case, query, out=out) is out
+    assert rel_err(out, reference(case, query)) < 1e-5
+
+
+def test_partition_heuristic():
+    cpu = torch.device("cpu")  # taken as an H100's 132 SMs
+    assert choose_num_partitions(512, 8, 1024, cpu) == 1  # one partition of 1024 tokens: v1
+    assert choose_num_partitions(512, 8, 8192, cpu) == 8
+    assert choose_num_partitions(32, 8, 8192, cpu) == 16
+    assert choose_num_partitions(1, 8, 8192, cpu) == 32  # few programs: short partitions
+    assert choose_num_partitions(1, 8, 200, cpu) == 1
+
+
+def test_decode_rejects_bad_input():
+    case = PagedKV([5], 2, 64, 16, torch.float32, DEVICE)
+    query = torch.randn(1, 4, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="block_size"):
+        paged_attention(query, case.key_cache, case.value_cache, case.block_tables, case.lens, 32, 16, 0.1)
+    bad_block = PagedKV([5], 2, 64, 16, torch.float32, DEVICE).key_cache[:, :12]
+    with pytest.raises(ValueError, match="power of two"):
+        paged_attention(query, bad_block, bad_block, case.block_tables, case.lens, 12, 12, 0.1)
+    odd_dim = torch.randn(3, 16, 2, 96)
+    with pytest.raises(ValueError, match="head_dim must be one of"):
+        paged_attention(torch.randn(1, 4, 96), odd_dim, odd_dim, case.block_tables, case.lens, 16, 16, 0.1)
+    fp8 = case.key_cache.to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="k_scale and v_scale"):
+        paged_attention(query, fp8, fp8, case.block_tables, case.lens, 16, 16, 0.1)
+    with pytest.raises(ValueError, match="only allowed with an fp8"):
+        paged_attention(query, case.key_cache, case.value_cache, case.block_tables, case.lens, 16, 16, 0.1,
+                        torch.ones(2), torch.ones(2))
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        paged_attention(torch.randn(1, 3, 64), case.key_cache, case.value_cache, case.block_tables, case.lens,
+                        16, 16, 0.1)
+    with pytest.raises(ValueError, match="context_lens"):
+        paged_attention(query, case.key_cache, case.value_cache, case.block_tables, case.lens.long(), 16, 16, 0.1)
+    with pytest.raises(ValueError, match="max_context_len"):
+        paged_attention(query, case.key_cache, case.value_cache, case.block_tables, case.lens, 16, 10**6, 0.1)
+
+
+# -- GPU ------------------------------------------------------------------------------------------
+
+
+def sweep_cases(seed, count):
+    """Random (heads, kv heads, head dim, block, lens) over the issue's grid: blocks 16/32/64/256,
+    head dims 64/128, GQA 1/2/4/8, contexts 1-4096 (a padding row of length 0 in every batch)."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        kv_heads, group = rng.choice([1, 2, 4, 8]), rng.choice([1, 2, 4, 8])
+        lens = [rng.choice([rng.randint(1, 64), rng.randint(1, 4096)]) for _ in range(rng.randint(1, 8))] + [0]
+        yield kv_heads * group, kv_heads, rng.choice([64, 128]), rng.choice([16, 32, 64, 256]), lens
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("num_partitions", [1, 4, None])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_decode_sweep(num_partitions, fp8):
+    worst = 0.0
+    for heads, kv_heads, head_dim, block, lens in sweep_cases(seed=num_partitions or 0, count=24):
+        case = PagedKV(lens, kv_heads, head_dim, block, torch.bfloat16, DEVICE, fp8=fp8)
+        query = torch.randn(len(lens), heads, head_dim, device=DEVICE).bfloat16()
+        out = decode(case, query, num_partitions=num_partitions)
+        assert not out.isnan().any() and torch.equal(out[-1], torch.zeros_like(out[-1]))
+        worst = max(worst, rel_err(out, reference(case, query)))
+    print(f"decode {'fp8' if fp8 else 'bf16'} partitions={num_partitions}: worst rel err {worst:.2e}")
+    assert worst <= (4e-3 if fp8 else 2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_gpu_decode_in_cuda_graph_padded_batch(fp8):
+    """Captured once for a padded batch and max_model_len, replayed with new lengths and queries."""
+    torch.manual_seed(3)
+    lens = [700, 33, 1, 2048, 0, 0]  # the last two are padding rows
+    case = PagedKV(lens, 8, 128, 16, torch.bfloat16, DEVICE, fp8=fp8, extra_cols=300)
+    max_model_len = case.block_tables.shape[1] * 16
+    query = torch.randn(len(lens), 16, 128, device=DEVICE).bfloat16()
+    out = torch.empty_like(query)
+    for num_partitions in (1, None):
+        decode(case, query, max_model_len, out=out, num_partitions=num_partitions)  # compile outside capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            decode(case, query, max_model_len, out=out, num_partitions=num_partitions)
+        for new_lens in ([700, 33, 1, 2048, 0, 0], [5, 20, 1, 1500, 0, 0]):  # within each sequence's blocks
+            case.lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+            query.copy_(torch.randn_like(query))
+            out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out[4:], torch.zeros_like(out[4:]))
+            ref = reference(case, query)
+            assert rel_err(out[:4], ref[:4]) <= (4e-3 if fp8 else 2e-3)
