@@ -90,7 +90,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.kv_usage = KVUsage()
         self.proposer = proposer
-        self.spec = config.speculative_config
+        self.spec = config.speculative_config if proposer is not None else None
         self.num_proposed_tokens = self.num_accepted_tokens = 0
         self._seq_ids = itertools.count()
 

@@ -126,7 +126,8 @@ class DraftModelProposer:
     def _catch_up(self, drafts: list[Sequence]) -> PendingSample:
         """Compute the tokens each draft lacks, in chunks of the token budget; sample the first proposals."""
         budget = self.config.max_num_batched_tokens
-        while sum(d.num_uncomputed_tokens for d in drafts) > budget and any(d.num_uncomputed_tokens > 1 for d in drafts):
+        while (sum(d.num_uncomputed_tokens for d in drafts) > budget
+               and any(d.num_uncomputed_tokens > 1 for d in drafts)):
             chunk, left = [], budget
             for draft in drafts:  # all but the last token, which the sampling launch computes
                 chunk.append(max(min(draft.num_uncomputed_tokens - 1, left), 0))

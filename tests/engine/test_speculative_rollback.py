@@ -54,7 +54,8 @@ class FakeKV:
         refs = [0] * bm.num_blocks
         for seq in scheduler.running:
             # no block past the tokens (a rejected proposal's is freed); the newest token's may come later
-            assert bm.num_blocks_for(seq.num_computed_tokens) <= len(seq.block_table) <= bm.num_blocks_for(seq.num_tokens)
+            num_blocks = len(seq.block_table)
+            assert bm.num_blocks_for(seq.num_computed_tokens) <= num_blocks <= bm.num_blocks_for(seq.num_tokens)
             assert seq.num_committed_tokens <= seq.num_computed_tokens <= seq.num_tokens
             for block in seq.block_table:
                 refs[block] += 1

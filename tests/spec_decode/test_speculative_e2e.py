@@ -106,7 +106,8 @@ def test_sampling_params_hold_within_accepted_runs(qwen3):
         SamplingParams(temperature=1.0, top_p=0.9, min_p=0.05, seed=11, max_tokens=13, ignore_eos=True),
     ]
     batch = [prompts[0], prompts[1], prompts[2], prompts[2], prompts[1]]
-    base = LLM(path, skip_tokenizer_init=True, device="cpu", num_kvcache_blocks=64).generate(batch, params, use_tqdm=False)
+    base = LLM(path, skip_tokenizer_init=True, device="cpu", num_kvcache_blocks=64)
+    base = base.generate(batch, params, use_tqdm=False)
     llm = LLM(path, skip_tokenizer_init=True, device="cpu", num_kvcache_blocks=64, speculative_config=ngram(5))
     spec = llm.generate(batch, params, use_tqdm=False)
     assert llm.stats()["spec_accepted_tokens"] > 0
@@ -163,7 +164,8 @@ def test_sampled_tokens_keep_the_target_distribution(tiny_model):
               kv_cache_memory_bytes=64 << 20,
               speculative_config={"method": "draft_model", "model": path, "num_speculative_tokens": 2,
                                   "disable_by_batch_size": 1024})
-    outs = tokens(llm, [prompt] * draws, SamplingParams(temperature=temperature, top_k=k, max_tokens=3, ignore_eos=True))
+    params = SamplingParams(temperature=temperature, top_k=k, max_tokens=3, ignore_eos=True)
+    outs = tokens(llm, [prompt] * draws, params)
     stats = llm.stats()
     assert 0.2 < stats["spec_accepted_tokens"] / stats["spec_proposed_tokens"] < 0.9  # both paths taken often
     counts = collections.Counter(map(tuple, outs))
