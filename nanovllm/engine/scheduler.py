@@ -111,11 +111,11 @@ class Scheduler:
         batch = self._schedule_prefill() or self._schedule_decode()
         if batch is not None:
             batch.block_copies = self.block_manager.take_copies()
-            self._record_kv_usage()
         return batch
 
     def _record_kv_usage(self) -> None:
-        """Count each used block's filled slots once, however many sequences share it.
+        """Count each used block's filled slots once, however many sequences share it, as they
+        stand once a launched step has run (its tokens count as stored).
 
         A block that some holder has not filled is in that holder's tail: from the block of
         its last computed token on. Every used block outside all tails is full.
@@ -225,6 +225,7 @@ class Scheduler:
                     seq.pending_forks = 0  # a parent recomputed after preemption does not fork again
                 seq.token_ids.append(PLACEHOLDER)
                 batch.sampled += [(seq, index) for index in range(seq.num_tokens - num_sampled, seq.num_tokens)]
+        self._record_kv_usage()
         return children
 
     def fork(self, parent: Sequence, n: int, recompute_last: bool = False,

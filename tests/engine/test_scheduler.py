@@ -72,10 +72,10 @@ class Driver:
             self.num_idle_schedules += 1
         self.batches.append(batch)
         if batch is not None:
-            self._count_kv_slots()
             self._check_batch(batch)
             self._forward(batch)
             self.seqs += sched.advance(batch)
+            self._count_kv_slots()
             for seq, index in batch.sampled:
                 assert seq.token_ids[index] == PLACEHOLDER
                 self.device[seq.seq_id, index] = self.sample(seq, index)
@@ -403,12 +403,12 @@ def test_kv_waste_fraction_counts_each_slot_once():
     eng = Driver(block_size=4)
     sched = eng.scheduler
     parent = eng.add(list(range(6)), max_tokens=3, n=2)  # blocks: full, 2 of 4
-    eng.step()  # prefill: 8 slots allocated, none computed yet
-    assert (sched.kv_usage.slots_allocated, sched.kv_usage.slots_filled) == (8, 0)
+    eng.step()  # prefill: 8 slots allocated, the prompt's 6 stored once the step has run
+    assert (sched.kv_usage.slots_allocated, sched.kv_usage.slots_filled) == (8, 6)
     eng.add([9, 9, 9], max_tokens=3)
     eng.step()  # prefill of the new prompt while parent and child still share the partial block
-    # 3 blocks; the shared one holds positions 4 and 5 for both: 4 + 2 + 0 filled, counted once
-    assert (sched.kv_usage.slots_allocated, sched.kv_usage.slots_filled) == (8 + 12, 0 + 6)
+    # 3 blocks; the shared one holds positions 4 and 5 for both, counted once: 4 + 2 + 3 filled
+    assert (sched.kv_usage.slots_allocated, sched.kv_usage.slots_filled) == (8 + 12, 6 + 9)
     for _ in range(3):
         eng.step()  # Driver.check compares every step's counts with its own from the block tables
     usage = sched.kv_usage
