@@ -118,18 +118,23 @@ class Scheduler:
         stand once a launched step has run (its tokens count as stored).
 
         A block that some holder has not filled is in that holder's tail: from the block of
-        its last computed token on. Every used block outside all tails is full.
+        its last computed token on. A block outside every holder's tail is full, and so is a
+        tail block that another holder has outside its tail (it holds more references than
+        there are tails it is in): only tails are walked, not whole block tables.
         """
-        bs = self.block_manager.block_size
-        tails: dict[int, int] = {}  # block id -> the most slots any holder has filled
+        bm = self.block_manager
+        bs = bm.block_size
+        tails: dict[int, list[int]] = {}  # block id -> [the most slots a holder filled, tails it is in]
         for seq in self.running:
             computed = seq.num_computed_tokens
             for i in range(max(computed - 1, 0) // bs, len(seq.block_table)):
-                filled = min(max(computed - i * bs, 0), bs)
-                tails[seq.block_table[i]] = max(tails.get(seq.block_table[i], 0), filled)
-        used = self.block_manager.num_used_blocks
+                entry = tails.setdefault(seq.block_table[i], [0, 0])
+                entry[0] = max(entry[0], min(max(computed - i * bs, 0), bs))
+                entry[1] += 1
+        filled_in_tails = sum(bs if bm.blocks[b].ref_count > n else most for b, (most, n) in tails.items())
+        used = bm.num_used_blocks
         self.kv_usage.slots_allocated += used * bs
-        self.kv_usage.slots_filled += (used - len(tails)) * bs + sum(tails.values())
+        self.kv_usage.slots_filled += (used - len(tails)) * bs + filled_in_tails
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
         seqs, counts, budget = [], [], self.max_num_batched_tokens

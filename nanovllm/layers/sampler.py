@@ -12,7 +12,8 @@ Triton kernels find tau without sorting the vocabulary: one read gives the row's
 softmax normaliser and per-lane maxima; the maxima bound the top-k / top-p thresholds from
 below, the few entries above that bound are gathered and sorted, and a last read samples.
 Rows where the bound would gather too much (a nucleus of thousands of tokens) fall back to a
-full sort of those rows. On CPU the same semantics run in plain torch.
+full sort of those rows. On CPU, and for small batches on CUDA, the same semantics run in plain
+torch.
 
 Logprobs are those of the raw logits (before penalties and temperature), vLLM's default,
 and are computed only when some row asked for them (`sampling_params.logprobs` not None);
@@ -36,6 +37,10 @@ from nanovllm.sampling_params import SamplingParams
 GREEDY_TEMPERATURE = 1e-5
 # Candidates gathered per row on the GPU path; rows needing more are sorted in full.
 CANDIDATES = 2048
+# The Triton kernels run one program per row: below this many rows most SMs would idle while a
+# few stream whole rows (1.8 ms for one 152k-wide row on the H100), so small batches take the
+# torch path, whose elementwise kernels spread each row over the whole GPU.
+TRITON_MIN_ROWS = 32
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = (1 << 64) - 1
@@ -326,7 +331,7 @@ class Sampler(torch.nn.Module):
         if t.penalties is not None:
             x = apply_penalties(x.float(), t.penalties)
         keys = self._keys(t, logits.device)
-        if logits.is_cuda:
+        if logits.is_cuda and logits.shape[0] >= TRITON_MIN_ROWS:
             return _forward_triton(raw, x, keys, t)
         return _forward_torch(raw, x, keys, t)
 

@@ -296,10 +296,13 @@ def test_prefix_caching_matches_no_caching(model_dir, llm, backend):
 
 
 def test_preemption_matches_big_cache(model_dir, llm, backend):
-    """6 prompts of ~240 tokens, all admitted into a cache of 7 * 256 tokens; past 256 tokens they
-    need more than it holds, so the latest arrivals are preempted and later recomputed."""
+    """6 prompts of ~240 tokens, all admitted into a cache one block larger than their prompts
+    need; as they grow they need more than it holds, so the latest arrivals are preempted and
+    later recomputed. (Sized per block: a fixed 7 * 256 tokens never fills at block 16.)"""
     prompts = random_prompts([230, 240, 245, 250, 235, 248], seed=50, vocab=VOCAB)
-    small = LLM(model_dir("qwen3"), **engine_args(backend, num_kvcache_blocks=7 * 256 // backend[1]))
+    block = backend[1]
+    num_blocks = sum(-(-(len(p) + 1) // block) for p in prompts) + 1
+    small = LLM(model_dir("qwen3"), **engine_args(backend, num_kvcache_blocks=num_blocks))
     out = generate(small, prompts, 48)
     assert small.stats()["num_preemptions"] > 0
     del small

@@ -10,6 +10,7 @@ has the sampled values, so the next forward reads them.
 """
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 from hypothesis import HealthCheck, event, given, settings
@@ -330,7 +331,8 @@ def test_fork_at_a_block_boundary_copies_the_block_the_child_rewrites():
     eng.run()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("NANOVLLM_PROPERTY_EXAMPLES", 300)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(
     num_blocks=st.integers(6, 20),
     block_size=st.integers(1, 4),
