@@ -86,9 +86,10 @@ class AsyncLLM:
                         self._loop.call_soon_threadsafe(self._dispatch, outputs)
         except BaseException as e:  # noqa: BLE001 - every live request must hear of it
             self.error = e
-            self._loop.call_soon_threadsafe(self._fail_all, e)
         finally:
             self._fail_pending_commands()
+            reason = f"the engine loop died: {self.error!r}" if self.error else "the engine was shut down"
+            self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(reason))
 
     def _apply_commands(self, block: bool) -> None:
         """Run queued commands on the engine; wait for one first when there is nothing to step."""
@@ -125,9 +126,9 @@ class AsyncLLM:
             if stream is not None:
                 stream.put_nowait(output)
 
-    def _fail_all(self, error: BaseException) -> None:
+    def _fail_all(self, error: EngineDeadError) -> None:
         for stream in self._streams.values():
-            stream.put_nowait(EngineDeadError(f"the engine loop died: {error!r}"))
+            stream.put_nowait(error)
 
     async def _call(self, command: Callable[[], object]) -> object:
         """Run `command` on the engine thread, between steps; its result or exception comes back."""
@@ -210,14 +211,18 @@ class AsyncLLM:
             return self.engine.stats()
         return await self._call(self.engine.stats)
 
-    async def shutdown(self) -> None:
-        """Stop the loop after the current step; live requests end with EngineDeadError."""
-        if self._thread is None:
-            return
+    def stop(self) -> None:
+        """Ask the loop to stop after the current step (from any thread, a signal handler too);
+        live requests then end with EngineDeadError."""
         self._stopping = True
         self._commands.put((lambda: None, None))  # wake the loop if it waits for a command
+
+    async def shutdown(self) -> None:
+        """Stop the loop and wait until it has stopped."""
+        if self._thread is None:
+            return
+        self.stop()
         await asyncio.to_thread(self._thread.join)
-        self._fail_all(EngineDeadError("the engine was shut down"))
 
 
 class RequestStream:

@@ -66,11 +66,20 @@ def serve(argv: list[str] | None = None) -> None:
     args = serve_parser().parse_args(argv)
     llm = AsyncLLM.from_engine_args(args.model, max_pending=args.max_pending, **engine_args(args))
     app = build_app(llm, args.served_model_name or args.model or DEFAULT_MODEL_NAME, args.api_key)
+
+    class Server(uvicorn.Server):
+        """At the first signal, also stop the engine: in-flight streams end (an error event, then
+        [DONE]) instead of running to their max_tokens while uvicorn waits for them."""
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            super().handle_exit(sig, frame)
+            llm.stop()
+
     # uvicorn shuts down gracefully on these signals, then raises the signal again so that the previous
     # handler runs; the default handlers would kill the process (status 130/143) after a clean shutdown.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(app, host=args.host, port=args.port)
+    Server(uvicorn.Config(app, host=args.host, port=args.port)).run()
 
 
 def main(argv: list[str] | None = None) -> None:
