@@ -175,8 +175,9 @@ class AsyncLLM:
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's deltas as the engine produces them; the last one has `finished`.
 
-        Leaving the loop early (break, cancellation, a client gone) aborts the
-        request and frees its KV blocks.
+        Closing the generator early (cancellation, or `break` inside
+        `contextlib.aclosing(...)`) aborts the request and frees its KV blocks at
+        once; a generator merely dropped after `break` is closed later, by the event loop.
         """
         stream = await self.add_request(request_id or uuid.uuid4().hex, prompt, sampling_params)
         try:

@@ -89,11 +89,11 @@ def test_chat_stream_equals_whole(client, offline):
 
 def test_token_prompts_and_default_max_tokens(client, offline):
     """Several token-id prompts in one request; max_tokens absent means the rest of the context."""
-    prompts = [[5, 6, 7], [9] * 1000]
+    prompts = [[5, 6, 7] * 330, [9] * 1000]
     whole = client.completions.create(model=NAME, prompt=prompts, temperature=0, extra_body={"ignore_eos": True})
     assert [c.index for c in whole.choices] == [0, 1]
     assert whole.choices[1].text == greedy_text(offline, prompts[1], max_tokens=24)  # 1024 - 1000
-    assert whole.usage.prompt_tokens == 1003
+    assert whole.usage.prompt_tokens == 1990 and whole.usage.completion_tokens == 34 + 24
 
 
 def test_64_concurrent_streams_match_offline(server, offline):
