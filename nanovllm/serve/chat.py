@@ -28,10 +28,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     run = await state.start("chatcmpl", [state.chat_prompt(body.messages)], body)
     if body.stream:
         return sse_response(run, chat_chunks(state, body, run))
-    try:
-        completions = await run.collect(request)
-    finally:
-        run.close()
+    completions = await run.collect(request)
     choices = [ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
                           logprobs=logprobs(state, body, c)) for i, c in enumerate(completions)]
     return ChatCompletionResponse(id=run.request_id, created=run.created, model=state.served_model_name,

@@ -19,10 +19,7 @@ async def create_completion(state: ServerState, body: CompletionRequest,
     run = await state.start("cmpl", prompts, body)
     if body.stream:
         return sse_response(run, completion_chunks(state, body, run))
-    try:
-        completions = await run.collect(request)
-    finally:
-        run.close()
+    completions = await run.collect(request)
     choices = [CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason,
                                 logprobs=None if c.logprobs is None else
                                 completion_logprobs(state.tokenizer, c.logprobs, 0))

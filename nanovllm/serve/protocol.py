@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from nanovllm.sampling_params import SamplingParams
 
@@ -68,6 +68,13 @@ class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | TokenIds | list[TokenIds]
     logprobs: int | None = None
 
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, prompt: object) -> object:
+        if prompt == []:
+            raise ValueError("the prompt list is empty")
+        return prompt
+
     def num_logprobs(self) -> int | None:
         return self.logprobs
 
@@ -75,7 +82,7 @@ class CompletionRequest(SamplingRequest):
         """The prompts as a list: one str or token-id list per prompt."""
         if isinstance(self.prompt, str):
             return [self.prompt]
-        if self.prompt and all(isinstance(t, int) for t in self.prompt):
+        if all(isinstance(t, int) for t in self.prompt):
             return [self.prompt]
         return list(self.prompt)
 
@@ -132,11 +139,16 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class CompletionResponse(BaseModel):
+class ResponseHeader(BaseModel):
+    """The fields every response object and stream chunk starts with."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
+
+
+class CompletionResponse(ResponseHeader):
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -167,11 +179,8 @@ class ChatChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(ResponseHeader):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatChoice]
     usage: Usage
 
@@ -188,11 +197,8 @@ class ChatChunkChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(ResponseHeader):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 

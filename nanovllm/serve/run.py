@@ -67,7 +67,8 @@ class Run:
                 yield Choice(i * self.n + completion.index, completion)
 
     async def collect(self, request: Request) -> list[CompletionOutput]:
-        """The whole completions, by choice index; a client that disconnects first aborts the run."""
+        """The whole completions, by choice index; then the run is closed. A client that
+        disconnects first aborts the run (CancelledError)."""
         whole: dict[int, CompletionOutput] = {}
 
         async def gather() -> None:
@@ -77,7 +78,10 @@ class Run:
                 else:
                     whole[choice.index] = choice.delta
 
-        await until_disconnected(request, gather())
+        try:
+            await until_disconnected(request, gather())
+        finally:
+            self.close()
         return [whole[i] for i in sorted(whole)]
 
 

@@ -170,6 +170,8 @@ BAD_REQUESTS = [
     ("/v1/completions", b"{not json", 400),
     ("/v1/completions", {"prompt": "hello", "max_tokens": "many"}, 400),
     ("/v1/completions", {"prompt": 12}, 400),
+    ("/v1/completions", {"prompt": []}, 400),
+    ("/v1/completions", {"prompt": [[]]}, 400),
     ("/v1/completions", {"prompt": "hello", "logit_bias": {}}, 400),
     ("/v1/completions", {"prompt": [1] * 1100}, 400),
     ("/v1/completions", {"prompt": "hello", "max_tokens": 1024}, 400),
