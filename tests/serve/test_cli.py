@@ -11,7 +11,7 @@ import pytest
 from server_process import ServerProcess
 
 from nanovllm.config import Config
-from nanovllm.serve.cli import engine_args, serve_parser
+from nanovllm.serve.cli import engine_args, main, serve_parser
 
 KEY = "secret-key"
 
@@ -32,6 +32,12 @@ def test_flags_parse_to_engine_arguments():
                                      enable_prefix_caching=False, gpu_memory_utilization=0.5,
                                      speculative_config=spec)
     assert engine_args(serve_parser().parse_args([])) == {}  # unset flags keep Config's defaults
+
+
+def test_console_script_runs_serve(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["serve", "--help"])
+    assert exit.value.code == 0 and "usage: nanovllm serve" in capsys.readouterr().out
 
 
 def test_bad_flag_value_is_an_error():
