@@ -52,6 +52,36 @@ def tiny_model(tmp_path_factory):
     return get
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m.role }} {{ m.content }} <|im_end|> {% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+WORDS = ("the a river town baker bird bridge market apple box child list quiet every past where of and to "
+         "in is was it you hello world what how why name tell me story user assistant system").split()
+
+
+def build_tiny_tokenizer(path: str) -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny models' 384 ids, with a chat template; built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    words = WORDS + [f"w{i}" for i in range(TINY["vocab_size"] - len(specials) - len(WORDS))]
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
+                                                     eos_token="<|im_end|>", bos_token="<|im_start|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> str:
+    """A tiny random qwen3 model with a tiny word-level tokenizer and chat template: its directory."""
+    path = str(tmp_path_factory.mktemp("qwen3-chat"))
+    build_tiny_model("qwen3", path)
+    build_tiny_tokenizer(path)
+    return path
+
+
 def random_prompts(lengths: list[int], seed: int = 1, vocab: int = TINY["vocab_size"]) -> list[list[int]]:
     """Random token-id prompts of the given lengths, reproducible from the seed."""
     g = torch.Generator().manual_seed(seed)

@@ -1,0 +1,117 @@
+"""Serving benchmark: N streaming completions with Poisson arrivals against a running server.
+
+    nanovllm serve preset:qwen3-0.6b --load-format dummy --skip-tokenizer-init &
+    python bench_serve.py --num-prompts 256 --request-rate inf --input-len 512 --output-len 512
+
+Prompts are random token ids and `ignore_eos` is set, so every request has exactly the given
+lengths (as bench.py). Prints output throughput and the p50/p90/p99 of time to first token
+(TTFT) and inter-token latency (ITL, per streamed token after the first), then a JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+
+
+@dataclass
+class Result:
+    ttft: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", default=None, help="the served model name (default: the server's first)")
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--request-rate", type=float, default=float("inf"), help="requests per second; inf: all at once")
+    p.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--vocab-size", type=int, default=10000, help="prompt token ids are drawn below this")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+async def one_request(http: httpx.AsyncClient, body: dict) -> Result:
+    """Stream one completion; token counts come from the final usage chunk."""
+    result, start = Result(), time.perf_counter()
+    last = None
+    async with http.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if chunk.get("error"):
+                raise RuntimeError(chunk["error"]["message"])
+            if not chunk["choices"]:
+                result.output_tokens = chunk["usage"]["completion_tokens"]
+                continue
+            now = time.perf_counter()
+            if last is None:
+                result.ttft = now - start
+            else:
+                result.itl.append(now - last)
+            last = now
+    return result
+
+
+async def run(args: argparse.Namespace) -> tuple[list[Result], float]:
+    rng = random.Random(args.seed)
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=args.max_concurrency or args.num_prompts)
+    async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=None, limits=limits) as http:
+        model = args.model or (await http.get("/v1/models")).json()["data"][0]["id"]
+        gate = asyncio.Semaphore(args.max_concurrency or args.num_prompts)
+
+        async def send(body: dict) -> Result:
+            async with gate:
+                return await one_request(http, body)
+
+        tasks = []
+        start = time.perf_counter()
+        for _ in range(args.num_prompts):
+            prompt = [rng.randrange(args.vocab_size) for _ in range(args.input_len)]
+            tasks.append(asyncio.create_task(send(dict(
+                model=model, prompt=prompt, max_tokens=args.output_len, ignore_eos=True, temperature=0.6,
+                stream=True, stream_options={"include_usage": True}))))
+            if args.request_rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(args.request_rate))  # Poisson arrivals
+        results = await asyncio.gather(*tasks)
+        return results, time.perf_counter() - start
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    """p50/p90/p99 in milliseconds (0 without samples, e.g. ITL with --output-len 1)."""
+    cuts = np.percentile(seconds, [50, 90, 99]) * 1000 if seconds else [0.0] * 3
+    return dict(zip(("p50", "p90", "p99"), map(float, cuts)))
+
+
+def main() -> None:
+    args = parse_args()
+    results, seconds = asyncio.run(run(args))
+    tokens = sum(r.output_tokens for r in results)
+    ttft = percentiles([r.ttft for r in results])
+    itl = percentiles([t for r in results for t in r.itl])
+    print(f"requests: {len(results)}, output tokens: {tokens}, time: {seconds:.2f} s, "
+          f"throughput: {tokens / seconds:.0f} tok/s, {len(results) / seconds:.2f} req/s")
+    for name, p in (("TTFT", ttft), ("ITL", itl)):
+        print(f"{name} ms: p50 {p['p50']:.1f}, p90 {p['p90']:.1f}, p99 {p['p99']:.1f}")
+    print(json.dumps({"requests": len(results), "output_tokens": tokens, "seconds": round(seconds, 3),
+                      "throughput_tok_s": round(tokens / seconds, 1),
+                      "ttft_ms": {k: round(v, 2) for k, v in ttft.items()},
+                      "itl_ms": {k: round(v, 2) for k, v in itl.items()}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""AsyncLLM: one stepping thread over the engine core, streams of deltas, abort, bounds, a dead loop."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+from conftest import random_prompts
+
+from nanovllm import LLM, RequestOutput, SamplingParams
+from nanovllm.async_llm import AsyncLLM, EngineDeadError, QueueFullError
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    path, _ = tiny_model("qwen3")
+    return LLM(path, skip_tokenizer_init=True, device="cpu", num_kvcache_blocks=256)
+
+
+def run(engine: LLM, body, **kwargs) -> object:
+    """Run `body(llm)` in a fresh event loop with an AsyncLLM over `engine`, shut down afterwards."""
+    async def main() -> object:
+        llm = AsyncLLM(engine, **kwargs)
+        try:
+            return await body(llm)
+        finally:
+            await llm.shutdown()
+
+    return asyncio.run(main())
+
+
+async def merged(llm: AsyncLLM, prompt: list[int], params: SamplingParams) -> RequestOutput:
+    whole = None
+    async for delta in llm.generate(prompt, params):
+        if whole is None:
+            whole = delta
+        else:
+            whole.add(delta)
+    whole.outputs.sort(key=lambda c: c.index)
+    return whole
+
+
+def test_concurrent_streams_merge_to_generate(engine):
+    prompts = random_prompts([5, 17, 9, 30], seed=3)
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+              SamplingParams(n=2, seed=5, temperature=1.0, max_tokens=10, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=1, max_tokens=20, ignore_eos=True)]
+    expected = engine.generate(prompts, params, use_tqdm=False)
+
+    async def body(llm: AsyncLLM) -> list[RequestOutput]:
+        return await asyncio.gather(*(merged(llm, p, sp) for p, sp in zip(prompts, params)))
+
+    for got, want in zip(run(engine, body), expected):
+        assert got.finished and got.prompt_token_ids == want.prompt_token_ids
+        assert [(c.token_ids, c.finish_reason) for c in got.outputs] == \
+               [(c.token_ids, c.finish_reason) for c in want.outputs]
+        for c, w in zip(got.outputs, want.outputs):
+            assert [list(e) for e in c.logprobs or []] == [list(e) for e in w.logprobs or []]
+            assert [v for e in c.logprobs or [] for v in e.values()] == \
+                   pytest.approx([v for e in w.logprobs or [] for v in e.values()], abs=1e-4)
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_leaving_a_stream_aborts_it_and_frees_blocks(engine):
+    async def body(llm: AsyncLLM) -> tuple[int, dict]:
+        params = SamplingParams(max_tokens=500, ignore_eos=True)
+        async with contextlib.aclosing(llm.generate(random_prompts([40])[0], params)) as stream:
+            async for _ in stream:
+                used = (await llm.stats())["kv_blocks_used"]
+                break
+        return used, await llm.stats()
+
+    used, stats = run(engine, body)
+    assert used > 0 and stats["kv_blocks_used"] == 0 and stats["num_requests_running"] == 0
+
+
+def test_abort_ends_the_stream(engine):
+    async def body(llm: AsyncLLM) -> tuple[list[RequestOutput], dict]:
+        stream = await llm.add_request("r1", random_prompts([8])[0], SamplingParams(max_tokens=500, ignore_eos=True))
+        first = await anext(stream)
+        await llm.abort("r1")
+        return [first] + [d async for d in stream], await llm.stats()
+
+    deltas, stats = run(engine, body)
+    assert not deltas[-1].finished and stats["kv_blocks_used"] == 0
+
+
+def test_bad_request_is_rejected_and_the_loop_keeps_serving(engine):
+    async def body(llm: AsyncLLM) -> RequestOutput:
+        with pytest.raises(ValueError, match="over max_model_len"):
+            await llm.add_request("bad", [1] * 2000, SamplingParams())
+        with pytest.raises(ValueError, match="temperature"):
+            await llm.add_request("bad", [1], SamplingParams(temperature=-1.0))
+        return await merged(llm, [1, 2, 3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+
+    assert len(run(engine, body).outputs[0].token_ids) == 4
+
+
+def test_max_pending_bounds_live_requests(engine):
+    async def body(llm: AsyncLLM) -> None:
+        params = SamplingParams(max_tokens=50, ignore_eos=True)
+        limit = engine.config.max_num_seqs + 1
+        streams = [await llm.add_request(f"r{i}", [1, 2], params) for i in range(limit)]
+        with pytest.raises(QueueFullError, match="limit"):
+            await llm.add_request("one-too-many", [1, 2], params)
+        for stream in streams:
+            stream.close()
+
+    run(engine, body, max_pending=1)
+
+
+def test_a_dying_loop_fails_live_requests(tiny_model):
+    path, _ = tiny_model("qwen3")
+    engine = LLM(path, skip_tokenizer_init=True, device="cpu", num_kvcache_blocks=64)
+
+    def broken_step() -> list[RequestOutput]:
+        raise RuntimeError("a device error")
+
+    engine.step = broken_step  # a fault in the engine, injected: the loop must not hang its requests
+
+    async def body(llm: AsyncLLM) -> bool:
+        with pytest.raises(EngineDeadError, match="a device error"):
+            async for _ in llm.generate([1, 2, 3], SamplingParams(max_tokens=4)):
+                pass
+        with pytest.raises(EngineDeadError):
+            await llm.add_request("later", [1], SamplingParams())
+        return llm.is_running
+
+    assert run(engine, body) is False
