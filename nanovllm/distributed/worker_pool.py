@@ -8,6 +8,7 @@ garbage collected or the interpreter exits, through the engine's finalizer).
 """
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +37,7 @@ class WorkerPool:
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         self.conns, self.procs = [], []
         self.tp: TensorParallel | None = None  # once rank 0 joined the group
+        self.worker_info: list[dict] = []  # ranks 1..N-1 once ready: num_blocks, cuda_graph_sizes
         self.closed = False
         try:
             for rank in range(1, config.tensor_parallel_size):
@@ -52,19 +54,29 @@ class WorkerPool:
             self.shutdown()
             raise
 
-    def expect(self, message: bytes, timeout: float) -> None:
-        """Wait for `message` from every worker; RuntimeError on anything else or after timeout seconds."""
+    def expect(self, tag: bytes, timeout: float) -> list[bytes]:
+        """Wait for a message starting with `tag` from every worker and return the rest of each;
+        RuntimeError on anything else or after timeout seconds."""
+        rests = []
         for rank, (conn, proc) in enumerate(zip(self.conns, self.procs), start=1):
             if not wait([conn, proc.sentinel], timeout):
-                raise RuntimeError(f"tensor-parallel worker rank {rank} sent no {message.decode()!r} "
-                                   f"within {timeout:.0f} s")
-            if conn.poll() and conn.recv_bytes() == message:
-                continue
-            raise RuntimeError(self.failure(0.0) or f"tensor-parallel worker rank {rank} failed")
+                raise RuntimeError(f"tensor-parallel worker rank {rank} sent no {tag.decode()!r} within {timeout:.0f} s")
+            message = conn.recv_bytes() if conn.poll() else b""
+            if message.startswith(tag):
+                rests.append(message[len(tag) :])
+            elif message:
+                raise RuntimeError(f"tensor-parallel worker rank {rank} failed:\n{message.decode()}")
+            else:
+                raise RuntimeError(self.failure(0.0) or f"tensor-parallel worker rank {rank} failed")
+        return rests
 
-    def wait_ready(self) -> None:
-        """After rank 0's runner is built: every worker has built its own."""
-        self.expect(READY, READY_TIMEOUT_S)
+    def wait_ready(self, num_blocks: int) -> None:
+        """After rank 0's runner is built: every worker has built its own, with num_blocks KV blocks."""
+        self.worker_info = [json.loads(m) for m in self.expect(READY, READY_TIMEOUT_S)]
+        for rank, info in enumerate(self.worker_info, start=1):
+            if info["num_blocks"] != num_blocks:
+                raise RuntimeError(f"tensor-parallel worker rank {rank} has {info['num_blocks']} KV blocks, "
+                                   f"rank 0 {num_blocks}")
 
     def send(self, step: StepInputs) -> None:
         """Every worker runs the step along with rank 0; RuntimeError if one has failed."""

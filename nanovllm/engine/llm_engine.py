@@ -108,7 +108,7 @@ class LLMEngine:
         try:
             with workers.watch():
                 runner = ModelRunner(self.config, calibration, workers.tp, workers)
-            workers.wait_ready()
+            workers.wait_ready(runner.num_blocks)
         except BaseException:
             workers.shutdown()
             raise
