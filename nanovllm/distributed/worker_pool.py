@@ -51,7 +51,7 @@ class WorkerPool:
             self.expect(STARTED, START_TIMEOUT_S)
             self.tp = init_tensor_parallel(0, config.tensor_parallel_size, init_method, config.device)
         except BaseException:
-            self.shutdown()
+            self.shutdown(timeout=0)
             raise
 
     def expect(self, tag: bytes, timeout: float) -> list[bytes]:
@@ -105,17 +105,19 @@ class WorkerPool:
 
     @contextmanager
     def watch(self) -> Iterator[None]:
-        """Turn an error in rank 0's part of a collective into the error of the worker that caused it."""
+        """Turn an error in rank 0's part of a collective (a RuntimeError) into the error of the worker
+        that caused it."""
         try:
             yield
-        except Exception as e:
+        except RuntimeError as e:
             failure = None if self.closed else self.failure(ERROR_WAIT_S)
             if failure:
                 raise RuntimeError(failure) from e
             raise
 
-    def shutdown(self) -> None:
-        """Stop the workers (terminated if they do not exit in time) and leave the group; idempotent."""
+    def shutdown(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Stop the workers (killed if they do not exit within timeout seconds: after an error they
+        may wait in a collective forever) and leave the group; idempotent."""
         if self.closed:
             return
         self.closed = True
@@ -125,7 +127,7 @@ class WorkerPool:
             except OSError:  # the worker is gone
                 pass
         for proc in self.procs:
-            proc.join(STOP_TIMEOUT_S)
+            proc.join(timeout)
             if proc.is_alive():
                 proc.kill()
                 proc.join()

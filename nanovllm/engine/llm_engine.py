@@ -110,7 +110,7 @@ class LLMEngine:
                 runner = ModelRunner(self.config, calibration, workers.tp, workers)
             workers.wait_ready(runner.num_blocks)
         except BaseException:
-            workers.shutdown()
+            workers.shutdown(timeout=0)
             raise
         return runner
 
