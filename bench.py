@@ -5,6 +5,7 @@
     python bench.py --model PATH --workload repeat --num-seqs 1 --temperature 0 \
         --speculative-method ngram --num-speculative-tokens 4     # speculative decoding
     ... --speculative-method draft_model --draft-model DRAFT_PATH
+    python bench.py --model preset:qwen3-8b --tensor-parallel-size 2    # two GPUs, dummy weights
 
 The `repeat` workload asks the model to repeat a 1-2k-token text of words and numbers with every
 number doubled (chat template of the model's tokenizer): output that n-gram lookup can predict.
@@ -37,6 +38,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--device", default="auto")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs (ranks) the model is split over")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     p.add_argument("--repeat", type=int, default=1, help="timed runs, each with fresh prompts")
     p.add_argument("--seed", type=int, default=0)
@@ -121,7 +123,7 @@ def main() -> None:
               attention_backend=args.attention_backend, kv_cache_dtype=args.kv_cache_dtype,
               enforce_eager=args.enforce_eager, device=args.device,
               skip_tokenizer_init=args.workload != "repeat", seed=args.seed,
-              speculative_config=speculative_config(args))
+              speculative_config=speculative_config(args), tensor_parallel_size=args.tensor_parallel_size)
     startup = time.perf_counter() - start
     print(f"startup: {startup:.1f} s")
     for i in range(args.warmup):
@@ -130,6 +132,7 @@ def main() -> None:
     best = max(runs, key=lambda r: r["throughput_tok_s"])
     stats = llm.stats()
     result = {**best, "startup_seconds": round(startup, 1), "runs": len(runs),
+              "tensor_parallel_size": args.tensor_parallel_size,
               "kv_blocks_total": stats["kv_blocks_total"], "kv_blocks_peak_used": stats["kv_blocks_peak_used"],
               "kv_blocks_used": stats["kv_blocks_used"], "kv_waste_fraction": round(stats["kv_waste_fraction"], 4)}
     print(f"output tokens: {best['output_tokens']}, time: {best['seconds']:.2f} s, "
@@ -143,6 +146,7 @@ def main() -> None:
         print(f"speculation: {best['spec_accepted_tokens']} of {best['spec_proposed_tokens']} proposed tokens "
               f"accepted ({best['spec_accepted_tokens'] / best['spec_proposed_tokens']:.0%})")
     print(json.dumps(result))
+    llm.shutdown()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from nanovllm.attention.kv_cache import KV_CACHE_DTYPES
 from nanovllm.attention.selector import BACKENDS as ATTENTION_BACKENDS
+from nanovllm.distributed.parallel_state import dist_backend
 from nanovllm.spec_decode.config import SpeculativeConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,6 +48,7 @@ class Config:
     max_logprobs: int = 20
     # vLLM's dict ({"method": "ngram" | "draft_model", ...}), parsed into a SpeculativeConfig
     speculative_config: "dict | SpeculativeConfig | None" = None
+    tensor_parallel_size: int = 1  # ranks the model is split over: worker processes 1..N-1, this one rank 0
     hf_config: PretrainedConfig = field(init=False, repr=False)
     eos_token_ids: list[int] = field(init=False, default_factory=list)  # set by the engine from the tokenizer
 
@@ -87,6 +89,7 @@ class Config:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.speculative_config is not None:
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config, self)
+        self._check_tensor_parallel()
 
     def _check_choices(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -99,6 +102,34 @@ class Config:
             raise ValueError(f"kv_cache_dtype must be one of {tuple(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+
+    def _check_tensor_parallel(self) -> None:
+        """Before any work: N splits the heads, the devices exist, torch.distributed has the backend."""
+        n = self.tensor_parallel_size
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"tensor_parallel_size must be an int >= 1, got {n!r}")
+        if n == 1:
+            return
+        heads = self.hf_config.num_attention_heads
+        kv_heads = getattr(self.hf_config, "num_key_value_heads", None) or heads
+        if heads % n:
+            raise ValueError(f"tensor_parallel_size={n} must divide the model's {heads} attention heads")
+        if kv_heads % n and n % kv_heads:
+            raise ValueError(f"tensor_parallel_size={n} must divide the model's {kv_heads} KV heads or be a "
+                             f"multiple of them (each rank then holds one replicated KV head)")
+        if self.device.startswith("cuda"):
+            if self.device != "cuda":
+                raise ValueError(f"tensor parallelism puts rank r on cuda:r; pass device='cuda', not {self.device!r}")
+            if n > torch.cuda.device_count():
+                raise ValueError(f"tensor_parallel_size={n} is over the {torch.cuda.device_count()} visible "
+                                 f"CUDA GPUs")
+        backend = dist_backend(self.device)
+        if not torch.distributed.is_available() or not torch.distributed.is_backend_available(backend):
+            raise ValueError(f"tensor_parallel_size={n} needs torch.distributed with {backend} on {self.device}")
+        spec = self.speculative_config
+        if spec is not None and spec.method == "draft_model":
+            raise ValueError(f"speculative decoding with a draft model is not supported with "
+                             f"tensor_parallel_size={n}; use the ngram method")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -70,3 +71,39 @@ def test_model_may_be_a_path_like(tmp_path):
     assert load_hf_config(tmp_path).model_type == "qwen3"
     with pytest.raises(TypeError, match="model must be a str or os.PathLike, got int"):
         Config(3)
+
+
+@pytest.mark.parametrize(("size", "message"), [
+    (0, "tensor_parallel_size must be an int >= 1, got 0"),
+    ("2", "tensor_parallel_size must be an int >= 1, got '2'"),
+    (1.0, "tensor_parallel_size must be an int >= 1, got 1.0"),
+    (3, "tensor_parallel_size=3 must divide the model's 4 attention heads"),
+    (8, "tensor_parallel_size=8 must divide the model's 4 attention heads"),
+])
+def test_bad_tensor_parallel_size_is_refused_before_any_work(tiny_model, size, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Config(tiny_model("qwen3")[0], device="cpu", tensor_parallel_size=size)
+
+
+def test_tensor_parallel_size_must_split_or_replicate_kv_heads(tmp_path):
+    """12 query / 8 KV heads: 4 ranks split both; 3 ranks split the query heads, but the KV heads can be
+    neither split nor replicated (one per rank) evenly."""
+    path = save_config(tmp_path, "Qwen3Config", num_attention_heads=12, num_key_value_heads=8, head_dim=16)
+    with pytest.raises(ValueError, match="tensor_parallel_size=3 must divide the model's 8 KV heads"):
+        Config(path, device="cpu", tensor_parallel_size=3)
+    assert Config(path, device="cpu", tensor_parallel_size=4).tensor_parallel_size == 4
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 64, reason="needs fewer than 64 GPUs")
+def test_tensor_parallel_size_over_visible_gpus_is_refused(tmp_path):
+    path = save_config(tmp_path, "Qwen3Config", num_attention_heads=64, num_key_value_heads=64, head_dim=2)
+    with pytest.raises(ValueError, match=rf"tensor_parallel_size=64 is over the {torch.cuda.device_count()} "
+                                         r"visible CUDA GPUs"):
+        Config(path, device="cuda", tensor_parallel_size=64)
+
+
+def test_draft_model_speculation_is_refused_with_tensor_parallelism(tiny_model):
+    path = tiny_model("qwen3")[0]
+    spec = {"method": "draft_model", "model": path, "num_speculative_tokens": 2}
+    with pytest.raises(ValueError, match="draft model is not supported with tensor_parallel_size=2"):
+        Config(path, device="cpu", tensor_parallel_size=2, speculative_config=spec)

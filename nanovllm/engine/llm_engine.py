@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from nanovllm.config import PRESET_PREFIX, Config
+from nanovllm.distributed.worker_pool import WorkerPool
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.kv_calibration import calibration_token_ids
@@ -80,7 +82,7 @@ class LLMEngine:
         calibration = None
         if self.config.kv_cache_dtype == "fp8":
             calibration = calibration_token_ids(self.tokenizer, self.config.hf_config.vocab_size, self.config.seed)
-        self.model_runner = ModelRunner(self.config, calibration)
+        self.model_runner = self._model_runner(calibration)
         self.block_manager = BlockManager(
             self.model_runner.num_blocks, self.model_runner.block_size, self.config.enable_prefix_caching
         )
@@ -96,6 +98,32 @@ class LLMEngine:
         self.prefill_time = self.decode_time = 0.0
 
     # -- setup ----------------------------------------------------------------
+
+    def _model_runner(self, calibration: list[int] | None) -> ModelRunner:
+        """Rank 0's runner; with tensor_parallel_size > 1 the workers first, stopped with this engine."""
+        if self.config.tensor_parallel_size == 1:
+            return ModelRunner(self.config, calibration)
+        workers = WorkerPool(self.config, calibration)
+        weakref.finalize(self, workers.shutdown)
+        try:
+            with workers.watch():
+                runner = ModelRunner(self.config, calibration, workers.tp, workers)
+            workers.wait_ready(runner.num_blocks)
+        except BaseException:
+            workers.shutdown(timeout=0)
+            raise
+        return runner
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (also done when the engine is garbage collected or at exit)."""
+        if self.model_runner.workers is not None:
+            self.model_runner.workers.shutdown()
+
+    def __enter__(self) -> "LLMEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     def _load_tokenizer(self) -> PreTrainedTokenizerBase | None:
         if self.config.skip_tokenizer_init or self.config.model.startswith(PRESET_PREFIX):

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -11,10 +13,12 @@ from nanovllm.attention.kv_cache import KVCache, kv_cache_torch_dtype
 from nanovllm.attention.metadata import build_layout
 from nanovllm.attention.selector import select_backend
 from nanovllm.config import Config
+from nanovllm.distributed.parallel_state import SINGLE, TensorParallel
 from nanovllm.engine.cuda_graph import DecodeGraphs
 from nanovllm.engine.kv_calibration import calibration_token_ids, scales_from_amax
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import PLACEHOLDER, Sequence
+from nanovllm.engine.step_inputs import StepInputs
 from nanovllm.engine.uploader import Uploader
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingRow, SamplingTensors
@@ -22,6 +26,9 @@ from nanovllm.models import model_class
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.spec_decode.verify_row import VerifyRow
 from nanovllm.utils.loader import load_dummy, load_model
+
+if TYPE_CHECKING:
+    from nanovllm.distributed.worker_pool import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +67,20 @@ class PendingSample:
 
 
 class ModelRunner:
-    """Owns the model, the KV cache and the sampler on one device."""
+    """Owns the model, the KV cache and the sampler on one device.
 
-    def __init__(self, config: Config, calibration_ids: list[int] | None = None):
+    Under tensor parallelism every rank has one, holding its shard of the model and the KV
+    cache of its KV heads. Rank 0's (given the `workers`) turns batches into `StepInputs`,
+    sends them to the workers and samples; a worker's runs each step it gets (`follow`).
+    """
+
+    def __init__(self, config: Config, calibration_ids: list[int] | None = None, tp: TensorParallel = SINGLE,
+                 workers: WorkerPool | None = None):
         self.config = config
         self.hf_config = config.hf_config
-        self.device = torch.device(config.device)
+        self.tp = tp
+        self.workers = workers
+        self.device = tp.device(config.device)
         self.dtype = config.torch_dtype
         self.generator = torch.Generator(self.device).manual_seed(config.seed)  # unseeded sampling
         self.backend = select_backend(config.attention_backend, self.device, self.dtype, config.kv_cache_dtype)
@@ -81,7 +96,7 @@ class ModelRunner:
         # the last launched step's sampled tokens, still on the device, and each sequence's row in them
         self.prev_tokens = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.prev_rows: dict[int, int] = {}
-        self.num_blocks = config.num_kvcache_blocks or self._num_blocks_from_memory()
+        self.num_blocks = tp.min_int(config.num_kvcache_blocks or self._num_blocks_from_memory())
         self.kv_cache = self._allocate_kv_cache()
         self.graphs = self._capture_graphs()
 
@@ -92,7 +107,7 @@ class ModelRunner:
 
     def _build_model(self) -> torch.nn.Module:
         with torch.device(self.device):
-            model = model_class(self.hf_config)(self.hf_config)
+            model = model_class(self.hf_config)(self.hf_config, self.tp)
         if self.config.load_format == "dummy":
             load_dummy(model, self.config.seed)
         else:
@@ -154,7 +169,8 @@ class ModelRunner:
         seqs = [Sequence(i, [0], SamplingParams()) for i in range(self.config.max_num_seqs)]
         hidden = torch.randn(len(seqs), self.hf_config.hidden_size, dtype=self.dtype, device=self.device)
         logits = self.model.compute_logits(hidden)
-        self.sampler(logits, self._sampling_tensors(seqs, logits.shape[-1]))
+        if logits is not None:
+            self.sampler(logits, self._sampling_tensors(seqs, logits.shape[-1]))
         del scratch
         torch.cuda.synchronize(self.device)
 
@@ -214,13 +230,7 @@ class ModelRunner:
 
     # -- running ----------------------------------------------------------------
 
-    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """Copy-on-write: duplicate whole blocks in every layer before the forward writes."""
-        if copies:
-            src, dst = self.upload([np.asarray([c[0] for c in copies]), np.asarray([c[1] for c in copies])])
-            self.kv_cache.copy_blocks(src, dst)
-
-    def _input_ids(self, batch: ScheduledBatch, rows: int) -> list[np.ndarray]:
+    def _input_ids(self, batch: ScheduledBatch, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """Each token's id, and for a decode row whose id is still on the device its row in
         prev_tokens (else -1). Padding rows read token 0."""
         ids, src = [], np.full(rows if batch.is_decode else 0, -1, dtype=np.int64)
@@ -233,15 +243,10 @@ class ModelRunner:
                 assert PLACEHOLDER not in tokens, "a token not read back yet is only read by decode"
             ids.extend(tokens)
         ids += [0] * (rows - len(batch.seqs)) if batch.is_decode else []
-        return [np.asarray(ids, dtype=np.int64), src]
+        return np.asarray(ids, dtype=np.int64), src
 
-    @torch.inference_mode()
-    def launch(self, batch: ScheduledBatch) -> PendingSample:
-        """Queue the batch's forward and sampling on the device; the tokens come back through `wait`.
-
-        Sampling covers the sequences whose tokens are all computed after this step.
-        """
-        self.copy_blocks(batch.block_copies)
+    def _step_inputs(self, batch: ScheduledBatch) -> tuple[StepInputs, list[SamplingRow]]:
+        """The batch's model inputs, and the rows to sample (in the order of its logit rows)."""
         n = len(batch.seqs)
         graphed = batch.is_decode and self.graphs is not None and n <= self.graphs.sizes[-1]
         rows = self.graphs.bucket(n) if graphed else n
@@ -251,23 +256,57 @@ class ModelRunner:
                               table_width=self.graphs.table_width if graphed else None,
                               max_seq_len=self.config.max_model_len if graphed else None)
         sampling, logit_rows = self._sampling_rows(batch, layout.query_start_loc)
-        ids, src, rows_t, *meta_tensors = self.upload([*self._input_ids(batch, rows), logit_rows, *layout.arrays()])
-        positions, meta = layout.metadata(meta_tensors)
-        if batch.is_decode:
-            ids = torch.where(src >= 0, self.prev_tokens[src.clamp(min=0)], ids)
-        if graphed:
-            hidden = self.graphs.run(ids, positions, meta, n)
-        else:
-            hidden = self.model(ids, positions, meta)
-        if not sampling:
-            return PendingSample(None)
-        if not batch.is_decode:
-            hidden = hidden[rows_t]
-        logits = self.model.compute_logits(hidden)
-        out = self.sampler(logits, self._sampling_tensors(sampling, logits.shape[-1]))
-        self.prev_tokens = out.token_ids
+        copies = np.asarray(batch.block_copies, dtype=np.int64).reshape(-1, 2)
+        ids, src = self._input_ids(batch, rows)
+        return StepInputs(ids, src, logit_rows, layout, copies, batch.is_decode, n, graphed), sampling
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch) -> PendingSample:
+        """Queue the batch's forward and sampling on the device; the tokens come back through `wait`.
+
+        Sampling covers the sequences whose tokens are all computed after this step.
+        """
+        step, sampling = self._step_inputs(batch)
+        with self.workers.watch() if self.workers is not None else nullcontext():
+            if self.workers is not None:
+                self.workers.send(step)
+            logits = self.execute(step)
+            if logits is None:
+                return PendingSample(None)
+            out = self.sampler(logits, self._sampling_tensors(sampling, logits.shape[-1]))
+            self.prev_tokens = self.tp.broadcast(out.token_ids)
         self.prev_rows = {seq.seq_id: row for row, seq in enumerate(sampling)}
         return PendingSample(out)
+
+    @torch.inference_mode()
+    def follow(self, step: StepInputs) -> None:
+        """A worker rank's part of a step: the forward, then the tokens rank 0 sampled (the next
+        decode may read them on the device)."""
+        self.execute(step)
+        if len(step.logit_rows):
+            tokens = torch.empty(len(step.logit_rows), dtype=torch.int64, device=self.device)
+            self.prev_tokens = self.tp.broadcast(tokens)
+
+    def execute(self, step: StepInputs) -> torch.Tensor | None:
+        """Every rank: block copies, then the forward; the logits of the step's logit rows on
+        rank 0 (None on other ranks, or when nothing is sampled)."""
+        ids, src, rows_t, copy_src, copy_dst, *meta_tensors = self.upload(
+            [step.input_ids, step.prev_rows, step.logit_rows, step.block_copies[:, 0], step.block_copies[:, 1],
+             *step.layout.arrays()])
+        if len(step.block_copies):
+            self.kv_cache.copy_blocks(copy_src, copy_dst)
+        positions, meta = step.layout.metadata(meta_tensors)
+        if step.is_decode:
+            ids = torch.where(src >= 0, self.prev_tokens[src.clamp(min=0)], ids)
+        if step.graphed:
+            hidden = self.graphs.run(ids, positions, meta, step.num_seqs)
+        else:
+            hidden = self.model(ids, positions, meta)
+        if not len(step.logit_rows):
+            return None
+        if not step.is_decode:
+            hidden = hidden[rows_t]
+        return self.model.compute_logits(hidden)
 
     @staticmethod
     def _sampling_rows(batch: ScheduledBatch, query_start_loc: np.ndarray) -> tuple[list[SamplingRow], np.ndarray]:

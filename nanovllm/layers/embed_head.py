@@ -1,25 +1,45 @@
+"""The token embedding and the LM head, split by vocabulary rows across tensor-parallel ranks.
+
+Rank r holds rows [r * shard, (r + 1) * shard) with shard = ceil(vocab / ranks); rows past the
+vocabulary are zero padding. The embedding all-reduces each rank's rows (zeros for tokens it does
+not hold); the LM head's logits are gathered on rank 0, the one that samples.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanovllm.distributed.parallel_state import SINGLE, TensorParallel
+from nanovllm.layers.weight_slice import Loaded, copy_slice
 
-class VocabEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, hidden_size: int):
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.shard = -(-vocab_size // tp.size)
+        self.start = tp.rank * self.shard
+        self.weight = nn.Parameter(torch.zeros(self.shard, hidden_size))
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: object = None) -> None:
+        rows = max(0, min(self.shard, self.vocab_size - self.start))
+        copy_slice(param.data.narrow(0, 0, rows), loaded, 0, self.start, self.vocab_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        mine = (input_ids >= self.start) & (input_ids < self.start + self.shard)
+        hidden = F.embedding(torch.where(mine, input_ids - self.start, 0), self.weight)
+        return self.tp.all_reduce(hidden * mine.unsqueeze(-1).to(hidden.dtype))
 
 
-class LMHead(nn.Module):
+class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to vocabulary logits; may share the embedding's weight."""
 
-    def __init__(self, vocab_size: int, hidden_size: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight)
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Full-vocabulary logits on rank 0; None on the other ranks."""
+        logits = self.tp.gather_last_dim(F.linear(hidden, self.weight))
+        return logits[..., : self.vocab_size] if logits is not None and self.tp.size > 1 else logits

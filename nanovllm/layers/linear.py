@@ -1,51 +1,103 @@
-"""Linear layers, including the fused projections that load several HF weights."""
+"""Linear layers split across tensor-parallel ranks (on one rank: plain, fused linear layers).
+
+- `MergedColumnParallelLinear`: several projections of one input stacked along the output dim
+  (gate_up_proj); each rank holds its slice of every projection's output rows.
+- `QKVParallelLinear`: q, k and v by heads; each rank holds its query heads and the KV heads
+  they read (a KV head is replicated when there are more ranks than KV heads, as vLLM does).
+- `RowParallelLinear`: the input dim split (o_proj, down_proj take a column-parallel output);
+  each rank's partial product is summed by an all-reduce.
+
+The checkpoint loader calls `param.weight_loader(param, loaded, shard_id)`; `loaded` may be a
+safetensors slice, of which each rank reads only its own part.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanovllm.distributed.parallel_state import SINGLE, TensorParallel
+from nanovllm.layers.weight_slice import Loaded, copy_slice
 
-class Linear(nn.Module):
-    """y = x W^T + b."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+def _parameters(module: nn.Module, input_size: int, output_size: int, bias: bool) -> None:
+    module.weight = nn.Parameter(torch.empty(output_size, input_size))
+    if bias:
+        module.bias = nn.Parameter(torch.empty(output_size))
+    else:
+        module.register_parameter("bias", None)
+    for param in module.parameters():
+        param.weight_loader = module.weight_loader
+
+
+class MergedColumnParallelLinear(nn.Module):
+    """y = x W^T + b for W the stacked projections `output_sizes`, this rank's rows of each.
+
+    shard_id is the index in output_sizes (gate_up_proj) or a name in `shard_names`.
+    """
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False, shard_names: tuple = (),
+                 tp: TensorParallel = SINGLE, local_sizes: list[int] | None = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(output_size, input_size))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(output_size))
-        else:
-            self.register_parameter("bias", None)
+        self.tp = tp
+        self.output_sizes = output_sizes  # in the checkpoint
+        self.local_sizes = local_sizes or [tp.split(n) for n in output_sizes]  # on this rank
+        self.shard_names = shard_names
+        _parameters(self, input_size, sum(self.local_sizes), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
+    def shard_start(self, index: int) -> int:
+        """Where this rank's rows of shard `index` start in the checkpoint tensor."""
+        return self.tp.rank * self.local_sizes[index]
 
-class MergedLinear(Linear):
-    """Several projections of the same input stacked along the output dim.
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: object = None) -> None:
+        index = self.shard_names.index(shard_id) if shard_id in self.shard_names else shard_id
+        target = param.data.narrow(0, sum(self.local_sizes[:index]), self.local_sizes[index])
+        copy_slice(target, loaded, 0, self.shard_start(index), self.output_sizes[index],
+                   what=f"checkpoint shard {shard_id!r}")
 
-    Loads each HF weight into its slice: shard_id is the index in output_sizes
-    (gate_up_proj) or a name in `shard_names` (qkv_proj: "q", "k", "v").
-    The checkpoint loader calls `param.weight_loader`.
+
+class QKVParallelLinear(MergedColumnParallelLinear):
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
+                 tp: TensorParallel = SINGLE):
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.local_kv_heads = local_kv_heads(num_kv_heads, tp)
+        sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+        local_q, local_kv = tp.split(num_heads) * head_dim, self.local_kv_heads * head_dim
+        super().__init__(hidden_size, sizes, bias, ("q", "k", "v"), tp, [local_q, local_kv, local_kv])
+
+    def shard_start(self, index: int) -> int:
+        if index == 0:
+            return super().shard_start(index)
+        first_head = self.tp.rank * self.num_kv_heads // self.tp.size  # ranks sharing a head read the same
+        return first_head * self.head_dim
+
+
+def local_kv_heads(num_kv_heads: int, tp: TensorParallel) -> int:
+    """The KV heads a rank holds: its share, or one (replicated) when there are more ranks than heads."""
+    return max(1, num_kv_heads // tp.size)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W's input columns split across ranks and the partial products all-reduced.
+
+    The bias is added once, on rank 0, before the sum.
     """
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False, shard_names: tuple = ()):
-        super().__init__(input_size, sum(output_sizes), bias)
-        self.output_sizes = output_sizes
-        self.shard_names = shard_names
-        for param in self.parameters():
-            param.weight_loader = self.weight_loader
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, tp: TensorParallel = SINGLE):
+        super().__init__()
+        self.tp = tp
+        self.input_size = input_size
+        _parameters(self, tp.split(input_size), output_size, bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        index = self.shard_names.index(shard_id) if shard_id in self.shard_names else shard_id
-        offset = sum(self.output_sizes[:index])
-        target = param.data.narrow(0, offset, self.output_sizes[index])
-        if target.shape != loaded.shape:
-            raise ValueError(f"checkpoint shard {shard_id!r} of shape {tuple(loaded.shape)} does not fit {tuple(target.shape)}")
-        target.copy_(loaded)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(F.linear(x, self.weight, self.bias if self.tp.rank == 0 else None))
 
-
-class QKVLinear(MergedLinear):
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
-        sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
-        super().__init__(hidden_size, sizes, bias, shard_names=("q", "k", "v"))
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: object = None) -> None:
+        if param is self.bias:
+            copy_slice(param.data, loaded)
+        else:
+            copy_slice(param.data, loaded, 1, self.tp.rank * param.shape[1], self.input_size)

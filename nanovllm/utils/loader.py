@@ -1,4 +1,8 @@
-"""Load HF safetensors checkpoints (single file or sharded) into our fused modules."""
+"""Load HF safetensors checkpoints (single file or sharded) into our fused, tensor-parallel modules.
+
+Each parameter's weight loader reads its rank's part of a tensor through a safetensors slice,
+so a rank reads only its own shard of every tensor from the file.
+"""
 from __future__ import annotations
 
 import glob
@@ -9,7 +13,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from nanovllm.layers.linear import MergedLinear
+from nanovllm.layers.linear import MergedColumnParallelLinear
+from nanovllm.layers.weight_slice import Loaded, copy_slice
 
 
 def checkpoint_files(path: str) -> list[str]:
@@ -44,7 +49,7 @@ def load_model(model: nn.Module, path: str) -> None:
                 target, shard = expected[name]
                 param = params[target]
                 loader = getattr(param, "weight_loader", _copy_whole)
-                loader(param, f.get_tensor(name), shard)
+                loader(param, f.get_slice(name), shard)
                 loaded.add(name)
     missing = sorted(expected.keys() - loaded)
     if missing:
@@ -54,7 +59,7 @@ def load_model(model: nn.Module, path: str) -> None:
 def expected_tensors(model: nn.Module) -> dict[str, tuple[str, object]]:
     """HF tensor name -> (our parameter name, shard id) for every tensor the checkpoint must hold.
 
-    A MergedLinear's parameters expand into one HF tensor per shard, named through the
+    A MergedColumnParallelLinear's parameters expand into one HF tensor per shard, named through the
     model's `packed_modules_mapping` (HF name -> (our fused name, shard id)).
     """
     hf_names = {fused: hf for hf, fused in getattr(model, "packed_modules_mapping", {}).items()}
@@ -65,7 +70,7 @@ def expected_tensors(model: nn.Module) -> dict[str, tuple[str, object]]:
             name = f"{module_name}.{param_name}" if module_name else param_name
             if name in tied:
                 continue
-            if not isinstance(module, MergedLinear):
+            if not isinstance(module, MergedColumnParallelLinear):
                 expected[name] = (name, None)
                 continue
             parent, _, fused = module_name.rpartition(".")
@@ -86,10 +91,9 @@ def load_dummy(model: nn.Module, seed: int) -> None:
                 param.uniform_(-1e-3, 1e-3, generator=generator)
 
 
-def _copy_whole(param: nn.Parameter, loaded: torch.Tensor, shard: object) -> None:
-    if param.shape != loaded.shape:
-        raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit {tuple(param.shape)}")
-    param.data.copy_(loaded)
+def _copy_whole(param: nn.Parameter, loaded: Loaded, shard: object) -> None:
+    """A parameter every rank holds whole (norms)."""
+    copy_slice(param.data, loaded)
 
 
 def _is_tied(model: nn.Module) -> bool:
