@@ -54,6 +54,7 @@ class Request:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     seqs: list[Sequence]
+    stream: bool = True  # an output every step with news (deltas), else one when it finishes
     states: dict[int, SeqState] = field(default_factory=dict)  # by seq_id
 
     @property
@@ -181,11 +182,16 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer; this engine has none (skip_tokenizer_init=True): "
                              "use stop_token_ids")
 
-    def add_request(self, request_id: str, prompt: Prompt, sampling_params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                    stream: bool = True) -> None:
         """Validate and queue one request; raises before queueing anything.
 
-        Its deltas come out of `step()` under `request_id`, which must not be live already.
+        Its outputs come out of `step()` under `request_id`, which must not be live already: with
+        `stream`, a delta every step that brings news; without, one whole output once it finishes
+        (vLLM's FINAL_ONLY, which spares a batch of offline requests a delta object each per step).
         """
+        if not isinstance(stream, bool):
+            raise TypeError(f"stream must be a bool, got {type(stream).__name__}")
         if not isinstance(request_id, str):
             raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
         if request_id in self.requests:
@@ -193,11 +199,12 @@ class LLMEngine:
         params = sampling_params or SamplingParams()
         text, token_ids = self._tokenize(prompt)
         self._validate(token_ids, params)
-        self._queue(request_id, text, token_ids, params)
+        self._queue(request_id, text, token_ids, params, stream)
 
-    def _queue(self, request_id: str, text: str | None, token_ids: list[int], params: SamplingParams) -> None:
+    def _queue(self, request_id: str, text: str | None, token_ids: list[int], params: SamplingParams,
+               stream: bool) -> None:
         seq = self.scheduler.new_sequence(token_ids, params, request_id)
-        request = Request(request_id, text, token_ids, params, [])
+        request = Request(request_id, text, token_ids, params, [], stream)
         self.requests[request_id] = request
         self._track(request, seq)
         self._num_sync_requests += needs_token_values(params)
@@ -278,7 +285,8 @@ class LLMEngine:
                     and seq.sampling_params.include_stop_str_in_output and state.detokenizer is not None):
                 state.detokenizer.add(seq.token_ids[index])  # a stop id's text: the stop-string check skipped it
             state.num_known_tokens = index + 1 - seq.num_prompt_tokens
-            touched[request.request_id] = request
+            if request.stream or request.finished:
+                touched[request.request_id] = request
         return [self._delta(request) for request in touched.values()]
 
     def _stop_string(self, seq: Sequence, index: int) -> str | None:
@@ -370,7 +378,8 @@ class LLMEngine:
 
         All prompts are checked before any is queued, so a bad one leaves the
         engine as it was. On any exit (an error, Ctrl-C) its unfinished requests
-        are aborted and their blocks freed; other requests' outputs stay for `step()`.
+        are aborted and their blocks freed; other requests' outputs stay for `step()`. Its own
+        requests are not streamed: each comes out of `step()` once, whole, when it finishes.
         """
         prompts = self._prompt_list(prompts)
         params = self._params_list(sampling_params, len(prompts))
@@ -380,7 +389,7 @@ class LLMEngine:
         ids = []
         for (text, token_ids), p in zip(tokenized, params):
             ids.append(self._new_generate_id())
-            self._queue(ids[-1], text, token_ids, p)
+            self._queue(ids[-1], text, token_ids, p, stream=False)
         results: dict[str, RequestOutput] = {}
         remaining = set(ids)
         try:
@@ -390,13 +399,9 @@ class LLMEngine:
                         if output.request_id not in remaining:
                             self._unclaimed.append(output)
                             continue
-                        if output.request_id in results:
-                            results[output.request_id].add(output)
-                        else:
-                            results[output.request_id] = output
-                        if output.finished:
-                            remaining.discard(output.request_id)
-                            bar.update(1)
+                        results[output.request_id] = output  # stream=False: one whole output, finished
+                        remaining.discard(output.request_id)
+                        bar.update(1)
                     bar.set_postfix(self._throughput(), refresh=False)
         finally:
             self.abort_request(i for i in ids if i in self.requests)

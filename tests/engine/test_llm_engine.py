@@ -160,6 +160,34 @@ def drain(llm: LLM) -> dict[str, RequestOutput]:
     return merged
 
 
+def test_unstreamed_request_gives_one_whole_output(tiny_model):
+    """stream=False (what generate uses): one output per request, when it finishes, equal to the
+    streamed request's deltas joined; a streamed request beside it still gets its deltas."""
+    path, _ = tiny_model("qwen3")
+    llm = LLM(path, skip_tokenizer_init=True, device="cpu")
+    prompt = random_prompts([12], seed=72)[0]
+    params = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True, logprobs=1, n=2)
+    with pytest.raises(TypeError, match="stream must be a bool"):
+        llm.add_request("bad", prompt, params, stream=1)
+    llm.add_request("whole", prompt, params, stream=False)
+    llm.add_request("deltas", prompt, params)
+    counts = {"whole": 0, "deltas": 0}
+    merged: dict[str, RequestOutput] = {}
+    while llm.has_unfinished_requests():
+        for out in llm.step():
+            counts[out.request_id] += 1
+            if out.request_id == "whole":
+                assert out.finished
+            merged.setdefault(out.request_id, RequestOutput(out.request_id, out.prompt, out.prompt_token_ids))
+            merged[out.request_id].add(out)
+    assert counts["whole"] == 1 and counts["deltas"] >= params.max_tokens
+    whole, deltas = merged["whole"], merged["deltas"]
+    for w, d in zip(sorted(whole.outputs, key=lambda c: c.index), sorted(deltas.outputs, key=lambda c: c.index)):
+        assert len(w.token_ids) == params.max_tokens and w.finish_reason == "length"
+        assert (w.token_ids, w.logprobs, w.cumulative_logprob) == (d.token_ids, d.logprobs, d.cumulative_logprob)
+    assert llm.stats()["kv_blocks_used"] == 0 and not llm.requests
+
+
 def test_step_deltas_join_to_generate(tiny_model):
     path, hf_model = tiny_model("qwen3")
     llm = LLM(path, skip_tokenizer_init=True, device="cpu")
