@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ CANDIDATES = 2048
 TRITON_MIN_ROWS = 32
 
 _MASK32 = 0xFFFFFFFF
+ArrayT = TypeVar("ArrayT", Tensor, np.ndarray)
 _MASK64 = (1 << 64) - 1
 
 
@@ -90,6 +91,7 @@ class SamplingTensors:
     seeded: Tensor  # [B] bool: rows whose noise comes from (seed, position)
     seeds: Tensor  # [B] int64: the seed's low 64 bits (0 where unseeded)
     positions: Tensor  # [B] int64: position of the token being sampled
+    seed_keys: Tensor  # [B, 2] int64: row_keys(seeds, positions), mixed on the host (0 where unseeded)
     penalties: PenaltyTensors | None
     min_tokens_blocked: Tensor | None  # [2, M] int64: (row, token id) pairs to set to -inf
     all_greedy: bool
@@ -154,19 +156,24 @@ class SamplingTensors:
             if sp.logprobs is not None:
                 want_logprobs = True
                 max_num_logprobs = max(max_num_logprobs, sp.logprobs)
-        arrays = [1.0 / temperature, greedy, top_k, top_p, min_p, seeded, seeds, positions]
+        # The keys are mixed here, on ~B numbers, rather than on the device, where the hash's
+        # ~50 tiny elementwise kernels cost more host time than a small batch's whole forward.
+        seed_keys = np.zeros((batch, 2), np.int64)
+        if seeded.any():
+            seed_keys[seeded] = row_keys_np(seeds[seeded], positions[seeded])
+        arrays = [1.0 / temperature, greedy, top_k, top_p, min_p, seeded, seeds, positions, seed_keys]
         penalty_arrays = _penalty_arrays(rows, penalty_rows, batch)
         if penalty_arrays is not None:
             arrays += penalty_arrays
         if blocked_ids:
             arrays.append(np.array([blocked_rows, blocked_ids], np.int64))
         tensors = upload(arrays) if upload is not None else [torch.from_numpy(a).to(device) for a in arrays]
-        inv_t, greedy_t, top_k_t, top_p_t, min_p_t, seeded_t, seeds_t, positions_t = tensors[:8]
-        penalties = PenaltyTensors(*tensors[8:13]) if penalty_arrays is not None else None
+        inv_t, greedy_t, top_k_t, top_p_t, min_p_t, seeded_t, seeds_t, positions_t, seed_keys_t = tensors[:9]
+        penalties = PenaltyTensors(*tensors[9:14]) if penalty_arrays is not None else None
         sampled = ~greedy
         return cls(
             inv_temperatures=inv_t, greedy=greedy_t, top_ks=top_k_t, top_ps=top_p_t, min_ps=min_p_t,
-            seeded=seeded_t, seeds=seeds_t, positions=positions_t, penalties=penalties,
+            seeded=seeded_t, seeds=seeds_t, positions=positions_t, seed_keys=seed_keys_t, penalties=penalties,
             min_tokens_blocked=tensors[-1] if blocked_ids else None,
             all_greedy=bool(greedy.all()),
             do_top_k=bool((top_k < vocab_size).any()),
@@ -266,7 +273,7 @@ def apply_top_k_top_p_min_p(
     return logits
 
 
-def _fmix32(x: Tensor) -> Tensor:
+def _fmix32(x: ArrayT) -> ArrayT:
     """A bijective 32-bit avalanche mix of x in [0, 2**32) (C. Wellons' hash-prospector
     xorshift-multiply form). Both multipliers are < 2**31, so x * c < 2**63 never overflows int64.
     The Triton kernels compute the same function in uint32."""
@@ -277,12 +284,22 @@ def _fmix32(x: Tensor) -> Tensor:
     return x ^ (x >> 15)
 
 
-def row_keys(seeds: Tensor, positions: Tensor) -> Tensor:
-    """[B, 2] int64 in [0, 2**32): the two 32-bit keys of each row's noise, from (seed, position)."""
+def _key_pair(seeds: ArrayT, positions: ArrayT) -> tuple[ArrayT, ArrayT]:
+    """The two keys of `row_keys`, in operators only: the same int64 arithmetic in torch or numpy."""
     key = _fmix32((positions & _MASK32) ^ 0x9E3779B9)
     key = _fmix32(key ^ (seeds & _MASK32))
     key = _fmix32(key ^ ((seeds >> 32) & _MASK32))
-    return torch.stack([key, _fmix32(key ^ 0x632BE5AB)], dim=1)
+    return key, _fmix32(key ^ 0x632BE5AB)
+
+
+def row_keys(seeds: Tensor, positions: Tensor) -> Tensor:
+    """[B, 2] int64 in [0, 2**32): the two 32-bit keys of each row's noise, from (seed, position)."""
+    return torch.stack(_key_pair(seeds, positions), dim=1)
+
+
+def row_keys_np(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """`row_keys` on the host, bit for bit."""
+    return np.stack(_key_pair(seeds, positions), axis=1)
 
 
 def uniform_from_bits(bits: Tensor) -> Tensor:
@@ -336,15 +353,16 @@ class Sampler(torch.nn.Module):
         return _forward_torch(raw, x, keys, t)
 
     def _keys(self, t: SamplingTensors, device: torch.device) -> Tensor:
-        seeds = t.seeds
-        if t.any_unseeded:
-            if self.generator is None:
-                self.generator = torch.Generator(device)
-                self.generator.seed()
-            fresh = torch.randint(-(2**63), 2**63 - 1, seeds.shape, dtype=torch.int64, generator=self.generator,
-                                  device=self.generator.device).to(device, non_blocking=True)
-            seeds = torch.where(t.seeded, seeds, fresh)
-        return row_keys(seeds, t.positions)
+        """Each row's two 32-bit noise keys: from (seed, position) on seeded rows, fresh from the
+        generator on the others (uniform keys need no mixing)."""
+        if not t.any_unseeded:
+            return t.seed_keys
+        if self.generator is None:
+            self.generator = torch.Generator(device)
+            self.generator.seed()
+        fresh = torch.randint(0, 2**32, t.seed_keys.shape, dtype=torch.int64, generator=self.generator,
+                              device=self.generator.device).to(device, non_blocking=True)
+        return torch.where(t.seeded.unsqueeze(1), t.seed_keys, fresh)
 
 
 def _forward_torch(raw: Tensor, x: Tensor, keys: Tensor, t: SamplingTensors) -> SamplerOutput:

@@ -19,6 +19,7 @@ from nanovllm.layers.sampler import (
     apply_min_tokens,
     apply_penalties,
     apply_top_k_top_p_min_p,
+    row_keys,
     seeded_exponential_noise,
     uniform_from_bits,
 )
@@ -188,6 +189,20 @@ def test_from_rows_uploads_everything_in_one_call():
     assert len(calls) == 1 and t.penalties is not None and t.min_tokens_blocked is not None
     assert t.greedy.tolist() == [False, True] and t.seeded.tolist() == [True, False]
     assert t.positions.tolist() == [4, 0] and t.want_logprobs and t.max_num_logprobs == 2
+    # a seeded row's keys are mixed on the host, bit for bit the device function; zeros elsewhere
+    assert t.seed_keys[0].tolist() == row_keys(t.seeds[:1], t.positions[:1])[0].tolist()
+    assert t.seed_keys[1].tolist() == [0, 0]
+
+
+def test_keys_seeded_from_seed_and_position_unseeded_fresh():
+    seqs = [make_seq(seed=2**70 + 5), make_seq(), make_seq(seed=-3)]
+    t = SamplingTensors.from_rows(seqs, V, EOS, "cpu")
+    sampler = Sampler(generator=torch.Generator().manual_seed(0))
+    first, second = sampler._keys(t, torch.device("cpu")), sampler._keys(t, torch.device("cpu"))
+    expected = row_keys(t.seeds, t.positions)
+    assert torch.equal(first[[0, 2]], expected[[0, 2]]) and torch.equal(second[[0, 2]], expected[[0, 2]])
+    assert not torch.equal(first[1], second[1])  # an unseeded row draws fresh keys every step
+    assert ((first >= 0) & (first < 2**32)).all()
 
 
 # ---------------------------------------------------------------- min_tokens
