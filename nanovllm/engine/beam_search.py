@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from tqdm.auto import tqdm
 
 from nanovllm.beam_search_params import BeamSearchParams
-from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.engine.sequence import Sequence
 from nanovllm.outputs import BeamSearchOutput, BeamSearchSequence
 from nanovllm.sampling_params import SamplingParams
 

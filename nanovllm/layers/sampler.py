@@ -4,7 +4,8 @@ Each row is drawn with the Gumbel-max trick: argmax(logit / T + G) over the toke
 filters keep, G a Gumbel variate that is a pure function of (key, token index). Seeded rows
 take their key from (seed, position), so the same seed gives the same tokens whatever else
 is in the batch, eager or in a CUDA graph; other rows draw a fresh key per step from the
-sampler's `torch.Generator` (never the global RNG).
+sampler's `torch.Generator` (never the global RNG), or, in a torch-path batch with no seeded
+row, their Gumbel variates straight from it.
 
 The filters keep exactly the tokens HF's TopK, TopP then MinP warpers keep
 (min_tokens_to_keep=1), as a per-row threshold on the scaled logits: `z >= tau`. On CUDA,
@@ -22,7 +23,6 @@ logprobs, as in vLLM.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -332,8 +332,8 @@ class SamplerOutput:
 class Sampler(torch.nn.Module):
     """Picks one token per row; see the module docstring for the semantics.
 
-    `generator` draws the noise keys of unseeded rows; without one, the sampler makes its own
-    (non-deterministically seeded) on the logits' device at first use.
+    `generator` draws the noise (or the noise keys) of unseeded rows; without one, the sampler
+    makes its own (non-deterministically seeded) on the logits' device at first use.
     """
 
     def __init__(self, generator: torch.Generator | None = None):
@@ -347,25 +347,38 @@ class Sampler(torch.nn.Module):
             x = apply_min_tokens(x.float(), t.min_tokens_blocked)
         if t.penalties is not None:
             x = apply_penalties(x.float(), t.penalties)
-        keys = self._keys(t, logits.device)
         if logits.is_cuda and logits.shape[0] >= TRITON_MIN_ROWS:
-            return _forward_triton(raw, x, keys, t)
-        return _forward_torch(raw, x, keys, t)
+            return _forward_triton(raw, x, self._keys(t, logits.device), t)
+        return _forward_torch(raw, x, None if t.all_greedy else self._noise(t, x), t)
 
     def _keys(self, t: SamplingTensors, device: torch.device) -> Tensor:
         """Each row's two 32-bit noise keys: from (seed, position) on seeded rows, fresh from the
         generator on the others (uniform keys need no mixing)."""
         if not t.any_unseeded:
             return t.seed_keys
-        if self.generator is None:
-            self.generator = torch.Generator(device)
-            self.generator.seed()
-        fresh = torch.randint(0, 2**32, t.seed_keys.shape, dtype=torch.int64, generator=self.generator,
+        fresh = torch.randint(0, 2**32, t.seed_keys.shape, dtype=torch.int64, generator=self._generator(device),
                               device=self.generator.device).to(device, non_blocking=True)
         return torch.where(t.seeded.unsqueeze(1), t.seed_keys, fresh)
 
+    def _noise(self, t: SamplingTensors, x: Tensor) -> Tensor:
+        """Gumbel noise [B, V] for the torch path. A seeded row's must be the hash of its keys (its
+        draws may not depend on the batch), so any seeded row hashes them all; otherwise it comes
+        straight from the generator, five kernels instead of the hash's thirty (small batches
+        are host-bound). torch.rand is in [0, 1): a 0 gives noise -inf, never +inf."""
+        if t.any_seeded:
+            return gumbel_noise(self._keys(t, x.device), torch.arange(x.shape[1], device=x.device))
+        uniform = torch.rand(x.shape, generator=self._generator(x.device), device=self.generator.device)
+        return -torch.log(-torch.log(uniform.to(x.device, non_blocking=True)))
 
-def _forward_torch(raw: Tensor, x: Tensor, keys: Tensor, t: SamplingTensors) -> SamplerOutput:
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self.generator is None:
+            self.generator = torch.Generator(device)
+            self.generator.seed()
+        return self.generator
+
+
+def _forward_torch(raw: Tensor, x: Tensor, noise: Tensor | None, t: SamplingTensors) -> SamplerOutput:
+    """The sampler in plain torch, with the Gumbel noise given (None when every row is greedy)."""
     x = x.float()
     tokens = x.argmax(dim=-1)
     if not t.all_greedy:
@@ -373,7 +386,7 @@ def _forward_torch(raw: Tensor, x: Tensor, keys: Tensor, t: SamplingTensors) -> 
         if t.do_filter:
             z = apply_top_k_top_p_min_p(z, t.top_ks if t.do_top_k else None, t.top_ps if t.do_top_p else None,
                                         t.min_ps if t.do_min_p else None)
-        scores = z + gumbel_noise(keys, torch.arange(z.shape[1], device=z.device))
+        scores = z + noise
         tokens = torch.where(t.greedy, tokens, scores.argmax(dim=-1))
     return _logprobs(raw, tokens, t, None)
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import hf_greedy, random_prompts
 
 from nanovllm import LLM, SamplingParams

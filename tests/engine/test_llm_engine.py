@@ -4,7 +4,6 @@ from __future__ import annotations
 import pathlib
 
 import pytest
-import torch
 from conftest import TINY_MODELS, hf_greedy, random_prompts
 
 from nanovllm import LLM, BeamSearchParams, RequestOutput, SamplingParams

@@ -375,7 +375,7 @@ def test_random_workloads_finish_without_leaks(num_blocks, block_size, max_num_s
 
 def test_a_block_is_a_prefix_hit_only_once_its_tokens_are_read_back():
     eng = Driver(block_size=4, overlap=True)
-    sched, bm = eng.scheduler, eng.bm
+    bm = eng.bm
     prompt = list(range(8))  # 2 full blocks
     a = eng.add(prompt, max_tokens=8)
     eng.step()  # launched and advanced: 8 tokens computed, a placeholder for the 9th; not read back
