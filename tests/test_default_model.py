@@ -101,11 +101,10 @@ def test_ngram_speculation_is_greedy_exact(model_dir: str) -> None:
 
 # -- FP8 KV cache accuracy on the real model --------------------------------------------------------
 
-# The FP8 issue asks for top-1 agreement >= 97 % and mean |Δ logprob| <= 0.05. Per-layer,
-# per-KV-head static scales reach 96.25 % / 0.049 on CPU (fp8 vs fp32) and 96.1 % / 0.052 on the
-# H200 (fp8 vs bf16; bf16 itself agrees 97.8 % with HF float32): e4m3's 3-bit mantissa, not
-# saturation (headroom 1.0 and 2.0 measure alike). These bounds guard against regressions.
-FP8_MIN_TOP1, FP8_MAX_GAP = 0.955, 0.06
+# The FP8 issue's bounds. Static per-head scales alone reached 96.25 % / 0.049 on CPU and 96.1 % /
+# 0.052 on the H200; storing keys less their calibrated mean (kv_calibration) gives 97.5 % / 0.047
+# on CPU. For scale: bf16 KV itself agrees 97.8 % with HF float32.
+FP8_MIN_TOP1, FP8_MAX_GAP = 0.97, 0.05
 
 FP8_QUESTIONS = QUESTIONS + [
     "List three uses of copper.",

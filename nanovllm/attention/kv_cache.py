@@ -19,12 +19,16 @@ class LayerKVCache:
     """One layer's keys and values, in the layout of its backend (blocks first).
 
     `k_scale`/`v_scale` ([num_kv_heads] float32) dequantize a quantized cache; None otherwise.
+    `k_offset` ([num_kv_heads, head_dim] float32) is subtracted from keys before they are
+    quantized: every score of a query moves by the same amount, which softmax ignores, so
+    readers need not add it back.
     """
 
     key: torch.Tensor
     value: torch.Tensor
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
+    k_offset: torch.Tensor | None = None
 
 
 class KVCache:
@@ -38,10 +42,11 @@ class KVCache:
     def num_bytes(self) -> int:
         return self.data.numel() * self.data.element_size()
 
-    def set_scales(self, k_scales: torch.Tensor, v_scales: torch.Tensor) -> None:
-        """Per-layer, per-KV-head dequantization scales, [num_layers, num_kv_heads] float32."""
-        for layer, k, v in zip(self.layers, k_scales, v_scales):
-            layer.k_scale, layer.v_scale = k.contiguous(), v.contiguous()
+    def set_scales(self, k_scales: torch.Tensor, v_scales: torch.Tensor, k_offsets: torch.Tensor) -> None:
+        """Per-layer, per-KV-head dequantization scales, [num_layers, num_kv_heads] float32, and
+        key offsets, [num_layers, num_kv_heads, head_dim] float32."""
+        for layer, k, v, offset in zip(self.layers, k_scales, v_scales, k_offsets):
+            layer.k_scale, layer.v_scale, layer.k_offset = k.contiguous(), v.contiguous(), offset.contiguous()
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy-on-write: block src[i] -> dst[i] in every layer, keys and values."""

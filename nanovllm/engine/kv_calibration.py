@@ -1,14 +1,21 @@
 """FP8 KV-cache scales: per layer and per KV head, from the K/V the model produces on calibration text.
 
 At startup the runner runs one forward over a calibration prompt (this text through the
-model's tokenizer; seeded random ids without one) with a cache in the model's dtype,
-records each layer's per-KV-head absolute maximum of K and of V, and sets
-scale = amax * HEADROOM / 448, so a value HEADROOM times the largest one seen still fits
-before it saturates. The scales are fixed from then on: values written to the cache never
-need requantizing. Measured on SmolLM2-135M (see the README): FP8 against the model-dtype
-cache keeps teacher-forced top-1 agreement and logprobs within the issue's bounds.
+model's tokenizer; seeded random ids without one) with a cache in the model's dtype and
+records each layer's K and V. Keys are stored less their per-KV-head, per-channel mean (the
+key offset): a query's scores against every key then shift by the same q . offset, which
+softmax ignores, so attention is unchanged while e4m3's 3-bit mantissa is spent on what
+varies between keys rather than on a large constant part (keys carry one in their
+low-frequency rotary channels). scale = amax * HEADROOM / 448 per KV head, amax of the
+offset keys and of the values, so a value HEADROOM times the largest one seen still fits
+before it saturates. Scales and offsets are fixed from then on: the cache never needs
+requantizing. On SmolLM2-135M-Instruct (teacher-forced, CPU, fp8 vs fp32 KV, 320 positions)
+the offset takes top-1 agreement from 96.25 % to 97.5 % and mean |Δ logprob| from 0.049 to
+0.047; HEADROOM 1.0 and 2.0 measured alike without it.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -44,3 +51,18 @@ def calibration_token_ids(tokenizer: object | None, vocab_size: int, seed: int, 
 def scales_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """[num_layers, num_kv_heads] absolute maxima -> float32 dequantization scales."""
     return (amax.float().clamp(min=MIN_AMAX) * HEADROOM / FP8_MAX).contiguous()
+
+
+@dataclass
+class FP8Calibration:
+    k_scales: torch.Tensor  # [num_layers, num_kv_heads] float32
+    v_scales: torch.Tensor  # [num_layers, num_kv_heads] float32
+    k_offsets: torch.Tensor  # [num_layers, num_kv_heads, head_dim] float32, subtracted from keys on write
+
+
+def calibrate(keys: list[torch.Tensor], values: list[torch.Tensor]) -> FP8Calibration:
+    """From each layer's calibration keys and values, [tokens, num_kv_heads, head_dim]."""
+    k_offsets = torch.stack([k.float().mean(dim=0) for k in keys])
+    k_amax = torch.stack([(k.float() - offset).abs().amax(dim=(0, 2)) for k, offset in zip(keys, k_offsets)])
+    v_amax = torch.stack([v.float().abs().amax(dim=(0, 2)) for v in values])
+    return FP8Calibration(scales_from_amax(k_amax), scales_from_amax(v_amax), k_offsets.contiguous())

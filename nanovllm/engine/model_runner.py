@@ -15,7 +15,7 @@ from nanovllm.attention.selector import select_backend
 from nanovllm.config import Config
 from nanovllm.distributed.parallel_state import SINGLE, TensorParallel
 from nanovllm.engine.cuda_graph import DecodeGraphs
-from nanovllm.engine.kv_calibration import calibration_token_ids, scales_from_amax
+from nanovllm.engine.kv_calibration import FP8Calibration, calibrate, calibration_token_ids
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import PLACEHOLDER, Sequence
 from nanovllm.engine.step_inputs import StepInputs
@@ -92,7 +92,7 @@ class ModelRunner:
         self.sampler = Sampler(self.generator)
         self.upload = Uploader(self.device)
         self.kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
-        self.kv_scales = self._calibrate_kv_scales(calibration_ids) if config.kv_cache_dtype == "fp8" else None
+        self.fp8 = self._calibrate_fp8(calibration_ids) if config.kv_cache_dtype == "fp8" else None
         # the last launched step's sampled tokens, still on the device, and each sequence's row in them
         self.prev_tokens = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.prev_rows: dict[int, int] = {}
@@ -179,26 +179,26 @@ class ModelRunner:
         kv_cache = KVCache(len(self.attention_layers), self._layer_shape(num_blocks), dtype or self.kv_dtype,
                            self.device)
         if kv_cache.data.dtype == torch.float8_e4m3fn:
-            kv_cache.set_scales(*self.kv_scales)
+            kv_cache.set_scales(self.fp8.k_scales, self.fp8.v_scales, self.fp8.k_offsets)
         for attn, layer_cache in zip(self.attention_layers, kv_cache.layers):
             attn.kv_cache = layer_cache
         return kv_cache
 
     @torch.inference_mode()
-    def _calibrate_kv_scales(self, token_ids: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """FP8: per-layer, per-KV-head scales from one forward over calibration tokens (see kv_calibration)."""
+    def _calibrate_fp8(self, token_ids: list[int] | None) -> FP8Calibration:
+        """FP8: per-layer, per-KV-head scales and key offsets from one forward over calibration
+        tokens (see kv_calibration)."""
         if token_ids is None:
             token_ids = calibration_token_ids(None, self.hf_config.vocab_size, self.config.seed)
         token_ids = token_ids[: min(len(token_ids), self.config.max_model_len, self.config.max_num_batched_tokens)]
         n, bs = len(token_ids), self.block_size
         scratch = self._new_kv_cache(-(-n // bs), dtype=self.dtype)
-        amax = torch.zeros(2, len(self.attention_layers), self.attention_layers[0].num_kv_heads, device=self.device)
+        keys: dict[int, torch.Tensor] = {}
+        values: dict[int, torch.Tensor] = {}
 
         def record(layer: int):
             def hook(module, args):
-                _, k, v, _ = args
-                amax[0, layer] = torch.maximum(amax[0, layer], k.abs().amax(dim=(0, 2)).float())
-                amax[1, layer] = torch.maximum(amax[1, layer], v.abs().amax(dim=(0, 2)).float())
+                _, keys[layer], values[layer], _ = args
             return hook
 
         handles = [attn.register_forward_pre_hook(record(i)) for i, attn in enumerate(self.attention_layers)]
@@ -210,10 +210,11 @@ class ModelRunner:
             for handle in handles:
                 handle.remove()
         del scratch
-        k_scales, v_scales = scales_from_amax(amax[0]), scales_from_amax(amax[1])
+        layers = range(len(self.attention_layers))
+        fp8 = calibrate([keys[i] for i in layers], [values[i] for i in layers])
         logger.info("FP8 KV scales from %d calibration tokens: key %.3g..%.3g, value %.3g..%.3g", n,
-                    k_scales.min(), k_scales.max(), v_scales.min(), v_scales.max())
-        return k_scales, v_scales
+                    fp8.k_scales.min(), fp8.k_scales.max(), fp8.v_scales.min(), fp8.v_scales.max())
+        return fp8
 
     def _allocate_kv_cache(self) -> KVCache:
         kv_cache = self._new_kv_cache(self.num_blocks)

@@ -26,8 +26,9 @@ class TorchRefBackend(AttentionBackend):
                  slot_mapping: torch.Tensor) -> None:
         keep = slot_mapping >= 0
         slots = slot_mapping[keep]
-        for x, target, scale in ((key, cache.key, cache.k_scale), (value, cache.value, cache.v_scale)):
-            new = quantize(x[keep], target.dtype, scale)
+        key = key[keep].float() - cache.k_offset if cache.k_offset is not None else key[keep]
+        for x, target, scale in ((key, cache.key, cache.k_scale), (value[keep], cache.value, cache.v_scale)):
+            new = quantize(x, target.dtype, scale)
             if scale is not None:  # torch has no index_copy for float8: copy the bytes
                 target, new = target.view(torch.uint8), new.view(torch.uint8)
             target.view(-1, *target.shape[2:]).index_copy_(0, slots, new)

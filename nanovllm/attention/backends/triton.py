@@ -31,7 +31,7 @@ class TritonBackend(AttentionBackend):
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                  slot_mapping: torch.Tensor) -> None:
-        store_kv(key, value, cache.key, cache.value, slot_mapping, cache.k_scale, cache.v_scale)
+        store_kv(key, value, cache.key, cache.value, slot_mapping, cache.k_scale, cache.v_scale, cache.k_offset)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Write a step's new K/V into the paged cache by slot, quantizing to FP8 when the cache is FP8.
 
 Generalizes ``store_kvcache``: any cache dtype, any cache strides (contiguous head_dim), and
-per-KV-head scales for an FP8 cache: ``fp8 = clamp(x / scale, -448, 448)``.
+per-KV-head scales for an FP8 cache: ``fp8 = clamp(x / scale, -448, 448)``, keys less an optional
+per-head, per-channel offset first (see ``LayerKVCache``).
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from nanovllm.attention.ops.paged_cache_checks import FP8_MAX, check_cache, chec
 
 
 @triton.jit
-def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
+def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr, k_offset_ptr,
                      stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ct, stride_ch,
                      num_kv_heads, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr,
-                     FP8: tl.constexpr, FP8_MAX: tl.constexpr):
+                     FP8: tl.constexpr, K_OFFSET: tl.constexpr, FP8_MAX: tl.constexpr):
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token)
     if slot < 0:  # padding token of a CUDA-graph batch
@@ -30,7 +31,10 @@ def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_s
     if FP8:
         k_scale = tl.load(k_scale_ptr + heads, mask=heads < num_kv_heads, other=1.0)
         v_scale = tl.load(v_scale_ptr + heads, mask=heads < num_kv_heads, other=1.0)
-        k = tl.clamp(k.to(tl.float32) / k_scale[:, None], -FP8_MAX, FP8_MAX)
+        k = k.to(tl.float32)
+        if K_OFFSET:
+            k = k - tl.load(k_offset_ptr + heads[:, None] * HEAD_DIM + dims[None, :], mask=mask, other=0.0)
+        k = tl.clamp(k / k_scale[:, None], -FP8_MAX, FP8_MAX)
         v = tl.clamp(v.to(tl.float32) / v_scale[:, None], -FP8_MAX, FP8_MAX)
     cache_offsets = ((slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct
                      + heads[:, None] * stride_ch + dims[None, :])
@@ -39,12 +43,13 @@ def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_s
 
 
 def store_kv(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor, slot_mapping: Tensor,
-             k_scale: Tensor | None = None, v_scale: Tensor | None = None) -> None:
+             k_scale: Tensor | None = None, v_scale: Tensor | None = None, k_offset: Tensor | None = None) -> None:
     """Write ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` to cache slot ``slot_mapping[t]``.
 
     Slot ``s`` is token ``s % block_size`` of physical block ``s // block_size``; slot -1 skips the
     token (padding). ``k_scale``/``v_scale`` (float32 ``[num_kv_heads]``) are required iff the cache
-    is ``float8_e4m3fn``.
+    is ``float8_e4m3fn``; ``k_offset`` (float32 ``[num_kv_heads, head_dim]``, FP8 only) is subtracted
+    from the keys before they are scaled.
     """
     check_cache(key_cache, value_cache)
     fp8 = check_scales(key_cache, k_scale, v_scale)
@@ -56,11 +61,16 @@ def store_kv(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
     if slot_mapping.shape != (num_tokens,) or slot_mapping.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slot_mapping must be an int64 (or int32) [num_tokens={num_tokens}] tensor, "
                          f"got {slot_mapping.dtype} {tuple(slot_mapping.shape)}")
+    if k_offset is not None and (not fp8 or k_offset.shape != (num_kv_heads, head_dim)
+                                 or k_offset.dtype != torch.float32 or not k_offset.is_contiguous()):
+        raise ValueError(f"k_offset must be a contiguous float32 [num_kv_heads, head_dim] = "
+                         f"[{num_kv_heads}, {head_dim}] tensor with an FP8 cache, got {k_offset.dtype} "
+                         f"{tuple(k_offset.shape)} with a {key_cache.dtype} cache")
     if num_tokens == 0:
         return
     _store_kv_kernel[(num_tokens,)](
-        key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale,
+        key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, k_offset,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1), *key_cache.stride()[:3],
         num_kv_heads, BLOCK_SIZE=key_cache.shape[1], HEAD_DIM=head_dim,
-        HEADS_PAD=triton.next_power_of_2(num_kv_heads), FP8=fp8, FP8_MAX=FP8_MAX,
+        HEADS_PAD=triton.next_power_of_2(num_kv_heads), FP8=fp8, K_OFFSET=k_offset is not None, FP8_MAX=FP8_MAX,
     )

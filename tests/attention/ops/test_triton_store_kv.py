@@ -11,12 +11,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
 
 
-def expected_cache(cache, new, slots, scale=None):
-    """``cache`` with ``new`` written at ``slots`` (-1 skipped), quantized like the kernel when FP8."""
+def expected_cache(cache, new, slots, scale=None, offset=None):
+    """``cache`` with ``new`` written at ``slots`` (-1 skipped), quantized like the kernel when FP8
+    (less ``offset`` first, when given)."""
     out = cache.clone().flatten(0, 1)
     keep = slots >= 0
     if scale is not None:
-        new = (new.float() / scale[:, None]).clamp(-448, 448)
+        new = ((new.float() - (offset if offset is not None else 0.0)) / scale[:, None]).clamp(-448, 448)
     out.view(torch.uint8 if cache.dtype == FP8 else cache.dtype)[slots[keep]] = (
         new[keep].to(cache.dtype).view(torch.uint8) if cache.dtype == FP8 else new[keep].to(cache.dtype))
     return out.view_as(cache)
@@ -43,8 +44,9 @@ def test_store_kv_writes_slots(dtype, cache_dtype, num_kv_heads, head_dim, block
     scales = {}
     if cache_dtype == FP8:
         scales = dict(k_scale=torch.rand(num_kv_heads, device=DEVICE) * 0.05 + 0.01,
-                      v_scale=torch.rand(num_kv_heads, device=DEVICE) * 0.05 + 0.01)
-    want_k = expected_cache(key_cache, key, slots, scales.get("k_scale"))
+                      v_scale=torch.rand(num_kv_heads, device=DEVICE) * 0.05 + 0.01,
+                      k_offset=torch.randn(num_kv_heads, head_dim, device=DEVICE) * 3)
+    want_k = expected_cache(key_cache, key, slots, scales.get("k_scale"), scales.get("k_offset"))
     want_v = expected_cache(value_cache, value, slots, scales.get("v_scale"))
     store_kv(key, value, key_cache, value_cache, slots, **scales)
     assert same_bits(key_cache, want_k) and same_bits(value_cache, want_v)
@@ -71,6 +73,11 @@ def test_store_kv_rejects_bad_input():
         store_kv(key, key, cache.to(FP8), cache.to(FP8), slots)
     with pytest.raises(ValueError, match="k_scale must be float32"):
         store_kv(key, key, cache.to(FP8), cache.to(FP8), slots, torch.ones(3, device=DEVICE), torch.ones(2, device=DEVICE))
+    with pytest.raises(ValueError, match="k_offset must be"):
+        store_kv(key, key, cache, cache, slots, k_offset=torch.zeros(2, 64, device=DEVICE))  # not an FP8 cache
+    with pytest.raises(ValueError, match="k_offset must be"):
+        fp8, ones = cache.to(FP8), torch.ones(2, device=DEVICE)
+        store_kv(key, key, fp8, fp8, slots, ones, ones, torch.zeros(2, 32, device=DEVICE))
     with pytest.raises(ValueError, match="key and value must be"):
         store_kv(key[:, :1], key[:, :1], cache, cache, slots)
     with pytest.raises(ValueError, match="slot_mapping"):
