@@ -99,6 +99,20 @@ def test_ngram_speculation_is_greedy_exact(model_dir: str) -> None:
     assert stopped.text == base.generate([text], stop, use_tqdm=False)[0].outputs[0].text
 
 
+def test_tensor_parallel_greedy_equals_one_rank(model_dir: str) -> None:
+    """TP=3 over gloo (SmolLM2 has 9 query and 3 KV heads: one KV head per rank) gives TP=1's
+    greedy tokens, float32 on CPU."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                           tokenize=False) for q in QUESTIONS[:2]]
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    args = dict(device="cpu", dtype="float32", num_kvcache_blocks=32, max_num_seqs=4)
+    expected = [o.outputs[0].token_ids for o in LLM(model_dir, **args).generate(texts, greedy, use_tqdm=False)]
+    with LLM(model_dir, tensor_parallel_size=3, **args) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(texts, greedy, use_tqdm=False)]
+    assert got == expected
+
+
 # -- FP8 KV cache accuracy on the real model --------------------------------------------------------
 
 # The FP8 issue's bounds. Static per-head scales alone reached 96.25 % / 0.049 on CPU and 96.1 % /
