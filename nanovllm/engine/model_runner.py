@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from nanovllm.distributed.worker_pool import WorkerPool
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -85,20 +88,33 @@ class ModelRunner:
         self.generator = torch.Generator(self.device).manual_seed(config.seed)  # unseeded sampling
         self.backend = select_backend(config.attention_backend, self.device, self.dtype, config.kv_cache_dtype)
         self.block_size = self._block_size()
-        self.model = self._build_model()
+        self.startup_seconds: dict[str, float] = {}  # phase -> seconds, logged once the runner is ready
+        self.model = self._timed("load", self._build_model)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for attn in self.attention_layers:
             attn.backend = self.backend
         self.sampler = Sampler(self.generator)
         self.upload = Uploader(self.device)
         self.kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
-        self.fp8 = self._calibrate_fp8(calibration_ids) if config.kv_cache_dtype == "fp8" else None
+        self.fp8 = self._timed("FP8 calibration", self._calibrate_fp8, calibration_ids) \
+            if config.kv_cache_dtype == "fp8" else None
         # the last launched step's sampled tokens, still on the device, and each sequence's row in them
         self.prev_tokens = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.prev_rows: dict[int, int] = {}
-        self.num_blocks = tp.min_int(config.num_kvcache_blocks or self._num_blocks_from_memory())
-        self.kv_cache = self._allocate_kv_cache()
+        self.num_blocks = tp.min_int(config.num_kvcache_blocks or self._timed("warm-up", self._num_blocks_from_memory))
+        self.kv_cache = self._timed("KV cache", self._allocate_kv_cache)
         self.graphs = self._capture_graphs()
+        logger.info("startup: %s", ", ".join(f"{name} {t:.1f} s" for name, t in self.startup_seconds.items()))
+
+    def _timed(self, phase: str, fn: Callable[..., T], *args: object) -> T:
+        """fn(*args), its wall time (device work included) recorded as a startup phase. The first
+        warm-up on CUDA includes torch.compile of the fused ops and Triton's kernel builds."""
+        start = time.perf_counter()
+        result = fn(*args)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.startup_seconds[phase] = time.perf_counter() - start
+        return result
 
     def _block_size(self) -> int:
         size = self.config.kvcache_block_size or self.backend.default_block_size
@@ -226,8 +242,8 @@ class ModelRunner:
         if self.device.type != "cuda" or self.config.enforce_eager or not self.backend.supports_cuda_graphs:
             return None
         blocks_per_seq = -(-self.config.max_model_len // self.block_size)
-        return DecodeGraphs(self.model, min(self.config.max_num_seqs, 512), blocks_per_seq,
-                            self.hf_config.hidden_size, self.dtype, self.config.max_model_len, self.device)
+        return self._timed("CUDA graphs", DecodeGraphs, self.model, min(self.config.max_num_seqs, 512), blocks_per_seq,
+                           self.hf_config.hidden_size, self.dtype, self.config.max_model_len, self.device)
 
     # -- running ----------------------------------------------------------------
 

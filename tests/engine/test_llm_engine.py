@@ -1,6 +1,7 @@
 """End to end on CPU: nanovllm's greedy tokens equal HF transformers', float32."""
 from __future__ import annotations
 
+import logging
 import pathlib
 
 import pytest
@@ -157,6 +158,16 @@ def drain(llm: LLM) -> dict[str, RequestOutput]:
             else:
                 merged[out.request_id] = out
     return merged
+
+
+def test_startup_phases_are_timed_and_logged(tiny_model, caplog):
+    with caplog.at_level(logging.INFO, logger="nanovllm.engine.model_runner"):
+        llm = LLM(tiny_model("qwen3")[0], skip_tokenizer_init=True, device="cpu", kv_cache_dtype="fp8")
+    phases = llm.model_runner.startup_seconds
+    assert list(phases) == ["load", "FP8 calibration", "warm-up", "KV cache"]  # no CUDA graphs on CPU
+    assert all(t >= 0 for t in phases.values())
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("startup: "))
+    assert all(f"{name} " in line for name in phases)
 
 
 def test_unstreamed_request_gives_one_whole_output(tiny_model):
