@@ -43,8 +43,8 @@ CANDIDATES = 2048
 TRITON_MIN_ROWS = 32
 
 _MASK32 = 0xFFFFFFFF
-ArrayT = TypeVar("ArrayT", Tensor, np.ndarray)
 _MASK64 = (1 << 64) - 1
+ArrayT = TypeVar("ArrayT", Tensor, np.ndarray)  # the key hash runs on torch tensors and numpy arrays alike
 
 
 class SamplingRow(Protocol):
