@@ -6,14 +6,18 @@ import torch
 from nanovllm.attention.backend import AttentionBackend
 from nanovllm.attention.kv_cache import FP8_MAX, LayerKVCache
 from nanovllm.attention.metadata import AttentionMetadata
-from nanovllm.attention.ops.paged_attention_ref import paged_attention, paged_prefill_attention
+from nanovllm.attention.ops.paged_attention_ref import paged_prefill_attention
+from nanovllm.attention.ops.paged_attention_sdpa import DecodeGather, decode_gather, paged_attention_sdpa
 
 
 class TorchRefBackend(AttentionBackend):
     """Gathers through block tables in plain torch, softmax in float32.
 
     Its cache write skips padding slots with a data-dependent mask, which a CUDA
-    graph cannot capture, so it runs eagerly.
+    graph cannot capture, so it runs eagerly. Decode gathers each sequence's K/V and
+    calls SDPA once per layer; the slots to gather are the same in every layer, so the
+    first layer of a step computes them and the others reuse them (kept with the step's
+    metadata object, which a new step replaces).
     """
 
     name = "torch"
@@ -21,6 +25,9 @@ class TorchRefBackend(AttentionBackend):
     default_block_size = 16
     supports_cuda_graphs = False
     kv_cache_dtypes = ("auto", "fp8")
+
+    def __init__(self) -> None:
+        self._step: tuple[AttentionMetadata, DecodeGather] | None = None
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                  slot_mapping: torch.Tensor) -> None:
@@ -36,11 +43,16 @@ class TorchRefBackend(AttentionBackend):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if meta.max_query_len == 1:
-            return paged_attention(query, cache.key, cache.value, meta.block_tables, meta.seq_lens,
-                                   cache.key.shape[1], meta.max_seq_len, scale=scale,
-                                   k_scale=cache.k_scale, v_scale=cache.v_scale)
+            return paged_attention_sdpa(query, cache.key, cache.value, self._decode_gather(meta, cache.key.shape[1]),
+                                        scale, k_scale=cache.k_scale, v_scale=cache.v_scale)
         return paged_prefill_attention(query, cache.key, cache.value, meta.query_start_loc, meta.seq_start_loc,
                                        meta.block_tables, scale=scale, k_scale=cache.k_scale, v_scale=cache.v_scale)
+
+    def _decode_gather(self, meta: AttentionMetadata, block_size: int) -> DecodeGather:
+        """The step's decode slots, computed by its first layer."""
+        if self._step is None or self._step[0] is not meta:
+            self._step = (meta, decode_gather(meta.block_tables, meta.seq_lens, block_size, meta.max_seq_len))
+        return self._step[1]
 
 
 def quantize(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
