@@ -23,16 +23,17 @@ from nanovllm.attention.ops.paged_attention_ref import dequantize
 class DecodeGather:
     """Where each decode sequence's context lies in the flattened cache.
 
-    - ``slots`` [seqs, context] int64: the cache slot of each context position (arbitrary,
-      but in range, past a sequence's length).
-    - ``invalid`` [seqs, context, 1, 1] bool: positions past the length; gathered K/V there
-      are zeroed, so NaN in unused slots cannot reach the result.
+    - ``slots`` [seqs, context] int64: the cache slot of each context position. Positions past
+      a sequence's length repeat its last slot, so only slots it owns are read (unused ones may
+      hold anything, NaN included) and no gathered value needs masking.
     - ``mask`` [seqs, 1, 1, context] bool: SDPA's ``attn_mask`` (True attends).
+    - ``empty`` [seqs, 1, 1, 1] bool, or None when every sequence has context: rows whose output
+      is zeroed (they read a slot they do not own).
     """
 
     slots: Tensor
-    invalid: Tensor
     mask: Tensor
+    empty: Tensor | None
 
 
 def decode_gather(block_tables: Tensor, context_lens: Tensor, block_size: int, max_context_len: int) -> DecodeGather:
@@ -41,7 +42,10 @@ def decode_gather(block_tables: Tensor, context_lens: Tensor, block_size: int, m
     offsets = torch.arange(block_size, device=block_tables.device)
     slots = (block_tables[:, :num_blocks].long()[:, :, None] * block_size + offsets).flatten(1)[:, :max_context_len]
     valid = torch.arange(slots.shape[1], device=slots.device) < context_lens[:, None]
-    return DecodeGather(slots, ~valid[:, :, None, None], valid[:, None, None, :])
+    last = slots.gather(1, (context_lens.long()[:, None] - 1).clamp(min=0))
+    empty = context_lens == 0
+    return DecodeGather(torch.where(valid, slots, last), valid[:, None, None, :],
+                        empty[:, None, None, None] if bool(empty.any()) else None)
 
 
 def paged_attention_sdpa(
@@ -56,8 +60,7 @@ def paged_attention_sdpa(
     """Decode attention of ``query`` [seqs, heads, head_dim] over the slots of ``gather``.
 
     Computes in float32 and returns ``query``'s dtype; an FP8 cache is dequantized with the
-    per-KV-head ``k_scale``/``v_scale``. A sequence with no context gets zeros (SDPA's answer
-    for a row that attends to nothing).
+    per-KV-head ``k_scale``/``v_scale``. A sequence with no context gets zeros.
     """
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
@@ -65,10 +68,11 @@ def paged_attention_sdpa(
     values = _gather(value_cache, gather, v_scale).transpose(1, 2)
     q = query.float().view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=gather.mask, scale=scale)
+    if gather.empty is not None:
+        out = out.masked_fill(gather.empty, 0.0)
     return out.flatten(1, 2).to(query.dtype)
 
 
 def _gather(cache: Tensor, gather: DecodeGather, scale: Tensor | None) -> Tensor:
-    """Float32 [seqs, context, kv_heads, head_dim] of the gathered slots, zero past each length."""
-    flat = cache.view(-1, *cache.shape[2:])
-    return dequantize(flat[gather.slots], scale).float().masked_fill_(gather.invalid, 0.0)
+    """Float32 [seqs, context, kv_heads, head_dim] of the gathered slots."""
+    return dequantize(cache.view(-1, *cache.shape[2:])[gather.slots], scale).float()
