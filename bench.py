@@ -101,7 +101,7 @@ def timed_run(llm: LLM, args: argparse.Namespace, run: int) -> dict[str, float]:
     after = llm.stats()
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     delta = {k: after[k] - before[k] for k in ("prefill_tokens", "decode_tokens", "prefill_time", "decode_time",
-                                               "spec_proposed_tokens", "spec_accepted_tokens")}
+                                               "decode_steps", "spec_proposed_tokens", "spec_accepted_tokens")}
     return {
         "output_tokens": tokens,
         "seconds": round(seconds, 3),
@@ -110,6 +110,7 @@ def timed_run(llm: LLM, args: argparse.Namespace, run: int) -> dict[str, float]:
         "decode_tok_s": round(delta["decode_tokens"] / max(delta["decode_time"], 1e-9), 1),
         "prefill_seconds": round(delta["prefill_time"], 3),
         "decode_seconds": round(delta["decode_time"], 3),
+        "decode_ms_per_step": round(1e3 * delta["decode_time"] / max(delta["decode_steps"], 1), 3),
         "spec_proposed_tokens": delta["spec_proposed_tokens"],
         "spec_accepted_tokens": delta["spec_accepted_tokens"],
     }
@@ -138,7 +139,8 @@ def main() -> None:
     print(f"output tokens: {best['output_tokens']}, time: {best['seconds']:.2f} s, "
           f"throughput: {best['throughput_tok_s']:.0f} tok/s")
     print(f"prefill: {best['prefill_tok_s']:.0f} tok/s in {best['prefill_seconds']:.2f} s, "
-          f"decode: {best['decode_tok_s']:.0f} tok/s in {best['decode_seconds']:.2f} s")
+          f"decode: {best['decode_tok_s']:.0f} tok/s in {best['decode_seconds']:.2f} s, "
+          f"{best['decode_ms_per_step']:.2f} ms per step")
     print(f"KV blocks: {stats['kv_blocks_total']} total, {stats['kv_blocks_peak_used']} peak used, "
           f"{stats['kv_blocks_used']} used now; KV waste (time-averaged empty share of allocated slots): "
           f"{stats['kv_waste_fraction']:.2%}")

@@ -97,6 +97,7 @@ class LLMEngine:
         self._unclaimed: list[RequestOutput] = []  # other requests' deltas seen by `generate`
         self.num_prefill_tokens = self.num_decode_tokens = 0
         self.prefill_time = self.decode_time = 0.0
+        self.num_decode_steps = 0  # decode and speculative verify steps: the latency a stream feels
 
     # -- setup ----------------------------------------------------------------
 
@@ -300,9 +301,11 @@ class LLMEngine:
     def _record_time(self, batch: ScheduledBatch, seconds: float) -> None:
         if batch.num_proposed is not None and not batch.is_decode:  # tokens counted once known
             self.decode_time += seconds
+            self.num_decode_steps += 1
         elif batch.is_decode:
             self.num_decode_tokens += len(batch.seqs)
             self.decode_time += seconds
+            self.num_decode_steps += 1
         else:
             self.num_prefill_tokens += sum(batch.num_new_tokens)
             self.prefill_time += seconds
@@ -362,6 +365,7 @@ class LLMEngine:
             "decode_tokens": self.num_decode_tokens,
             "prefill_time": self.prefill_time,
             "decode_time": self.decode_time,
+            "decode_steps": self.num_decode_steps,
             "spec_proposed_tokens": self.scheduler.num_proposed_tokens,
             "spec_accepted_tokens": self.scheduler.num_accepted_tokens,
         }

@@ -160,6 +160,15 @@ def drain(llm: LLM) -> dict[str, RequestOutput]:
     return merged
 
 
+def test_decode_steps_are_counted(tiny_model):
+    """bench.py's ms per step: one decode step per token after the first (which the prefill samples)."""
+    llm = LLM(tiny_model("qwen3")[0], skip_tokenizer_init=True, device="cpu")
+    llm.generate(random_prompts([9, 14], seed=75), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                 use_tqdm=False)
+    stats = llm.stats()
+    assert stats["decode_steps"] == 5 and stats["decode_tokens"] == 2 * 5 and stats["decode_time"] > 0
+
+
 def test_startup_phases_are_timed_and_logged(tiny_model, caplog):
     with caplog.at_level(logging.INFO, logger="nanovllm.engine.model_runner"):
         llm = LLM(tiny_model("qwen3")[0], skip_tokenizer_init=True, device="cpu", kv_cache_dtype="fp8")
