@@ -20,6 +20,18 @@ from nanovllm.distributed.parallel_state import SINGLE, TensorParallel
 from nanovllm.layers.weight_slice import Loaded, copy_slice
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, except a single bf16/fp16 row on CUDA (decode at batch 1): the Triton GEMV of
+    `gemv_kernel`, since cuBLAS reads the weights at a fraction of the bandwidth there. Eager, its
+    Python launch costs a little more host time than cuBLAS's; decode runs in CUDA graphs, whose
+    warm-up (eager, before capture) is also where the kernel gets compiled."""
+    if x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous():
+        from nanovllm.layers.gemv_kernel import gemv
+
+        return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 def _parameters(module: nn.Module, input_size: int, output_size: int, bias: bool) -> None:
     module.weight = nn.Parameter(torch.empty(output_size, input_size))
     if bias:
@@ -46,7 +58,7 @@ class MergedColumnParallelLinear(nn.Module):
         _parameters(self, input_size, sum(self.local_sizes), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def shard_start(self, index: int) -> int:
         """Where this rank's rows of shard `index` start in the checkpoint tensor."""
@@ -94,7 +106,7 @@ class RowParallelLinear(nn.Module):
         _parameters(self, tp.split(input_size), output_size, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight, self.bias if self.tp.rank == 0 else None))
+        return self.tp.all_reduce(linear(x, self.weight, self.bias if self.tp.rank == 0 else None))
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: object = None) -> None:
         if param is self.bias:

@@ -1,0 +1,43 @@
+"""The one-row Triton GEMV against a float64 matmul (Triton's interpreter on CPU), and the dispatch."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanovllm.layers.gemv_kernel import gemv
+from nanovllm.layers.linear import linear
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+
+
+@pytest.mark.parametrize("n,k", [(40, 96), (16, 300), (33, 2048)])  # partial blocks of N and K, the wide-K path
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_matches_matmul(n, k, with_bias):
+    torch.manual_seed(n + k)
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    x = torch.randn(1, k, device=DEVICE).to(dtype)
+    weight = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+    bias = torch.randn(n, device=DEVICE).to(dtype) if with_bias else None
+    out = gemv(x, weight, bias)
+    assert out.shape == (1, n) and out.dtype == dtype
+    ref = reference(x, weight, bias)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's rounding
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)])  # Qwen3-0.6B's layers
+def test_linear_takes_gemv_for_one_row(dtype, n, k):
+    torch.manual_seed(0)
+    weight = (torch.randn(n, k, device="cuda") / k**0.5).to(dtype)
+    one, rows = torch.randn(1, k, device="cuda").to(dtype), torch.randn(5, k, device="cuda").to(dtype)
+    torch.testing.assert_close(linear(one, weight), gemv(one, weight), rtol=0, atol=0)
+    for x in (one, rows):
+        torch.testing.assert_close(linear(x, weight).double(), reference(x, weight, None), rtol=2e-2, atol=2e-2)
