@@ -24,13 +24,27 @@ def test_unknown_backend_and_kv_dtype_are_errors():
         select_backend("torch", torch.device("cpu"), torch.float32, "int4")
 
 
-def test_auto_on_cuda_without_flash_attn_warns(monkeypatch):
-    """The fallback to the slow reference on a GPU is never silent (no GPU needed: the import fails)."""
-    def missing():
-        raise ImportError("No module named 'flash_attn'")
+def missing(module: str):
+    def make():
+        raise ImportError(f"No module named '{module}'")
+    return make
 
-    monkeypatch.setattr(selector, "_flash_attn", missing)
-    with pytest.warns(RuntimeWarning, match="torch reference.*pip install"):
+
+def test_auto_on_cuda_prefers_triton_then_flash_attn(monkeypatch):
+    """No GPU needed: the backends' constructors are stood in for by markers, the choice is real."""
+    monkeypatch.setattr(selector, "_triton", lambda: "triton")
+    monkeypatch.setattr(selector, "_flash_attn", lambda: "flash_attn")
+    monkeypatch.setattr(selector, "_announce", lambda backend: backend)
+    assert select_backend("auto", torch.device("cuda"), torch.bfloat16) == "triton"
+    monkeypatch.setattr(selector, "_triton", missing("triton"))
+    assert select_backend("auto", torch.device("cuda"), torch.float16) == "flash_attn"
+
+
+def test_auto_on_cuda_without_fast_backends_warns(monkeypatch):
+    """The fallback to the slow reference on a GPU is never silent (no GPU needed: the imports fail)."""
+    monkeypatch.setattr(selector, "_flash_attn", missing("flash_attn"))
+    monkeypatch.setattr(selector, "_triton", missing("triton"))
+    with pytest.warns(RuntimeWarning, match="flash_attn.*torch reference.*pip install"):
         backend = select_backend("auto", torch.device("cuda"), torch.bfloat16)
     assert isinstance(backend, TorchRefBackend)
     with pytest.raises(ValueError, match="does not import"):
