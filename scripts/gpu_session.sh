@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call that measures what the README's performance table reports: the bench before
 # (a `git archive` of an earlier commit unpacked in .whl/base, if present) and now, small batches,
-# Triton bf16/FP8, nano-vllm warm in the same call, then the GPU tests. Each run's log lands in $OUT.
+# flash-attn and FP8 beside the default (Triton), nano-vllm warm in the same call, then the GPU tests. Each run's log lands in $OUT.
 #
 # Prepare, on the developer machine (the device has no network and no git history):
 #   mkdir -p .whl && cp ../shared/flash-attn/*.whl ../shared/anchors/* .whl/
@@ -30,8 +30,8 @@ export PYTHONPATH=/tmp/site:$ROOT
 bench default
 bench bs1 --num-seqs 1 $SMALL
 bench bs16 --num-seqs 16 $SMALL
-bench triton --attention-backend triton
-bench triton_fp8 --attention-backend triton --kv-cache-dtype fp8
+bench flash --attention-backend flash_attn
+bench fp8 --kv-cache-dtype fp8
 if [[ -f .whl/nano-vllm-bb823b3.tar.gz ]]; then
     tar xzf .whl/nano-vllm-bb823b3.tar.gz -C /tmp
     PYTHONPATH=/tmp/site python .whl/make_random_model.py /tmp/q06 > /dev/null 2>&1
