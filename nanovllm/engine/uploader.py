@@ -9,6 +9,7 @@ _ALIGN = 16  # bytes; every array starts aligned so its bytes can be viewed as i
 # buffer comes round again only once the step that last used it is done: reusing it never
 # waits for the forward in flight. The sampling copy is queued behind that forward.
 _RING = 4
+_TORCH_DTYPES = {np.dtype(t): getattr(torch, t) for t in ("int64", "int32", "float32", "float64", "bool", "uint8")}
 
 
 class Uploader:
@@ -28,10 +29,7 @@ class Uploader:
         arrays = [np.ascontiguousarray(a) for a in arrays]
         if self.device.type == "cpu":
             return [torch.from_numpy(a) for a in arrays]
-        offsets, total = [], 0
-        for a in arrays:
-            offsets.append(total)
-            total += -(-a.nbytes // _ALIGN) * _ALIGN
+        offsets, total = byte_offsets(arrays)
         i = self.turn
         self.turn = (i + 1) % _RING
         self.copied[i].synchronize()  # the copy out of this buffer, _RING calls ago, is done
@@ -42,5 +40,27 @@ class Uploader:
             host[offset : offset + a.nbytes] = a.view(np.uint8).ravel()
         device = self.staging[i][:total].to(self.device, non_blocking=True)
         self.copied[i].record()
-        return [device[offset : offset + a.nbytes].view(torch.from_numpy(a[:0]).dtype).view(a.shape)
-                for a, offset in zip(arrays, offsets)]
+        return unpack(device, arrays, offsets)
+
+
+def byte_offsets(arrays: list[np.ndarray]) -> tuple[list[int], int]:
+    """Where each array starts in the packed buffer (aligned), and the buffer's size."""
+    offsets, total = [], 0
+    for a in arrays:
+        offsets.append(total)
+        total += -(-a.nbytes // _ALIGN) * _ALIGN
+    return offsets, total
+
+
+def unpack(buffer: torch.Tensor, arrays: list[np.ndarray], offsets: list[int]) -> list[torch.Tensor]:
+    """Views of `buffer` (uint8) holding each array's bytes at its offset, with its dtype and shape.
+
+    A step unpacks about twenty arrays, so this avoids ops: 1-D arrays skip the reshape, and
+    dtypes come from a table rather than a tensor made to ask numpy's.
+    """
+    out = []
+    for a, offset in zip(arrays, offsets):
+        dtype = _TORCH_DTYPES.get(a.dtype) or torch.from_numpy(a[:0]).dtype
+        view = buffer[offset : offset + a.nbytes].view(dtype)
+        out.append(view if a.ndim == 1 else view.view(a.shape))
+    return out
