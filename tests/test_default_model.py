@@ -183,3 +183,49 @@ def test_fp8_kv_cache_accuracy_gpu(model_dir: str) -> None:
     top1, gap, positions = fp8_agreement(model_dir, "cuda", "bfloat16", "triton", 96, questions)
     print(f"fp8 vs bf16 KV on GPU: top-1 agreement {top1:.4f}, mean |Δ logprob| {gap:.4f} over {positions}")
     assert positions >= 2000 and top1 >= FP8_MIN_TOP1 and gap <= FP8_MAX_GAP
+
+
+# -- bf16 numerics against HF float32 -----------------------------------------------------------------
+
+def bf16_agreement(model_dir: str, device: str, backend: str, questions: list[str],
+                   max_tokens: int) -> tuple[float, float, int]:
+    """The engine's bf16 greedy completions, then HF float32 and HF bf16 teacher-forced on them:
+    (top-1 agreement of the engine's tokens with HF float32's argmax, the same for HF bf16's argmax,
+    positions)."""
+    llm = LLM(model_dir, device=device, dtype="bfloat16", attention_backend=backend, enable_prefix_caching=False)
+    texts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                               tokenize=False) for q in questions]
+    outputs = llm.generate(texts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                           use_tqdm=False)
+    del llm
+    hf32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    hf16 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+    engine = hf = total = 0
+    for out in outputs:
+        ids = torch.tensor([out.prompt_token_ids + out.outputs[0].token_ids], device=device)
+        n = len(out.prompt_token_ids)
+        with torch.no_grad():
+            top32 = hf32(ids).logits[0, n - 1 : -1].argmax(-1).cpu()
+            top16 = hf16(ids).logits[0, n - 1 : -1].float().argmax(-1).cpu()
+        engine += int((torch.tensor(out.outputs[0].token_ids) == top32).sum())
+        hf += int((top16 == top32).sum())
+        total += len(top32)
+    return engine / total, hf / total, total
+
+
+def test_bf16_is_as_faithful_as_hf_bf16_cpu(model_dir: str) -> None:
+    """Measured on the dev CPU over 768 positions: the engine 98.7 % against HF bf16's 98.2 %; with
+    bf16 logits (ties between the top two at ~3 % of positions) it was 97.8 % against 98.8 %."""
+    engine, hf, positions = bf16_agreement(model_dir, "cpu", "torch", FP8_QUESTIONS, 96)
+    print(f"bf16 vs HF fp32 on CPU: engine {engine:.4f}, HF bf16 {hf:.4f} over {positions}")
+    assert positions >= 700 and engine >= hf
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_is_as_faithful_as_hf_bf16_gpu(model_dir: str) -> None:
+    """The issue's measurement: 32 chat prompts x 96 tokens, the default (Triton) backend."""
+    questions = [f"{q} (variant {i})" for i in range(4) for q in FP8_QUESTIONS]
+    engine, hf, positions = bf16_agreement(model_dir, "cuda", "auto", questions, 96)
+    print(f"bf16 vs HF fp32 on GPU: engine {engine:.4f}, HF bf16 {hf:.4f} over {positions}")
+    assert positions >= 3000 and engine >= hf
