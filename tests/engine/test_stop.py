@@ -19,11 +19,14 @@ CORPUS = [
 ] * 4
 
 
-def train_tokenizer() -> transformers.PreTrainedTokenizerFast:
+def train_tokenizer(vocab_size: int = 160, all_bytes: bool = False) -> transformers.PreTrainedTokenizerFast:
+    """Byte-level BPE over CORPUS; with `all_bytes` every byte has a token, so any text encodes."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=160, special_tokens=["<eos>"]))
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if all_bytes else []
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
+                                                        initial_alphabet=alphabet))
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
@@ -211,3 +214,23 @@ def test_streamed_text_joins_to_final_text(llm, greedy, include):
     while llm.has_unfinished_requests():
         pieces += [out.outputs[0].text for out in llm.step()]
     assert "".join(pieces) == texts[-1]
+
+
+@pytest.mark.parametrize("text", ["hello world, this is split", "naïve café: 日本語 🙂 jumps over 🙃!"])
+def test_decode_stream_and_window_give_the_full_decode(text):
+    """The fast path (a Rust DecodeStream) and the window path give the same pieces' text as one
+    decode of every token, special tokens skipped, multi-byte characters split across byte tokens."""
+    tokenizer = train_tokenizer(400, all_bytes=True)
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    ids = ids[:3] + [tokenizer.eos_token_id] + ids[3:]  # a special token mid-way: skipped
+    assert len(ids) > len(text.split()) + 1
+    expected = tokenizer.decode(ids, skip_special_tokens=True)
+    fast = IncrementalDetokenizer(tokenizer, [], False)
+    window = IncrementalDetokenizer(tokenizer, [], False)
+    assert fast.stream is not None
+    window.stream = None
+    for detok in (fast, window):
+        pieces = [detok.add(t) for t in ids]
+        assert "".join(pieces) == detok.text == expected
+        assert all("\ufffd" not in p for p in pieces)  # a split character comes out whole
