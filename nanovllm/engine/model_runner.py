@@ -23,7 +23,7 @@ from nanovllm.engine.sequence import PLACEHOLDER, Sequence
 from nanovllm.engine.step_inputs import StepInputs
 from nanovllm.engine.uploader import Uploader
 from nanovllm.layers.attention import Attention
-from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingRow, SamplingTensors
+from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingArrays, SamplingRow, SamplingTensors
 from nanovllm.models import model_class
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.spec_decode.verify_row import VerifyRow
@@ -186,7 +186,7 @@ class ModelRunner:
         hidden = torch.randn(len(seqs), self.hf_config.hidden_size, dtype=self.dtype, device=self.device)
         logits = self.model.compute_logits(hidden)
         if logits is not None:
-            self.sampler(logits, self._sampling_tensors(seqs, logits.shape[-1]))
+            self.sampler(logits, self._sampling_tensors(seqs))
         del scratch
         torch.cuda.synchronize(self.device)
 
@@ -281,16 +281,21 @@ class ModelRunner:
     def launch(self, batch: ScheduledBatch) -> PendingSample:
         """Queue the batch's forward and sampling on the device; the tokens come back through `wait`.
 
-        Sampling covers the sequences whose tokens are all computed after this step.
+        Sampling covers the sequences whose tokens are all computed after this step. The model
+        inputs and the sampling parameters go up in one copy.
         """
         step, sampling = self._step_inputs(batch)
         with self.workers.watch() if self.workers is not None else nullcontext():
             if self.workers is not None:
                 self.workers.send(step)
-            logits = self.execute(step)
+            inputs = step.device_arrays()
+            host = SamplingArrays.from_rows(sampling, self.hf_config.vocab_size, self.config.eos_token_ids) \
+                if sampling else None
+            tensors = self.upload(inputs + (host.arrays if host is not None else []))
+            logits = self.execute(step, tensors[: len(inputs)])
             if logits is None:
                 return PendingSample(None)
-            out = self.sampler(logits, self._sampling_tensors(sampling, logits.shape[-1]))
+            out = self.sampler(logits, host.tensors(tensors[len(inputs) :]))
             self.prev_tokens = self.tp.broadcast(out.token_ids)
         self.prev_rows = {seq.seq_id: row for row, seq in enumerate(sampling)}
         return PendingSample(out)
@@ -299,17 +304,15 @@ class ModelRunner:
     def follow(self, step: StepInputs) -> None:
         """A worker rank's part of a step: the forward, then the tokens rank 0 sampled (the next
         decode may read them on the device)."""
-        self.execute(step)
+        self.execute(step, self.upload(step.device_arrays()))
         if len(step.logit_rows):
             tokens = torch.empty(len(step.logit_rows), dtype=torch.int64, device=self.device)
             self.prev_tokens = self.tp.broadcast(tokens)
 
-    def execute(self, step: StepInputs) -> torch.Tensor | None:
-        """Every rank: block copies, then the forward; the logits of the step's logit rows on
-        rank 0 (None on other ranks, or when nothing is sampled)."""
-        ids, src, rows_t, copy_src, copy_dst, *meta_tensors = self.upload(
-            [step.input_ids, step.prev_rows, step.logit_rows, step.block_copies[:, 0], step.block_copies[:, 1],
-             *step.layout.arrays()])
+    def execute(self, step: StepInputs, tensors: list[torch.Tensor]) -> torch.Tensor | None:
+        """Every rank: block copies, then the forward over `step`'s uploaded `device_arrays`; the
+        logits of the step's logit rows on rank 0 (None on other ranks, or when nothing is sampled)."""
+        ids, src, rows_t, copy_src, copy_dst, *meta_tensors = tensors
         if len(step.block_copies):
             self.kv_cache.copy_blocks(copy_src, copy_dst)
         positions, meta = step.layout.metadata(meta_tensors)
@@ -341,5 +344,6 @@ class ModelRunner:
             logit_rows += range(query_start_loc[i + 1] - count, query_start_loc[i + 1])
         return rows, np.asarray(logit_rows, dtype=np.int64)
 
-    def _sampling_tensors(self, rows: list[SamplingRow], vocab_size: int) -> SamplingTensors:
-        return SamplingTensors.from_rows(rows, vocab_size, self.config.eos_token_ids, self.device, self.upload)
+    def _sampling_tensors(self, rows: list[SamplingRow]) -> SamplingTensors:
+        return SamplingTensors.from_rows(rows, self.hf_config.vocab_size, self.config.eos_token_ids, self.device,
+                                         self.upload)

@@ -26,6 +26,11 @@ class StepInputs:
     num_seqs: int  # real rows (a CUDA graph runs padded ones too)
     graphed: bool  # replays a decode CUDA graph
 
+    def device_arrays(self) -> list[np.ndarray]:
+        """What every rank uploads for the forward, in the order `ModelRunner.execute` reads them."""
+        return [self.input_ids, self.prev_rows, self.logit_rows, self.block_copies[:, 0], self.block_copies[:, 1],
+                *self.layout.arrays()]
+
     def pack(self) -> bytes:
         layout = self.layout
         rows, width = layout.block_tables.shape

@@ -118,6 +118,31 @@ class SamplingTensors:
         upload: Callable[[list[np.ndarray]], list[Tensor]] | None = None,
     ) -> SamplingTensors:
         """Build the step's arrays on the host and move them all with one `upload` call."""
+        host = SamplingArrays.from_rows(rows, vocab_size, eos_token_ids)
+        tensors = upload(host.arrays) if upload is not None else [torch.from_numpy(a).to(device) for a in host.arrays]
+        return host.tensors(tensors)
+
+
+@dataclass
+class SamplingArrays:
+    """The host half of `SamplingTensors`: its arrays, to upload (the runner uploads them with the
+    step's model inputs, in one copy), and the flags read on the host."""
+
+    arrays: list[np.ndarray]
+    has_penalties: bool
+    has_blocked: bool
+    all_greedy: bool
+    do_top_k: bool
+    do_top_p: bool
+    do_min_p: bool
+    any_seeded: bool
+    any_unseeded: bool
+    want_logprobs: bool
+    max_num_logprobs: int
+    vocab_size: int
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[SamplingRow], vocab_size: int, eos_token_ids: list[int]) -> SamplingArrays:
         batch = len(rows)
         temperature = np.ones(batch, np.float32)
         top_k = np.full(batch, vocab_size, np.int64)
@@ -167,23 +192,30 @@ class SamplingTensors:
             arrays += penalty_arrays
         if blocked_ids:
             arrays.append(np.array([blocked_rows, blocked_ids], np.int64))
-        tensors = upload(arrays) if upload is not None else [torch.from_numpy(a).to(device) for a in arrays]
-        inv_t, greedy_t, top_k_t, top_p_t, min_p_t, seeded_t, seeds_t, positions_t, seed_keys_t = tensors[:9]
-        penalties = PenaltyTensors(*tensors[9:14]) if penalty_arrays is not None else None
-        sampled = ~greedy
         return cls(
-            inv_temperatures=inv_t, greedy=greedy_t, top_ks=top_k_t, top_ps=top_p_t, min_ps=min_p_t,
-            seeded=seeded_t, seeds=seeds_t, positions=positions_t, seed_keys=seed_keys_t, penalties=penalties,
-            min_tokens_blocked=tensors[-1] if blocked_ids else None,
+            arrays, has_penalties=penalty_arrays is not None, has_blocked=bool(blocked_ids),
             all_greedy=bool(greedy.all()),
             do_top_k=bool((top_k < vocab_size).any()),
             do_top_p=bool((top_p < 1.0).any()),
             do_min_p=bool((min_p > 0.0).any()),
             any_seeded=bool(seeded.any()),
-            any_unseeded=bool((sampled & ~seeded).any()),
+            any_unseeded=bool((~greedy & ~seeded).any()),
             want_logprobs=want_logprobs,
             max_num_logprobs=max_num_logprobs,
             vocab_size=vocab_size,
+        )
+
+    def tensors(self, uploaded: list[Tensor]) -> SamplingTensors:
+        """The `SamplingTensors` of these arrays once uploaded (in `arrays`' order)."""
+        inv_t, greedy, top_k, top_p, min_p, seeded, seeds, positions, seed_keys = uploaded[:9]
+        return SamplingTensors(
+            inv_temperatures=inv_t, greedy=greedy, top_ks=top_k, top_ps=top_p, min_ps=min_p,
+            seeded=seeded, seeds=seeds, positions=positions, seed_keys=seed_keys,
+            penalties=PenaltyTensors(*uploaded[9:14]) if self.has_penalties else None,
+            min_tokens_blocked=uploaded[-1] if self.has_blocked else None,
+            all_greedy=self.all_greedy, do_top_k=self.do_top_k, do_top_p=self.do_top_p, do_min_p=self.do_min_p,
+            any_seeded=self.any_seeded, any_unseeded=self.any_unseeded, want_logprobs=self.want_logprobs,
+            max_num_logprobs=self.max_num_logprobs, vocab_size=self.vocab_size,
         )
 
 
