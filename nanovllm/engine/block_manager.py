@@ -156,20 +156,20 @@ class BlockManager:
 
     # -- appending ------------------------------------------------------------
 
-    def _blocks_to_append(self, seq: Sequence, num_tokens: int) -> tuple[int, list[int]]:
-        """New blocks seq needs for `num_tokens` tokens, and the shared indexes to copy."""
-        first = seq.num_computed_tokens // self.block_size
-        last = min(len(seq.block_table), self.num_blocks_for(num_tokens))
-        shared = [i for i in range(first, last) if self.blocks[seq.block_table[i]].ref_count > 1]
-        return max(self.num_blocks_for(num_tokens) - len(seq.block_table), 0), shared
-
     def append_slots(self, seq: Sequence, num_lookahead: int = 0) -> bool:
         """Make seq's table cover all its tokens and `num_lookahead` more (speculative
         proposals to come), with private blocks where it will write.
 
         Returns False, changing nothing, when the free blocks do not suffice.
         """
-        new, shared = self._blocks_to_append(seq, seq.num_tokens + num_lookahead)
+        table, bs = seq.block_table, self.block_size
+        needed = -(-(len(seq.token_ids) + num_lookahead) // bs)
+        first = seq.num_computed_tokens // bs
+        if needed == first + 1 <= len(table) and self.blocks[table[first]].ref_count == 1:
+            return True  # a decode step's usual case: it writes into its own last block
+        new = max(needed - len(table), 0)
+        # the blocks it writes into that others share: copied on write
+        shared = [i for i in range(first, min(len(table), needed)) if self.blocks[table[i]].ref_count > 1]
         if new + len(shared) > self.num_free_blocks:
             return False
         for i in shared:
@@ -179,7 +179,8 @@ class BlockManager:
             seq.block_table[i] = dst
             self.pending_copies.append((src, dst))
             self.stats.block_copies += 1
-        seq.block_table.extend(self._take_free_block() for _ in range(new))
+        if new:
+            seq.block_table.extend(self._take_free_block() for _ in range(new))
         return True
 
     def free_tail(self, seq: Sequence) -> None:

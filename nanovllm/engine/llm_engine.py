@@ -286,7 +286,7 @@ class LLMEngine:
                     and seq.sampling_params.include_stop_str_in_output and state.detokenizer is not None):
                 state.detokenizer.add(seq.token_ids[index])  # a stop id's text: the stop-string check skipped it
             state.num_known_tokens = index + 1 - seq.num_prompt_tokens
-            if request.stream or request.finished:
+            if request.stream or (seq.is_finished and request.finished):
                 touched[request.request_id] = request
         return [self._delta(request) for request in touched.values()]
 

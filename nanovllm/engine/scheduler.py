@@ -41,21 +41,24 @@ class ScheduledBatch:
     num_proposed: list[int] | None = None
     # every sequence computes just its last token: the shape a decode CUDA graph runs
     is_decode: bool = field(init=False)
+    # positions each sequence samples this step (see `num_sampled`), fixed when the batch is made
+    sample_counts: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.is_decode = all(n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens
-                             for seq, n in zip(self.seqs, self.num_new_tokens))
+        counts, decode = [], True
+        for i, (seq, n) in enumerate(zip(self.seqs, self.num_new_tokens)):
+            done = seq.num_computed_tokens + n == len(seq.token_ids)
+            decode = decode and done and n == 1
+            counts.append(1 + (self.num_proposed[i] if self.num_proposed is not None else 0) if done else 0)
+        self.is_decode, self.sample_counts = decode, counts
 
     def samples(self, i: int) -> bool:
         """Whether seqs[i] has all its tokens computed after this step, so it samples the next."""
-        seq = self.seqs[i]
-        return seq.num_computed_tokens + self.num_new_tokens[i] == seq.num_tokens
+        return self.sample_counts[i] > 0
 
     def num_sampled(self, i: int) -> int:
         """Positions of seqs[i] this step samples: its last token's, and one per proposal."""
-        if not self.samples(i):
-            return 0
-        return 1 + (self.num_proposed[i] if self.num_proposed is not None else 0)
+        return self.sample_counts[i]
 
 
 @dataclass
@@ -220,16 +223,20 @@ class Scheduler:
         sequence a placeholder for its next token, and fork n > 1 parents whose prompt is
         now computed. Returns the new children."""
         children: list[Sequence] = []
-        for i, seq in enumerate(batch.seqs):
-            num_sampled = batch.num_sampled(i)
-            seq.num_computed_tokens += batch.num_new_tokens[i]
-            batch.computed_after.append(seq.num_computed_tokens)
+        computed_after, sampled = batch.computed_after, batch.sampled
+        for seq, n, num_sampled in zip(batch.seqs, batch.num_new_tokens, batch.sample_counts):
+            seq.num_computed_tokens += n
+            computed_after.append(seq.num_computed_tokens)
             if num_sampled:
                 if seq.pending_forks:
                     children += self.fork(seq, seq.pending_forks, recompute_last=True)
                     seq.pending_forks = 0  # a parent recomputed after preemption does not fork again
                 seq.token_ids.append(PLACEHOLDER)
-                batch.sampled += [(seq, index) for index in range(seq.num_tokens - num_sampled, seq.num_tokens)]
+                end = len(seq.token_ids)
+                if num_sampled == 1:
+                    sampled.append((seq, end - 1))
+                else:
+                    sampled += [(seq, index) for index in range(end - num_sampled, end)]
         self._record_kv_usage()
         return children
 
@@ -274,10 +281,13 @@ class Scheduler:
         """
         if batch.num_proposed is not None and token_ids is not None:
             self._accept(batch, token_ids)
+        bs = self.block_manager.block_size
         for seq, computed in zip(batch.seqs, batch.computed_after):
             if seq.status == SequenceStatus.RUNNING and seq.block_table:
-                seq.num_committed_tokens = max(seq.num_committed_tokens, min(computed, seq.num_computed_tokens))
-                self.block_manager.commit(seq)
+                before = seq.num_committed_tokens
+                seq.num_committed_tokens = max(before, min(computed, seq.num_computed_tokens))
+                if seq.num_committed_tokens // bs > before // bs:  # a block filled: hash it
+                    self.block_manager.commit(seq)
         if token_ids is None:
             return []
         live = []
