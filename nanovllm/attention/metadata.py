@@ -73,15 +73,19 @@ class BatchLayout:
 
 def build_layout(query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], block_size: int,
                  num_rows: int | None = None, table_width: int | None = None,
-                 max_seq_len: int | None = None) -> BatchLayout:
+                 max_seq_len: int | None = None, num_tokens: int | None = None,
+                 max_query_len: int | None = None) -> BatchLayout:
     """The layout of a batch where sequence i computes its last `query_lens[i]` of `seq_lens[i]` tokens.
 
-    `num_rows` pads the batch with 1-token rows that write nowhere and attend to nothing
-    (a CUDA graph's fixed shape); `table_width` and `max_seq_len` fix those sizes too.
+    `num_rows` pads the batch with rows that write nowhere and attend to nothing (a CUDA graph's
+    fixed shape): each pads with one token (decode), or, when `num_tokens` is given (a graph of
+    several query tokens per row, speculative verification), with none, the token arrays then
+    padded to `num_tokens` with tokens no row owns. `table_width`, `max_seq_len` and
+    `max_query_len` fix those sizes too.
     """
     n = len(query_lens)
     rows = num_rows or n
-    q_lens = np.ones(rows, dtype=np.int64)
+    q_lens = np.full(rows, 0 if num_tokens is not None else 1, dtype=np.int64)
     q_lens[:n] = query_lens
     s_lens = np.zeros(rows, dtype=np.int64)
     s_lens[:n] = seq_lens
@@ -93,15 +97,19 @@ def build_layout(query_lens: list[int], seq_lens: list[int], block_tables: list[
     np.cumsum(q_lens, out=query_start[1:])
     seq_start = np.zeros(rows + 1, dtype=np.int64)
     np.cumsum(s_lens, out=seq_start[1:])
-    num_tokens = int(query_start[-1])
+    owned = int(query_start[-1])
+    total = owned if num_tokens is None else num_tokens
+    assert total >= owned, f"{owned} query tokens do not fit in {total}"
     row_of_token = np.repeat(np.arange(rows), q_lens)
-    positions = np.arange(num_tokens) - query_start[row_of_token] + (s_lens - q_lens)[row_of_token]
-    real = row_of_token < n
-    slots = np.full(num_tokens, -1, dtype=np.int64)
+    positions = np.zeros(total, dtype=np.int64)
+    positions[:owned] = np.arange(owned) - query_start[row_of_token] + (s_lens - q_lens)[row_of_token]
+    real = np.zeros(total, dtype=bool)
+    real[:owned] = row_of_token < n
+    slots = np.full(total, -1, dtype=np.int64)
     p = positions[real]
-    slots[real] = tables[row_of_token[real], p // block_size] * block_size + p % block_size
+    slots[real] = tables[row_of_token[real[:owned]], p // block_size] * block_size + p % block_size
     positions = np.maximum(positions, 0)
     return BatchLayout(positions, query_start, s_lens, seq_start, slots, tables,
-                       max_query_len=int(q_lens.max(initial=1)),
+                       max_query_len=max_query_len or int(q_lens.max(initial=1)),
                        max_seq_len=max_seq_len or int(s_lens.max(initial=1)),
                        has_prefix=bool((s_lens[:n] > q_lens[:n]).any()))

@@ -242,14 +242,16 @@ class ModelRunner:
         if self.device.type != "cuda" or self.config.enforce_eager or not self.backend.supports_cuda_graphs:
             return None
         blocks_per_seq = -(-self.config.max_model_len // self.block_size)
+        spec = self.config.speculative_config  # verify steps: k + 1 tokens per row, while speculation runs
+        verify = (spec.num_speculative_tokens + 1, spec.disable_by_batch_size) if spec is not None else (1, 0)
         return self._timed("CUDA graphs", DecodeGraphs, self.model, min(self.config.max_num_seqs, 512), blocks_per_seq,
-                           self.hf_config.hidden_size, self.dtype, self.config.max_model_len, self.device)
+                           self.hf_config.hidden_size, self.dtype, self.config.max_model_len, self.device, *verify)
 
     # -- running ----------------------------------------------------------------
 
-    def _input_ids(self, batch: ScheduledBatch, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    def _input_ids(self, batch: ScheduledBatch, rows: int, num_tokens: int | None) -> tuple[np.ndarray, np.ndarray]:
         """Each token's id, and for a decode row whose id is still on the device its row in
-        prev_tokens (else -1). Padding rows read token 0."""
+        prev_tokens (else -1). Padding (rows, or tokens up to `num_tokens`) reads token 0."""
         ids, src = [], np.full(rows if batch.is_decode else 0, -1, dtype=np.int64)
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
@@ -259,22 +261,44 @@ class ModelRunner:
             else:
                 assert PLACEHOLDER not in tokens, "a token not read back yet is only read by decode"
             ids.extend(tokens)
-        ids += [0] * (rows - len(batch.seqs)) if batch.is_decode else []
+        if batch.is_decode:
+            ids += [0] * (rows - len(batch.seqs))
+        elif num_tokens is not None:
+            ids += [0] * (num_tokens - len(ids))
         return np.asarray(ids, dtype=np.int64), src
+
+    def _graph_shape(self, batch: ScheduledBatch) -> tuple[int, int] | None:
+        """(rows, query tokens per row) of the CUDA graph that runs the batch, or None (eager).
+
+        Decode runs one token per row. A speculative verify step, where every sequence samples
+        its last token and proposals, runs the verify graph of k + 1 tokens per row."""
+        if self.graphs is None:
+            return None
+        n = len(batch.seqs)
+        if batch.is_decode:
+            return (self.graphs.bucket(n), 1) if n <= self.graphs.sizes[-1] else None
+        q = self.graphs.verify_query_len
+        if batch.num_proposed is None or not all(batch.sample_counts) or max(batch.num_new_tokens) > q:
+            return None
+        rows = self.graphs.verify_bucket(n)
+        return (rows, q) if rows is not None else None
 
     def _step_inputs(self, batch: ScheduledBatch) -> tuple[StepInputs, list[SamplingRow]]:
         """The batch's model inputs, and the rows to sample (in the order of its logit rows)."""
         n = len(batch.seqs)
-        graphed = batch.is_decode and self.graphs is not None and n <= self.graphs.sizes[-1]
-        rows = self.graphs.bucket(n) if graphed else n
+        shape = self._graph_shape(batch)
+        graphed = shape is not None
+        rows, query_len = shape if graphed else (n, None)
+        num_tokens = rows * query_len if graphed and query_len > 1 else None
         seq_lens = [seq.num_computed_tokens + k for seq, k in zip(batch.seqs, batch.num_new_tokens)]
         layout = build_layout(batch.num_new_tokens, seq_lens, [seq.block_table for seq in batch.seqs],
                               self.block_size, num_rows=rows if graphed else None,
                               table_width=self.graphs.table_width if graphed else None,
-                              max_seq_len=self.config.max_model_len if graphed else None)
+                              max_seq_len=self.config.max_model_len if graphed else None,
+                              num_tokens=num_tokens, max_query_len=query_len)
         sampling, logit_rows = self._sampling_rows(batch, layout.query_start_loc)
         copies = np.asarray(batch.block_copies, dtype=np.int64).reshape(-1, 2)
-        ids, src = self._input_ids(batch, rows)
+        ids, src = self._input_ids(batch, rows, num_tokens)
         return StepInputs(ids, src, logit_rows, layout, copies, batch.is_decode, n, graphed), sampling
 
     @torch.inference_mode()

@@ -22,8 +22,10 @@ p restricted to tokens != x, which is the normalised residual max(0, p - q). The
 sampler's noise for a seeded row is a pure function of (seed, position, token), so a
 seeded request gives the same tokens with and without speculation.
 
-Verify steps run eagerly (they are not decode-shaped, so no CUDA graph) and
-synchronously (the proposer reads every token's value), like penalty requests.
+On CUDA, verify steps replay CUDA graphs of k + 1 query tokens per row (`DecodeGraphs`,
+captured for up to `disable_by_batch_size` rows; a row whose proposals ran short owns fewer
+tokens of its k + 1). They run synchronously (the proposer reads every token's value), like
+penalty requests.
 Above `disable_by_batch_size` running sequences the engine does not speculate (plain
 decode steps with CUDA graphs and overlap), since large batches are compute-bound.
 """

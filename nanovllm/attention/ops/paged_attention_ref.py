@@ -128,23 +128,26 @@ def paged_prefill_attention(
     ``query`` is ``[total_q_tokens, num_heads, head_dim]``. Sequence ``i`` owns queries
     ``cu_seqlens_q[i]:cu_seqlens_q[i+1]``, which are the last ``q_len`` positions of its
     ``k_len``-token cached context; each attends to context positions up to its own
-    (flash-attn's ``causal=True`` with bottom-right alignment). Returns ``query``'s shape.
+    (flash-attn's ``causal=True`` with bottom-right alignment). Returns ``query``'s shape; tokens
+    past ``cu_seqlens_q[-1]`` (a CUDA graph's padding, owned by no sequence) come out as zeros.
     """
     _check_layout(query, key_cache, value_cache, block_tables)
     scale = _default_scale(query, scale)
     block_size = key_cache.shape[1]
     q_bounds, k_bounds = _check_cu_seqlens(query, cu_seqlens_q, cu_seqlens_k, block_tables, block_size)
-    outputs = []
+    output = torch.zeros_like(query)
     for i, (q_start, q_end) in enumerate(zip(q_bounds, q_bounds[1:])):
         q_len, k_len = q_end - q_start, k_bounds[i + 1] - k_bounds[i]
+        if q_len == 0:
+            continue
         blocks = block_tables[i, : -(-k_len // block_size)].long()
         keys = dequantize(key_cache[blocks], k_scale).flatten(0, 1)[:k_len]
         values = dequantize(value_cache[blocks], v_scale).flatten(0, 1)[:k_len]
         causal = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
         q, k, v = (x.transpose(0, 1).float() for x in (query[q_start:q_end], keys, values))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scale, enable_gqa=True)
-        outputs.append(out.transpose(0, 1))
-    return torch.cat(outputs).to(query.dtype) if outputs else query.new_empty(query.shape)
+        output[q_start:q_end] = out.transpose(0, 1).to(query.dtype)
+    return output
 
 
 def dequantize(cache: Tensor, scale: Tensor | None) -> Tensor:
@@ -238,9 +241,9 @@ def _check_cu_seqlens(
         )
     q_bounds, k_bounds = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     num_seqs = block_tables.shape[0]
-    if len(q_bounds) != num_seqs + 1 or q_bounds[0] != 0 or q_bounds[-1] != query.shape[0]:
+    if len(q_bounds) != num_seqs + 1 or q_bounds[0] != 0 or q_bounds[-1] > query.shape[0]:
         raise ValueError(
-            f"cu_seqlens_q must run from 0 to {query.shape[0]} over {num_seqs} sequences, got {q_bounds}"
+            f"cu_seqlens_q must run from 0 to at most {query.shape[0]} over {num_seqs} sequences, got {q_bounds}"
         )
     for i in range(num_seqs):
         q_len, k_len = q_bounds[i + 1] - q_bounds[i], k_bounds[i + 1] - k_bounds[i]

@@ -77,7 +77,7 @@ class Paged:
         return q.reshape(-1, h, d), k.reshape(-1, kvh, d), v.view(-1, kvh, d)
 
     def step(self, q_lens: list[int], seq_lens: list[int], num_rows: int | None = None,
-             max_seq_len: int | None = None):
+             max_seq_len: int | None = None, num_tokens: int | None = None):
         """Write fresh K/V for the new tokens and attend, in the backend and in the reference.
 
         Returns (out, ref, row bounds) for the real sequences.
@@ -85,9 +85,10 @@ class Paged:
         n = len(q_lens)
         graph = num_rows is not None
         layout = build_layout(q_lens, seq_lens, self.tables[:n], self.block_size, num_rows=num_rows,
-                              table_width=self.width if graph else None, max_seq_len=max_seq_len)
+                              table_width=self.width if graph else None, max_seq_len=max_seq_len,
+                              num_tokens=num_tokens, max_query_len=max(q_lens) + 2 if num_tokens else None)
         positions, meta = layout.metadata([torch.from_numpy(a).to(self.device) for a in layout.arrays()])
-        q, k, v = self.qkv(int(layout.query_start_loc[-1]))
+        q, k, v = self.qkv(len(layout.slot_mapping))
         scale = self.head_dim**-0.5
         self.backend.write_kv(k, v, self.cache, meta.slot_mapping)
         out = self.backend.forward(q, k, v, self.cache, meta, scale)
@@ -173,6 +174,28 @@ def test_prefill(name, block_size, device, dtype, heads, cached, new):
     paged.history(cached)
     out, ref, bounds, _ = paged.step(new, lens)
     assert_close(out, ref, bounds, f"prefill cached={cached}")
+
+
+@pytest.mark.parametrize("name, block_size, device, dtype", BACKENDS)
+@pytest.mark.parametrize("heads", HEADS[:2], ids=lambda h: "x".join(map(str, h)))
+def test_verify_padded_as_a_graph(name, block_size, device, dtype, heads):
+    """A speculative verify step as its CUDA graph runs it: up to k+1 = 5 query tokens per row
+    (fewer where proposals ran short), padding rows owning no token, the token buffer padded to
+    rows x 5 with tokens no row owns, max_query_len the graph's (above the batch's own), tables
+    max_model_len wide. Padding tokens write nowhere and the real rows match the reference."""
+    torch.manual_seed(0)
+    backend = make_backend(name, device, dtype)
+    new = [5, 1, 3, 5, 2]
+    lens = [c + n for c, n in zip([40, 255, 256, 700, 1000], new)]
+    paged = Paged(backend, lens, block_size, heads, device, dtype, extra_cols=2)
+    paged.history([n - q for n, q in zip(lens, new)])
+    rows = len(new) + 3
+    before = paged.cache.key.clone()
+    out, ref, bounds, _ = paged.step(new, lens, num_rows=rows, max_seq_len=paged.width * block_size,
+                                     num_tokens=rows * 7)
+    assert_close(out, ref, bounds, "verify graph")
+    same = (paged.cache.key == before) | (paged.cache.key.isnan() & before.isnan())
+    assert int((~same).flatten(2).any(2).sum()) == sum(new)  # one slot per real token, none for padding
 
 
 @pytest.mark.parametrize("name, block_size, device, dtype", BACKENDS)
