@@ -21,7 +21,11 @@ class DecodeGraphs:
     the rest is padding no row owns; padding rows own none. Inputs live in static buffers;
     a batch of n sequences runs the graph of the smallest bucket >= n, its padding writing
     nowhere (slot -1) and attending to nothing (sequence length 0). Metadata shapes are
-    fixed: `max_seq_len` is max_model_len and block tables are max_blocks_per_seq wide.
+    fixed: `max_seq_len` is max_model_len and block tables are max_blocks_per_seq wide. A
+    step's tables come as wide as its longest sequence needs and only those columns are
+    copied: the kernels read a row's entries only up to its length, so the columns past them
+    (earlier steps' block ids, or zeros) are never used. At 16-token pages that keeps a
+    256-sequence step's tables at what the batch holds, not max_model_len's 256 columns.
     """
 
     def __init__(self, model: nn.Module, max_num_seqs: int, max_blocks_per_seq: int, hidden_size: int,
@@ -91,6 +95,6 @@ class DecodeGraphs:
             self.verify_query_start[: size + 1].copy_(meta.query_start_loc)
         self.seq_lens[:size].copy_(meta.seq_lens)
         self.seq_start_loc[: size + 1].copy_(meta.seq_start_loc)
-        self.block_tables[:size].copy_(meta.block_tables)
+        self.block_tables[:size, : meta.block_tables.shape[1]].copy_(meta.block_tables)
         self.graphs[size, query_len].replay()
         return self.hidden[:num_seqs] if query_len == 1 else self.hidden[:tokens]

@@ -293,7 +293,6 @@ class ModelRunner:
         seq_lens = [seq.num_computed_tokens + k for seq, k in zip(batch.seqs, batch.num_new_tokens)]
         layout = build_layout(batch.num_new_tokens, seq_lens, [seq.block_table for seq in batch.seqs],
                               self.block_size, num_rows=rows if graphed else None,
-                              table_width=self.graphs.table_width if graphed else None,
                               max_seq_len=self.config.max_model_len if graphed else None,
                               num_tokens=num_tokens, max_query_len=query_len)
         sampling, logit_rows = self._sampling_rows(batch, layout.query_start_loc)
