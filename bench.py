@@ -6,6 +6,7 @@
         --speculative-method ngram --num-speculative-tokens 4     # speculative decoding
     ... --speculative-method draft_model --draft-model DRAFT_PATH
     python bench.py --model preset:qwen3-8b --tensor-parallel-size 2    # two GPUs, dummy weights
+    python bench.py --kv-report kv.png   # KV tokens stored vs slots allocated vs static reservation (`[plot]`)
 
 The `repeat` workload asks the model to repeat a 1-2k-token text of words and numbers with every
 number doubled (chat template of the model's tokenizer): output that n-gram lookup can predict.
@@ -13,6 +14,7 @@ number doubled (chat template of the model's tokenizer): output that n-gram look
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import random
 import time
@@ -49,6 +51,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompt-lookup-min", type=int, default=2)
     p.add_argument("--prompt-lookup-max", type=int, default=5)
     p.add_argument("--disable-by-batch-size", type=int, default=32)
+    p.add_argument("--kv-report", metavar="PNG", default=None,
+                   help="draw the first timed run's KV use per step (matplotlib: the [plot] extra)")
     return p.parse_args()
 
 
@@ -84,12 +88,34 @@ def workload(llm: LLM, args: argparse.Namespace, run: int) -> tuple[list[list[in
         prompts = [repeat_prompt(llm, rng, rng.randint(args.min_input_len, args.max_input_len))
                    for _ in range(args.num_seqs)]
     else:
-        prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(args.min_input_len, args.max_input_len))]
+        top = min(10000, llm.config.hf_config.vocab_size - 1)  # nano-vllm's ids; a smaller vocabulary's own
+        prompts = [[rng.randint(0, top) for _ in range(rng.randint(args.min_input_len, args.max_input_len))]
                    for _ in range(args.num_seqs)]
     params = [SamplingParams(temperature=args.temperature, ignore_eos=True,
                              max_tokens=rng.randint(args.min_output_len, args.max_output_len))
               for _ in range(args.num_seqs)]
     return prompts, params
+
+
+def kv_report(path: str, timeline: list[tuple[int, int, int]], max_model_len: int) -> None:
+    """A PNG of a run's KV use per step: tokens stored, slots allocated in blocks, and the slots a
+    static allocation of max_model_len per running sequence (as HF's cache) would reserve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    stored, allocated, running = zip(*timeline)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(stored, label="KV tokens stored")
+    ax.plot(allocated, label="KV slots allocated (paged)")
+    ax.plot([n * max_model_len for n in running], label=f"static: max_model_len ({max_model_len}) per sequence")
+    waste = 1 - sum(stored) / max(sum(allocated), 1)
+    ax.set(xlabel="step", ylabel="tokens", title=f"KV cache use per step (paged waste {waste:.2%})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def timed_run(llm: LLM, args: argparse.Namespace, run: int) -> dict[str, float]:
@@ -118,6 +144,8 @@ def timed_run(llm: LLM, args: argparse.Namespace, run: int) -> dict[str, float]:
 
 def main() -> None:
     args = parse_args()
+    if args.kv_report and importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit("--kv-report draws with matplotlib: pip install -e '.[plot]'")
     start = time.perf_counter()
     llm = LLM(args.model, load_format="dummy" if args.model.startswith(PRESET_PREFIX) else "auto",
               max_model_len=args.max_model_len, kvcache_block_size=args.block_size,
@@ -129,7 +157,13 @@ def main() -> None:
     print(f"startup: {startup:.1f} s")
     for i in range(args.warmup):
         llm.generate(*workload(llm, args, 1000 + i), use_tqdm=False)
-    runs = [timed_run(llm, args, run) for run in range(args.repeat)]
+    kv_usage = llm.scheduler.kv_usage
+    kv_usage.timeline = [] if args.kv_report else None  # recorded over the first timed run
+    runs = []
+    for run in range(args.repeat):
+        runs.append(timed_run(llm, args, run))
+        if run == 0:
+            timeline, kv_usage.timeline = kv_usage.timeline, None
     best = max(runs, key=lambda r: r["throughput_tok_s"])
     stats = llm.stats()
     result = {**best, "startup_seconds": round(startup, 1), "runs": len(runs),
@@ -147,6 +181,9 @@ def main() -> None:
     if best["spec_proposed_tokens"]:
         print(f"speculation: {best['spec_accepted_tokens']} of {best['spec_proposed_tokens']} proposed tokens "
               f"accepted ({best['spec_accepted_tokens'] / best['spec_proposed_tokens']:.0%})")
+    if args.kv_report:
+        kv_report(args.kv_report, timeline, args.max_model_len)
+        print(f"KV report: {args.kv_report}")
     print(json.dumps(result))
     llm.shutdown()
 

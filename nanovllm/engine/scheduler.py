@@ -63,10 +63,15 @@ class ScheduledBatch:
 
 @dataclass
 class KVUsage:
-    """Σ over scheduled steps of KV slots allocated and of slots holding a token (the waste metric)."""
+    """Σ over scheduled steps of KV slots allocated and of slots holding a token (the waste metric).
+
+    Set `timeline` to a list to also record each step's (slots holding a token, slots allocated,
+    sequences running): `bench.py --kv-report` draws it.
+    """
 
     slots_allocated: int = 0
     slots_filled: int = 0
+    timeline: list[tuple[int, int, int]] | None = None
 
     @property
     def waste_fraction(self) -> float:
@@ -136,8 +141,11 @@ class Scheduler:
                 entry[1] += 1
         filled_in_tails = sum(bs if bm.blocks[b].ref_count > n else most for b, (most, n) in tails.items())
         used = bm.num_used_blocks
+        filled = (used - len(tails)) * bs + filled_in_tails
         self.kv_usage.slots_allocated += used * bs
-        self.kv_usage.slots_filled += (used - len(tails)) * bs + filled_in_tails
+        self.kv_usage.slots_filled += filled
+        if self.kv_usage.timeline is not None:
+            self.kv_usage.timeline.append((filled, used * bs, len(self.running)))
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
         seqs, counts, budget = [], [], self.max_num_batched_tokens
