@@ -227,7 +227,12 @@ class AsyncLLM:
 
 
 class RequestStream:
-    """One live request's deltas, as an async iterator; `close()` aborts it unless it finished."""
+    """One live request's deltas, as an async iterator; `close()` aborts it unless it finished.
+
+    Deltas that arrive while the consumer is busy come out merged into one: when streaming
+    falls behind the engine (many streams, each written to its socket in Python), each
+    stream's work per step shrinks instead of its queue growing.
+    """
 
     def __init__(self, llm: AsyncLLM, request_id: str):
         self.llm = llm
@@ -235,6 +240,7 @@ class RequestStream:
         # its deltas, then an exception (the loop died) or None (aborted)
         self.queue: asyncio.Queue[RequestOutput | BaseException | None] = asyncio.Queue()
         self.finished = False
+        self._held: list[BaseException | None] = []  # an end met while merging, for the next call
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -242,11 +248,17 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        output = await self.queue.get()
+        output = self._held.pop() if self._held else await self.queue.get()
         if output is None:
             raise StopAsyncIteration
         if isinstance(output, BaseException):
             raise output
+        while not output.finished and not self.queue.empty():
+            later = self.queue.get_nowait()
+            if not isinstance(later, RequestOutput):
+                self._held.append(later)
+                break
+            output.add(later)
         self.finished = output.finished
         return output
 

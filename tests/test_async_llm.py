@@ -128,3 +128,23 @@ def test_a_dying_loop_fails_live_requests(tiny_model):
         return llm.is_running
 
     assert run(engine, body) is False
+
+
+def test_a_slow_consumer_gets_merged_deltas(engine):
+    """Deltas that pile up while the consumer is busy come out as one: fewer, longer deltas with
+    the same tokens, in order, and finished only on the last."""
+    prompt = random_prompts([12], seed=9)[0]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    expected = engine.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+
+    async def body(llm: AsyncLLM) -> list[RequestOutput]:
+        deltas = []
+        async for delta in llm.generate(prompt, params):
+            deltas.append(delta)
+            await asyncio.sleep(0.05)  # the engine steps on meanwhile
+        return deltas
+
+    deltas = run(engine, body)
+    assert [t for d in deltas for t in d.outputs[0].token_ids] == expected
+    assert len(deltas) < len(expected) and max(len(d.outputs[0].token_ids) for d in deltas) > 1
+    assert [d.finished for d in deltas] == [False] * (len(deltas) - 1) + [True]

