@@ -1,6 +1,8 @@
 """CUDA graphs of the forward over fixed-shape steps: decode, and speculative verification."""
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import nn
 
@@ -49,6 +51,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(tokens, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.replays: Counter[tuple[int, int]] = Counter()  # by (rows, query tokens per row)
         self._capture(model)
 
     def _meta(self, size: int, query_len: int) -> AttentionMetadata:
@@ -97,4 +100,5 @@ class DecodeGraphs:
         self.seq_start_loc[: size + 1].copy_(meta.seq_start_loc)
         self.block_tables[:size, : meta.block_tables.shape[1]].copy_(meta.block_tables)
         self.graphs[size, query_len].replay()
+        self.replays[size, query_len] += 1
         return self.hidden[:num_seqs] if query_len == 1 else self.hidden[:tokens]

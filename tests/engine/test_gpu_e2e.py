@@ -327,3 +327,24 @@ def test_flash_attn_rejects_blocks_not_multiple_of_256(model_dir):
     pytest.importorskip("flash_attn")
     with pytest.raises(ValueError, match="256"):
         LLM(model_dir("qwen3"), **engine_args(("flash_attn", 16)))
+
+
+def test_speculative_verify_graphs_match_plain_decode(model_dir, llm, backend):
+    """n-gram speculation with verify steps in CUDA graphs (k + 1 = 5 tokens per row), and eagerly,
+    against plain greedy decoding: equal up to bf16 near-ties. Prompts repeat a pattern, so the
+    lookup proposes; the graphs must have replayed verify shapes."""
+    plain = llm("qwen3")
+    pattern = random_prompts([24], seed=70, vocab=VOCAB)[0]
+    prompts = [pattern * 6 + random_prompts([n], seed=71 + n, vocab=VOCAB)[0] for n in (1, 5, 9)]
+    reference = generate(plain, prompts, 48)
+    spec = dict(method="ngram", num_speculative_tokens=4, prompt_lookup_min=2, prompt_lookup_max=4)
+    for eager in (False, True):
+        engine = LLM(model_dir("qwen3"), **engine_args(backend, speculative_config=spec, enforce_eager=eager))
+        completions = generate(engine, prompts, 48)
+        assert engine.stats()["spec_proposed_tokens"] > 0
+        if not eager:
+            graphs = engine.model_runner.graphs
+            assert any(q == 5 for _, q in graphs.replays), graphs.replays
+        compare_runs(reference, completions, f"speculation ({'eager' if eager else 'graphs'}) vs plain decode")
+        del engine
+        free_cuda()
