@@ -359,7 +359,7 @@ class ModelRunner:
         rows: list[SamplingRow] = []
         logit_rows: list[int] = []
         for i, seq in enumerate(batch.seqs):
-            count = batch.num_sampled(i)
+            count = batch.sample_counts[i]
             if count == 1:
                 rows.append(seq)
             else:

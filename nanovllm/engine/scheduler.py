@@ -41,7 +41,8 @@ class ScheduledBatch:
     num_proposed: list[int] | None = None
     # every sequence computes just its last token: the shape a decode CUDA graph runs
     is_decode: bool = field(init=False)
-    # positions each sequence samples this step (see `num_sampled`), fixed when the batch is made
+    # positions each sequence samples this step: 0 unless all its tokens are computed after it,
+    # else its last token's and one per proposal; fixed when the batch is made
     sample_counts: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -52,13 +53,6 @@ class ScheduledBatch:
             counts.append(1 + (self.num_proposed[i] if self.num_proposed is not None else 0) if done else 0)
         self.is_decode, self.sample_counts = decode, counts
 
-    def samples(self, i: int) -> bool:
-        """Whether seqs[i] has all its tokens computed after this step, so it samples the next."""
-        return self.sample_counts[i] > 0
-
-    def num_sampled(self, i: int) -> int:
-        """Positions of seqs[i] this step samples: its last token's, and one per proposal."""
-        return self.sample_counts[i]
 
 
 @dataclass

@@ -5,9 +5,9 @@ import numpy as np
 import torch
 
 _ALIGN = 16  # bytes; every array starts aligned so its bytes can be viewed as its dtype
-# A step uploads twice (model inputs, then sampling parameters) and two steps overlap, so a
-# buffer comes round again only once the step that last used it is done: reusing it never
-# waits for the forward in flight. The sampling copy is queued behind that forward.
+# A step uploads once, before its forward, and two steps overlap: with a buffer per call in
+# turn, the one refilled was last copied out steps ago, so refilling it never waits for the
+# forward in flight (one shared buffer did). Four leaves room for the extra calls of start-up.
 _RING = 4
 _TORCH_DTYPES = {np.dtype(t): getattr(torch, t) for t in ("int64", "int32", "float32", "float64", "bool", "uint8")}
 
