@@ -1,11 +1,14 @@
 """Serving benchmark: N streaming completions with Poisson arrivals against a running server.
 
     nanovllm serve preset:qwen3-0.6b --load-format dummy --skip-tokenizer-init &
-    python bench_serve.py --num-prompts 256 --request-rate inf --input-len 512 --output-len 512
+    python bench_serve.py                                  # bench.py's workload, all 256 at once
+    python bench_serve.py --num-prompts 64 --max-concurrency 16 --min-input-len 512 --max-input-len 512
 
-Prompts are random token ids and `ignore_eos` is set, so every request has exactly the given
-lengths (as bench.py). Prints output throughput and the p50/p90/p99 of time to first token
-(TTFT) and inter-token latency (ITL, per streamed token after the first), then a JSON line.
+The prompts and output lengths are bench.py's, drawn the same way from the same seed (random
+token ids, `ignore_eos`), so served throughput compares with `python bench.py` on the same GPU.
+One untimed warm-up round on other prompts comes first, as in bench.py. Prints output throughput
+and the p50/p90/p99 of time to first token (TTFT) and inter-token latency (ITL, per streamed
+token after the first), then a JSON line.
 """
 from __future__ import annotations
 
@@ -27,19 +30,22 @@ class Result:
     output_tokens: int = 0
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--model", default=None, help="the served model name (default: the server's first)")
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests per second; inf: all at once")
     p.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
-    p.add_argument("--input-len", type=int, default=512)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--vocab-size", type=int, default=10000, help="prompt token ids are drawn below this")
+    p.add_argument("--min-input-len", type=int, default=100)
+    p.add_argument("--max-input-len", type=int, default=1024)
+    p.add_argument("--min-output-len", type=int, default=100)
+    p.add_argument("--max-output-len", type=int, default=1024)
+    p.add_argument("--max-token-id", type=int, default=10000, help="prompt token ids are drawn from 0..this")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--api-key", default=None)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 async def one_request(http: httpx.AsyncClient, body: dict) -> Result:
@@ -66,8 +72,16 @@ async def one_request(http: httpx.AsyncClient, body: dict) -> Result:
     return result
 
 
-async def run(args: argparse.Namespace) -> tuple[list[Result], float]:
-    rng = random.Random(args.seed)
+def workload(args: argparse.Namespace, run: int) -> list[tuple[list[int], int]]:
+    """(prompt ids, max_tokens) per request, drawn exactly as bench.py's `workload`."""
+    rng = random.Random(args.seed + run)
+    prompts = [[rng.randint(0, args.max_token_id) for _ in range(rng.randint(args.min_input_len, args.max_input_len))]
+               for _ in range(args.num_prompts)]
+    return [(prompt, rng.randint(args.min_output_len, args.max_output_len)) for prompt in prompts]
+
+
+async def serve_round(args: argparse.Namespace, index: int) -> tuple[list[Result], float]:
+    rng = random.Random(args.seed + index)  # arrival times
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.max_concurrency or args.num_prompts)
     async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=None, limits=limits) as http:
@@ -80,10 +94,9 @@ async def run(args: argparse.Namespace) -> tuple[list[Result], float]:
 
         tasks = []
         start = time.perf_counter()
-        for _ in range(args.num_prompts):
-            prompt = [rng.randrange(args.vocab_size) for _ in range(args.input_len)]
+        for prompt, max_tokens in workload(args, index):
             tasks.append(asyncio.create_task(send(dict(
-                model=model, prompt=prompt, max_tokens=args.output_len, ignore_eos=True, temperature=0.6,
+                model=model, prompt=prompt, max_tokens=max_tokens, ignore_eos=True, temperature=0.6,
                 stream=True, stream_options={"include_usage": True}))))
             if args.request_rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(args.request_rate))  # Poisson arrivals
@@ -99,7 +112,9 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
 
 def main() -> None:
     args = parse_args()
-    results, seconds = asyncio.run(run(args))
+    for i in range(args.warmup):
+        asyncio.run(serve_round(args, 1000 + i))
+    results, seconds = asyncio.run(serve_round(args, 0))
     tokens = sum(r.output_tokens for r in results)
     ttft = percentiles([r.ttft for r in results])
     itl = percentiles([t for r in results for t in r.itl])

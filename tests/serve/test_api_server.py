@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import subprocess
+import sys
 
 import httpx
 import openai
 import pytest
 from conftest import WORDS
-from server_process import ServerProcess
+from server_process import ROOT, ServerProcess
 
 from nanovllm import LLM, SamplingParams
 
@@ -206,3 +209,19 @@ def test_metrics_exposes_the_engine(server):
                  "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket"):
         assert f"nanovllm:{name}" in text
     assert server.metric("nanovllm:kv_blocks_total") == 512
+
+
+def test_bench_serve_streams_bench_workload(server):
+    """bench_serve.py against the real server: every drawn output length arrives in full."""
+    sys.path.insert(0, ROOT)
+    import bench_serve
+
+    flags = ["--num-prompts", "6", "--max-concurrency", "3", "--min-input-len", "4", "--max-input-len", "12",
+             "--min-output-len", "2", "--max-output-len", "7", "--max-token-id", "100", "--warmup", "1"]
+    done = subprocess.run([sys.executable, "bench_serve.py", "--base-url", server.base_url, *flags],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    drawn = bench_serve.workload(bench_serve.parse_args(flags), 0)
+    assert result["requests"] == 6 and result["output_tokens"] == sum(n for _, n in drawn)
+    assert result["itl_ms"]["p50"] > 0 and result["ttft_ms"]["p99"] >= result["ttft_ms"]["p50"] > 0
