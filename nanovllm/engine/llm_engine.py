@@ -62,6 +62,17 @@ class Request:
         return all(seq.is_finished for seq in self.seqs) and not self.seqs[0].pending_forks
 
 
+def tokenize_prompt(tokenizer: PreTrainedTokenizerBase | None, prompt: Prompt) -> tuple[str | None, list[int]]:
+    """A prompt's text (None when it came as token ids) and its token ids."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer; this engine has none (pass token ids)")
+        return prompt, tokenizer.encode(prompt)
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return None, list(prompt)
+    raise TypeError(f"a prompt must be a str or a list of int token ids, got {type(prompt).__name__}")
+
+
 def needs_token_values(params: SamplingParams) -> bool:
     """Penalties read every earlier token's value when sampling, so such steps cannot overlap."""
     return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
@@ -147,13 +158,7 @@ class LLMEngine:
     # -- requests -------------------------------------------------------------
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer; this engine has none (pass token ids)")
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return None, list(prompt)
-        raise TypeError(f"a prompt must be a str or a list of int token ids, got {type(prompt).__name__}")
+        return tokenize_prompt(self.tokenizer, prompt)
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         if not isinstance(params, SamplingParams):

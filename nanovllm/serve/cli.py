@@ -54,19 +54,25 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL)")
     parser.add_argument("--max-pending", type=int, default=DEFAULT_MAX_PENDING,
                         help="requests that may wait beyond the max-num-seqs running ones; more get 503")
+    parser.add_argument("--engine-in-thread", action="store_true",
+                        help="step the engine on a thread of the server's process instead of in a process of its "
+                             "own (it then shares the GIL with the HTTP side: slower); for debugging, or where "
+                             "spawning a process is not possible")
     add_engine_args(parser)
     return parser
 
 
 def serve(argv: list[str] | None = None) -> None:
-    """Load the model, then serve until SIGINT/SIGTERM; returns (exit status 0) after a clean shutdown."""
+    """Start the engine (in a process of its own unless --engine-in-thread), then serve until
+    SIGINT/SIGTERM; returns (exit status 0) after a clean shutdown, the engine process stopped."""
     import uvicorn  # the [serve] extra; imported here so that `--help` works without it
 
     from nanovllm.async_llm import AsyncLLM
     from nanovllm.serve.api_server import build_app
 
     args = serve_parser().parse_args(argv)
-    llm = AsyncLLM.from_engine_args(args.model, max_pending=args.max_pending, **engine_args(args))
+    llm = AsyncLLM.from_engine_args(args.model, max_pending=args.max_pending,
+                                    engine_process=not args.engine_in_thread, **engine_args(args))
     app = build_app(llm, args.served_model_name or args.model or DEFAULT_MODEL_NAME, args.api_key)
 
     class Server(uvicorn.Server):
@@ -81,10 +87,12 @@ def serve(argv: list[str] | None = None) -> None:
     # handler runs; the default handlers would kill the process (status 130/143) after a clean shutdown.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    # The engine thread and the event loop share the GIL. A thread that wants it back waits for
-    # the holder to block or for the switch interval (5 ms by default, a whole decode step);
-    # 0.5 ms bounds that wait (CPU, 256 streams of a tiny model: +7 % throughput).
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    if args.engine_in_thread:
+        # The engine thread and the event loop share the GIL. A thread that wants it back waits for
+        # the holder to block or for the switch interval (5 ms by default, a whole decode step);
+        # 0.5 ms bounds that wait (CPU, 256 streams of a tiny model: +7 % throughput). With the engine
+        # in its own process, only its reader thread shares this GIL: no gain measured there.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
     Server(uvicorn.Config(app, host=args.host, port=args.port)).run()
 
 

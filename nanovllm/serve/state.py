@@ -24,11 +24,11 @@ class ServerState:
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase | None:
-        return self.llm.engine.tokenizer
+        return self.llm.tokenizer
 
     @property
     def max_model_len(self) -> int:
-        return self.llm.engine.config.max_model_len
+        return self.llm.config.max_model_len
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.served_model_name:

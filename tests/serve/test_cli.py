@@ -32,6 +32,7 @@ def test_flags_parse_to_engine_arguments():
                                      enable_prefix_caching=False, gpu_memory_utilization=0.5,
                                      speculative_config=spec)
     assert engine_args(serve_parser().parse_args([])) == {}  # unset flags keep Config's defaults
+    assert not args.engine_in_thread and serve_parser().parse_args(["--engine-in-thread"]).engine_in_thread
 
 
 def test_console_script_runs_serve(capsys):
