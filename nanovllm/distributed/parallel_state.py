@@ -78,9 +78,16 @@ def init_tensor_parallel(rank: int, size: int, init_method: str, device: str) ->
     return tp
 
 
-def destroy_tensor_parallel() -> None:
-    if dist.is_initialized():
+def leave_tensor_parallel(clean: bool) -> None:
+    """Leave the group. Clean: every rank leaves at once, as NCCL's teardown needs (it waits for all
+    of them). Otherwise (a rank failed, or may wait in a collective) an NCCL group is aborted, which
+    waits for no one; gloo's teardown never waits."""
+    if not dist.is_initialized():
+        return
+    if clean or dist.get_backend() != "nccl":
         dist.destroy_process_group()
+    else:
+        dist.distributed_c10d._abort_process_group()
 
 
 def _collective_device() -> torch.device:

@@ -16,7 +16,7 @@ from multiprocessing.connection import Connection
 import torch
 
 from nanovllm.config import Config
-from nanovllm.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
+from nanovllm.distributed.parallel_state import init_tensor_parallel, leave_tensor_parallel
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.step_inputs import StepInputs
 
@@ -28,6 +28,7 @@ SHUTDOWN = b""  # rank 0's message for "exit"; any other is a packed StepInputs
 def run_worker(rank: int, config: Config, calibration_ids: list[int] | None, init_method: str,
                conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it then stops the workers
+    told_to_stop, runner = False, None
     try:
         conn.send_bytes(STARTED)
         if config.device == "cpu":  # the ranks share the cores
@@ -38,10 +39,13 @@ def run_worker(rank: int, config: Config, calibration_ids: list[int] | None, ini
         conn.send_bytes(READY + json.dumps({"num_blocks": runner.num_blocks, "cuda_graph_sizes": graph_sizes}).encode())
         while (message := conn.recv_bytes()) != SHUTDOWN:
             runner.follow(StepInputs.unpack(message))
+        told_to_stop = True
     except EOFError:  # rank 0 is gone
         pass
     except BaseException:
         with suppress(OSError):
             conn.send_bytes(traceback.format_exc().encode())
     finally:
-        destroy_tensor_parallel()
+        if runner is not None and runner.graphs is not None:
+            runner.graphs.reset()  # before leaving: NCCL's teardown hangs while they live
+        leave_tensor_parallel(clean=told_to_stop)  # on SHUTDOWN rank 0 leaves with us

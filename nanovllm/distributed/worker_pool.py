@@ -5,6 +5,12 @@ started, and joins the group as rank 0. Each step's `StepInputs` go to every wor
 packed message; a worker writes back only at startup or when it fails, so anything to read
 on a pipe after startup is an error. `shutdown` stops the workers (also when the LLM is
 garbage collected or the interpreter exits, through the engine's finalizer).
+
+NCCL's teardown of a group waits until every rank takes part, so a clean shutdown tells the
+workers to stop and leaves the group along with them, and only then waits for them to exit. Every
+rank frees its CUDA graphs first: the teardown hangs while a graph that captured NCCL calls lives.
+After a failure (a worker gone, or rank 0 left a step half done, so that a worker may wait in a
+collective) the workers are killed and the group is aborted instead.
 """
 from __future__ import annotations
 
@@ -18,8 +24,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nanovllm.config import Config
-from nanovllm.distributed.parallel_state import TensorParallel, destroy_tensor_parallel, init_tensor_parallel
+from nanovllm.distributed.parallel_state import TensorParallel, init_tensor_parallel, leave_tensor_parallel
 from nanovllm.distributed.worker import READY, SHUTDOWN, STARTED, run_worker
+from nanovllm.engine.cuda_graph import DecodeGraphs
 from nanovllm.engine.step_inputs import StepInputs
 
 START_TIMEOUT_S = 180.0  # spawn and import; loading follows in step with rank 0
@@ -39,6 +46,8 @@ class WorkerPool:
         self.tp: TensorParallel | None = None  # once rank 0 joined the group
         self.worker_info: list[dict] = []  # ranks 1..N-1 once ready: num_blocks, cuda_graph_sizes
         self.closed = False
+        self.broken = False  # an error escaped rank 0's part of a step: a worker may wait in a collective
+        self.graphs: DecodeGraphs | None = None  # rank 0's, once captured: freed before leaving the group
         try:
             for rank in range(1, config.tensor_parallel_size):
                 conn, child_conn = ctx.Pipe()
@@ -106,35 +115,41 @@ class WorkerPool:
     @contextmanager
     def watch(self) -> Iterator[None]:
         """Turn an error in rank 0's part of a collective (a RuntimeError) into the error of the worker
-        that caused it."""
+        that caused it. Any error that escapes marks the pool broken (for `shutdown`)."""
         try:
             yield
         except RuntimeError as e:
+            self.broken = True
             failure = None if self.closed else self.failure(ERROR_WAIT_S)
             if failure:
                 raise RuntimeError(failure) from e
             raise
+        except BaseException:
+            self.broken = True
+            raise
 
     def shutdown(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """Stop the workers (killed if they do not exit within timeout seconds: after an error they
-        may wait in a collective forever) and leave the group; idempotent."""
+        """Stop the workers and leave the group; idempotent. Clean unless something failed or timeout
+        is 0: then (or if a worker has not exited within timeout seconds) the workers are killed."""
         if self.closed:
             return
         self.closed = True
-        for conn in self.conns:
-            try:
+        clean = timeout > 0 and not self.broken and self.tp is not None and self.failure(0.0) is None
+        if self.graphs is not None:
+            self.graphs.reset()
+        if clean:
+            for conn in self.conns:
                 conn.send_bytes(SHUTDOWN)
-            except OSError:  # the worker is gone
-                pass
+            leave_tensor_parallel(clean=True)
         for proc in self.procs:
-            proc.join(timeout)
+            proc.join(timeout if clean else 0)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
         for conn in self.conns:
             conn.close()
-        if self.tp is not None:
-            destroy_tensor_parallel()
+        if self.tp is not None and not clean:
+            leave_tensor_parallel(clean=False)
 
 
 def _free_port() -> int:

