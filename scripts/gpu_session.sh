@@ -86,6 +86,8 @@ raise SystemExit("the server did not come up in 120 s")
 PY
     grep -E "startup" "$OUT/server.log" | sed 's/^/   /'
     timeout 150 python bench_serve.py 2>&1 | tee "$OUT/serve_256.log" | grep -E "throughput|ms:" | sed 's/^/   256 at once: /'
+    timeout 150 python bench_serve.py --client-processes 1 --warmup 0 2>&1 | grep -E "throughput" \
+        | sed 's/^/   256 at once, one client process: /'
     local fixed="--min-input-len 512 --max-input-len 512 --min-output-len 128 --max-output-len 128 --warmup 0"
     for c in 1 16 64; do
         timeout 100 python bench_serve.py --num-prompts $((c * 4)) --max-concurrency $c $fixed \
