@@ -138,8 +138,12 @@ class WorkerPool:
         if self.graphs is not None:
             self.graphs.reset()
         if clean:
-            for conn in self.conns:
-                conn.send_bytes(SHUTDOWN)
+            try:
+                for conn in self.conns:
+                    conn.send_bytes(SHUTDOWN)
+            except OSError:  # a worker went just now: leaving with it would wait forever
+                clean = False
+        if clean:
             leave_tensor_parallel(clean=True)
         for proc in self.procs:
             proc.join(timeout if clean else 0)
