@@ -19,15 +19,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-
-import httpx
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from conftest import build_tiny_model  # noqa: E402
+from serve.server_process import ServerProcess  # noqa: E402
 
-PORT = 8011
 WORKLOAD = ["--num-prompts", "256", "--min-input-len", "16", "--max-input-len", "64", "--min-output-len", "100",
             "--max-output-len", "200", "--max-token-id", "300", "--warmup", "0"]
 
@@ -41,18 +38,6 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
 
 
-def wait_healthy(url: str, timeout: float = 150.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(url).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"the server did not come up in {timeout:.0f} s")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--client-processes", type=int, default=None)
@@ -61,20 +46,19 @@ def main() -> None:
     args = p.parse_args()
     path = tempfile.mkdtemp()
     build_tiny_model("qwen3", path)
-    server = subprocess.Popen([sys.executable, "-m", "nanovllm.serve", path, "--device", "cpu", "--skip-tokenizer-init",
-                               "--max-model-len", "512", "--max-num-seqs", "256", "--port", str(PORT),
-                               *args.server_flags], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    server = ServerProcess(path, "--skip-tokenizer-init", "--max-model-len", "512", "--max-num-seqs", "256",
+                           *args.server_flags, log_path=os.path.join(path, "server.log"))
     try:
-        wait_healthy(f"http://127.0.0.1:{PORT}/health")
-        procs = {"server (HTTP)": server.pid, **{f"server's child {pid}": pid for pid in children(server.pid)}}
+        pid = server.proc.pid
+        procs = {"server (HTTP)": pid, **{f"server's child {child}": child for child in children(pid)}}
         before = {name: cpu_seconds(pid) for name, pid in procs.items()}
         spy = subprocess.Popen(["py-spy", "record", "--gil", "-r", "200", "-f", "raw", "-o", args.py_spy,
-                                "-p", str(server.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) \
+                                "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) \
             if args.py_spy else None
         clients = ["--client-processes", str(args.client_processes)] if args.client_processes else []
         start_children = resource.getrusage(resource.RUSAGE_CHILDREN)
         done = subprocess.run([sys.executable, os.path.join(ROOT, "bench_serve.py"), "--base-url",
-                               f"http://127.0.0.1:{PORT}", *WORKLOAD, *clients], capture_output=True, text=True,
+                               server.base_url, *WORKLOAD, *clients], capture_output=True, text=True,
                               check=True)
         end_children = resource.getrusage(resource.RUSAGE_CHILDREN)
         if spy is not None:
@@ -88,8 +72,7 @@ def main() -> None:
         client = sum(getattr(end_children, f) - getattr(start_children, f) for f in ("ru_utime", "ru_stime"))
         print(f"  bench_serve.py (all its processes): {client / tokens * 1e6:.1f} us")
     finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(30)
+        server.stop()
 
 
 if __name__ == "__main__":
