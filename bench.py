@@ -51,6 +51,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompt-lookup-min", type=int, default=2)
     p.add_argument("--prompt-lookup-max", type=int, default=5)
     p.add_argument("--disable-by-batch-size", type=int, default=32)
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed runs, one more under torch.profiler: where the device time goes")
     p.add_argument("--kv-report", metavar="PNG", default=None,
                    help="draw the first timed run's KV use per step (matplotlib: the [plot] extra)")
     return p.parse_args()
@@ -142,6 +144,24 @@ def timed_run(llm: LLM, args: argparse.Namespace, run: int) -> dict[str, float]:
     }
 
 
+def profile_run(llm: LLM, args: argparse.Namespace) -> None:
+    """One more run of the workload under torch.profiler: the kernels with the most device time,
+    and how much of the wall time the device was busy (the rest it waited for the host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompts, params = workload(llm, args, 2000)
+    steps = llm.stats()["decode_steps"]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / 1e6
+    print(events.table(sort_by="self_device_time_total", row_limit=25))
+    print(f"profiled run: {seconds:.3f} s wall, device busy {busy:.3f} s ({busy / seconds:.0%}), "
+          f"{llm.stats()['decode_steps'] - steps} decode steps")
+
+
 def main() -> None:
     args = parse_args()
     if args.kv_report and importlib.util.find_spec("matplotlib") is None:
@@ -164,6 +184,8 @@ def main() -> None:
         runs.append(timed_run(llm, args, run))
         if run == 0:
             timeline, kv_usage.timeline = kv_usage.timeline, None
+    if args.profile:
+        profile_run(llm, args)
     best = max(runs, key=lambda r: r["throughput_tok_s"])
     stats = llm.stats()
     result = {**best, "startup_seconds": round(startup, 1), "runs": len(runs),

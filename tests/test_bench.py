@@ -1,4 +1,4 @@
-"""bench.py end to end on CPU with a tiny model: its JSON line, and the KV report's timeline and PNG."""
+"""bench.py end to end on CPU with a tiny model: its JSON line, the KV report's timeline and PNG, the profile."""
 from __future__ import annotations
 
 import json
@@ -32,9 +32,10 @@ def test_bench_cli_with_kv_report(tiny_model, tmp_path):
     png = tmp_path / "kv.png"
     cmd = [sys.executable, "bench.py", "--model", path, "--device", "cpu", "--num-seqs", "4",
            "--min-input-len", "8", "--max-input-len", "40", "--min-output-len", "4", "--max-output-len", "24",
-           "--max-model-len", "256", "--warmup", "0", "--repeat", "2", "--kv-report", str(png)]
+           "--max-model-len", "256", "--warmup", "0", "--repeat", "2", "--kv-report", str(png), "--profile"]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+    assert "aten::mm" in run.stdout and "profiled run:" in run.stdout  # the profile's table and summary
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["runs"] == 2 and result["output_tokens"] >= 16 and result["kv_blocks_used"] == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

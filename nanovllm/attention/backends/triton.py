@@ -16,10 +16,15 @@ except ImportError:
     flash_attn_varlen_func = None
 
 FLASH_HEAD_DIMS = (64, 128)  # the head dims of the flash-attn builds the project tests
+# A few query tokens per sequence over a cached prefix (speculative verification: k + 1) go through
+# the decode kernel, whose partitions split a long context over many programs, while query tokens
+# times the GQA group fit this many rows of one program.
+MAX_SPLIT_ROWS = 64
 
 
 class TritonBackend(AttentionBackend):
-    """PagedAttention decode (single pass or split-KV) and a causal prefill over the cached prefix.
+    """PagedAttention decode (single pass or split-KV, also for a few query tokens per sequence) and
+    a causal prefill over the cached prefix.
 
     Any power-of-two block size >= 16; an FP8 cache is quantized by `write_kv` with the layer's
     per-KV-head scales and dequantized inside the kernels. With a bf16/fp16 cache, a prefill
@@ -49,6 +54,11 @@ class TritonBackend(AttentionBackend):
         if meta.max_query_len == 1:
             return paged_attention(query, cache.key, cache.value, meta.block_tables, meta.seq_lens,
                                    cache.key.shape[1], meta.max_seq_len, scale, cache.k_scale, cache.v_scale)
+        group = query.shape[1] // cache.key.shape[2]
+        if meta.has_prefix and meta.max_query_len * group <= MAX_SPLIT_ROWS:
+            return paged_attention(query, cache.key, cache.value, meta.block_tables, meta.seq_lens,
+                                   cache.key.shape[1], meta.max_seq_len, scale, cache.k_scale, cache.v_scale,
+                                   query_start_loc=meta.query_start_loc, max_query_len=meta.max_query_len)
         if not meta.has_prefix and flash_attn_varlen_func is not None and cache.key.dtype == query.dtype \
                 and query.dtype != torch.float32 and query.shape[-1] in FLASH_HEAD_DIMS:
             return flash_attn_varlen_func(query, key, value, meta.query_start_loc, meta.seq_start_loc,

@@ -12,6 +12,11 @@ the block table, so the tile size does not depend on the cache's block size.
   start past a sequence's length exit at once, so a CUDA graph captured for ``max_model_len``
   costs little on short contexts.
 
+Several query tokens per sequence (``query_start_loc``; speculative verification's few tokens over
+a long prefix) take the same path: a program's rows are then its sequence's query tokens times
+the GQA group, each masked causally at its own position, and the partitions and the reduce work
+per query row. The prefill kernel would give such a step one program per sequence and KV head.
+
 A context of length 0 (padding rows of a CUDA-graph batch) yields zeros. With an FP8 cache the
 key scale is folded into the softmax scale per KV head and the value scale is applied once to
 the output.
@@ -106,12 +111,12 @@ def _scaled_query(q, scale_log2, k_scale_ptr, kv_head, FP8: tl.constexpr):
 @triton.jit
 def _decode_kernel(
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, k_scale_ptr, v_scale_ptr,
-    scale_log2, partition_size, num_partitions,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
+    k_scale_ptr, v_scale_ptr, scale_log2, partition_size, num_partitions,
     stride_qs, stride_qh, stride_os, stride_oh, stride_cb, stride_ct, stride_ch, stride_bt,
     num_heads,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, FP8: tl.constexpr, SINGLE: tl.constexpr,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, FP8: tl.constexpr, SINGLE: tl.constexpr, MULTI: tl.constexpr,
     PRECISION: tl.constexpr, SPLIT_P: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -124,20 +129,30 @@ def _decode_kernel(
             return
     end = tl.minimum(start + partition_size, context_len)
 
-    rows = tl.arange(0, GROUP_PAD)
+    # row r: query token r // GROUP of the sequence (its query row q_start + that), head r % GROUP
+    rows = tl.arange(0, ROWS)
     dims = tl.arange(0, HEAD_DIM)
     tokens = tl.arange(0, BLOCK_N)
-    heads = kv_head * GROUP + rows
-    row_mask = rows < GROUP
-    q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + dims[None, :],
+    token = rows // GROUP
+    heads = kv_head * GROUP + rows % GROUP
+    if MULTI:
+        q_start = tl.load(query_start_loc_ptr + seq)
+        q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    else:
+        q_start = seq
+        q_len = 1
+    row_mask = token < q_len
+    q_pos = context_len - q_len + token  # each row's own position: it sees the K/V up to it
+    q_row = q_start + token
+    q = tl.load(q_ptr + q_row[:, None] * stride_qs + heads[:, None] * stride_qh + dims[None, :],
                 mask=row_mask[:, None], other=0.0)
     q, qk_scale = _scaled_query(q, scale_log2, k_scale_ptr, kv_head, FP8)
     head_offset = kv_head * stride_ch
     table = block_tables_ptr + seq * stride_bt
 
-    running_max = tl.full([GROUP_PAD], -1.0e30, tl.float32)
-    running_sum = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    running_max = tl.full([ROWS], -1.0e30, tl.float32)
+    running_sum = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     for tile in range(start, end, BLOCK_N):
         pos = tile + tokens
         valid = pos < end
@@ -146,7 +161,11 @@ def _decode_kernel(
         k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
         v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))
+        if MULTI:  # causal among the step's query tokens
+            visible = valid[None, :] & (pos[None, :] <= q_pos[:, None])
+        else:
+            visible = valid[None, :]
+        scores = tl.where(visible, scores * qk_scale, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         probs = tl.math.exp2(scores - new_max[:, None])
         alpha = tl.math.exp2(running_max - new_max)
@@ -158,10 +177,10 @@ def _decode_kernel(
         out = acc / tl.maximum(running_sum, 1e-30)[:, None]  # empty context: 0 / tiny = 0
         if FP8:
             out = out * tl.load(v_scale_ptr + kv_head)
-        tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + dims[None, :],
+        tl.store(out_ptr + q_row[:, None] * stride_os + heads[:, None] * stride_oh + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
     else:
-        stat = (seq * num_heads + heads) * num_partitions + part
+        stat = (q_row * num_heads + heads) * num_partitions + part
         tl.store(part_max_ptr + stat, running_max, mask=row_mask)
         tl.store(part_sum_ptr + stat, running_sum, mask=row_mask)
         tl.store(part_acc_ptr + stat[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_mask[:, None])
@@ -169,15 +188,21 @@ def _decode_kernel(
 
 @triton.jit
 def _reduce_kernel(
-    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, context_lens_ptr, v_scale_ptr,
+    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, context_lens_ptr, query_start_loc_ptr, v_scale_ptr,
     partition_size, num_partitions, stride_os, stride_oh, num_heads,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PARTS_PAD: tl.constexpr, CHUNK: tl.constexpr, FP8: tl.constexpr,
+    MULTI: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
+    q_row = seq
+    if MULTI:  # program (seq, head, j): the sequence's j-th query token
+        q_row = tl.load(query_start_loc_ptr + seq) + tl.program_id(2)
+        if q_row >= tl.load(query_start_loc_ptr + seq + 1):
+            return
     context_len = tl.load(context_lens_ptr + seq)
-    used = tl.cdiv(context_len, partition_size)
-    base = (seq * num_heads + head) * num_partitions
+    used = tl.cdiv(context_len, partition_size)  # a partition past a row's own position left it no weight
+    base = (q_row * num_heads + head) * num_partitions
     parts = tl.arange(0, PARTS_PAD)
     maxes = tl.load(part_max_ptr + base + parts, mask=parts < used, other=float("-inf"))
     global_max = tl.maximum(tl.max(maxes, axis=0), -1.0e30)  # no partition: stays finite
@@ -197,7 +222,7 @@ def _reduce_kernel(
     out = acc / tl.maximum(denom, 1e-30)
     if FP8:
         out = out * tl.load(v_scale_ptr + head // GROUP)
-    tl.store(out_ptr + seq * stride_os + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + q_row * stride_os + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
 
 
 @functools.cache
@@ -227,6 +252,8 @@ def paged_attention(
     v_scale: Tensor | None = None,
     out: Tensor | None = None,
     num_partitions: int | None = None,
+    query_start_loc: Tensor | None = None,
+    max_query_len: int = 1,
 ) -> Tensor:
     """Decode attention: ``query`` ``[num_seqs, num_heads, head_dim]`` over each sequence's first
     ``context_lens[i]`` cached tokens (``<= max_context_len``). Returns ``[num_seqs, num_heads, head_dim]``
@@ -234,24 +261,37 @@ def paged_attention(
 
     ``num_partitions`` = 1 forces v1, > 1 forces v2 with that many partitions, ``None`` lets
     :func:`choose_num_partitions` pick.
+
+    With ``query_start_loc`` (``[num_seqs + 1]`` int32) sequence ``i`` has up to ``max_query_len``
+    query rows, ``query_start_loc[i]:[i+1]``, the last positions of its context, each attending
+    causally (speculative verification: a few tokens over a long prefix). All of a program's rows
+    share each K/V tile, and the partitions split the context as for decode, which a prefill
+    kernel's grid (one program per sequence and KV head at this size) cannot. Query rows no
+    sequence owns come out as zeros.
     """
     check_cache(key_cache, value_cache, block_size)
     fp8 = check_scales(key_cache, k_scale, v_scale)
     group = check_query(query, key_cache)
-    num_seqs, num_heads, head_dim = query.shape
+    num_heads, head_dim = query.shape[1:]
+    multi = query_start_loc is not None
+    if max_query_len < 1 or (max_query_len > 1 and not multi):
+        raise ValueError(f"max_query_len ({max_query_len}) must be >= 1, and 1 without query_start_loc")
+    num_seqs = block_tables.shape[0] if multi else query.shape[0]
     num_kv_heads = key_cache.shape[2]
     check_block_tables(block_tables, num_seqs)
     check_int_vector("context_lens", context_lens, num_seqs)
+    if multi:
+        check_int_vector("query_start_loc", query_start_loc, num_seqs + 1)
     if not 0 <= max_context_len <= block_tables.shape[1] * block_size:
         raise ValueError(f"max_context_len ({max_context_len}) must be in [0, block table capacity "
                          f"{block_tables.shape[1] * block_size}]")
     if num_partitions is not None and num_partitions < 1:
         raise ValueError(f"num_partitions must be >= 1 or None, got {num_partitions}")
     if out is None:
-        out = torch.empty_like(query)
-    elif out.shape != query.shape or out.dtype != query.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out must be {query.dtype} {tuple(query.shape)} with a contiguous head_dim, "
-                         f"got {out.dtype} {tuple(out.shape)}")
+        out = torch.zeros_like(query) if multi else torch.empty_like(query)
+    elif out.shape != query.shape or out.dtype != query.dtype or out.stride(-1) != 1 or multi:
+        raise ValueError(f"out must be {query.dtype} {tuple(query.shape)} with a contiguous head_dim "
+                         f"(and no query_start_loc), got {out.dtype} {tuple(out.shape)}")
     if num_seqs == 0:
         return out
     if num_partitions is None:
@@ -260,31 +300,32 @@ def paged_attention(
     partition_size = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_partitions), block_n) * block_n
     num_partitions = triton.cdiv(max(max_context_len, 1), partition_size)
     single = num_partitions == 1
-    group_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
+    rows = max(16, triton.next_power_of_2(max_query_len * group))  # tl.dot needs M >= 16
     if single:
         part_acc = part_max = part_sum = out  # unused
     else:
-        part_max = torch.empty(num_seqs, num_heads, num_partitions, dtype=torch.float32, device=query.device)
+        part_max = torch.empty(query.shape[0], num_heads, num_partitions, dtype=torch.float32, device=query.device)
         part_sum = torch.empty_like(part_max)
-        part_acc = torch.empty(num_seqs, num_heads, num_partitions, head_dim, dtype=torch.float32,
+        part_acc = torch.empty(query.shape[0], num_heads, num_partitions, head_dim, dtype=torch.float32,
                                device=query.device)
     _decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
         out, part_acc, part_max, part_sum,
-        query, key_cache, value_cache, block_tables, context_lens, k_scale, v_scale,
+        query, key_cache, value_cache, block_tables, context_lens, query_start_loc, k_scale, v_scale,
         scale * LOG2E, partition_size, num_partitions,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), *key_cache.stride()[:3],
         block_tables.stride(0), num_heads,
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        FP8=fp8, SINGLE=single, PRECISION="ieee" if query.dtype == torch.float32 and not fp8 else "tf32",
+        GROUP=group, ROWS=rows, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        FP8=fp8, SINGLE=single, MULTI=multi,
+        PRECISION="ieee" if query.dtype == torch.float32 and not fp8 else "tf32",
         SPLIT_P=query.dtype == torch.bfloat16 and not fp8,
         num_warps=4, num_stages=2,
     )
     if not single:
         parts_pad = triton.next_power_of_2(num_partitions)
-        _reduce_kernel[(num_seqs, num_heads)](
-            out, part_acc, part_max, part_sum, context_lens, v_scale,
+        _reduce_kernel[(num_seqs, num_heads, max_query_len)](
+            out, part_acc, part_max, part_sum, context_lens, query_start_loc, v_scale,
             partition_size, num_partitions, out.stride(0), out.stride(1), num_heads,
-            GROUP=group, HEAD_DIM=head_dim, PARTS_PAD=parts_pad, CHUNK=min(parts_pad, 16), FP8=fp8,
+            GROUP=group, HEAD_DIM=head_dim, PARTS_PAD=parts_pad, CHUNK=min(parts_pad, 16), FP8=fp8, MULTI=multi,
             num_warps=4,
         )
     return out

@@ -13,7 +13,7 @@ import torch
 import triton_cpu  # noqa: F401  (before the kernels: interpreter on CPU)
 from paged_kv_case import PagedKV
 
-from nanovllm.attention.ops.paged_attention_ref import paged_attention_v1
+from nanovllm.attention.ops.paged_attention_ref import paged_attention_v1, paged_prefill_attention
 from nanovllm.attention.ops.triton_decode import choose_num_partitions, paged_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -66,6 +66,49 @@ def test_decode_fp8_cache_matches_dequantized_reference(dtype):
     query = torch.randn(3, 8, 64, device=DEVICE).to(dtype)
     for num_partitions in (1, 2):  # an FP8 cache is multiplied in float16: 1e-3 even for a float32 query
         assert rel_err(decode(case, query, num_partitions=num_partitions), reference(case, query)) < 2e-3
+
+
+def verify_case(q_lens, lens, heads, kv_heads, head_dim, block, dtype, fp8=False, pad_tokens=2):
+    """Several query tokens per sequence (the last q_lens[i] positions of lens[i]), tokens no sequence
+    owns after them; returns the case, the query, query_start_loc and the float32 causal reference."""
+    case = PagedKV(lens, kv_heads, head_dim, block, dtype, DEVICE, fp8=fp8)
+    query = torch.randn(sum(q_lens) + pad_tokens, heads, head_dim, device=DEVICE).to(dtype)
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    key_cache, value_cache = case.float_caches()
+    cu_k = torch.cat([case.lens.new_zeros(1), case.lens.cumsum(0)]).int()
+    ref = paged_prefill_attention(query[: sum(q_lens)].float(), key_cache, value_cache, qsl, cu_k,
+                                  case.block_tables, head_dim ** -0.5)
+    return case, query, qsl, ref.to(dtype)
+
+
+# speculative verification (k + 1 tokens over a long prefix), fewer tokens in some rows, a padding
+# row of the CUDA graph (no tokens, length 0), and a context as short as its query
+VERIFY = ([5, 3, 0, 5], [77, 40, 0, 5])
+
+
+@pytest.mark.parametrize("num_partitions", [1, 3, None])
+@pytest.mark.parametrize("shape,dtype", [((9, 3, 64, 16), torch.float32), ((8, 2, 128, 32), torch.float32),
+                                         ((4, 4, 64, 16), torch.bfloat16)], ids=str)
+def test_decode_of_several_query_tokens_is_causal(shape, dtype, num_partitions):
+    torch.manual_seed(4)
+    q_lens, lens = VERIFY
+    case, query, qsl, ref = verify_case(q_lens, lens, *shape, dtype)
+    out = decode(case, query, num_partitions=num_partitions, query_start_loc=qsl, max_query_len=max(q_lens))
+    assert out.shape == query.shape and out.dtype == dtype
+    assert torch.equal(out[-2:], torch.zeros_like(out[-2:]))  # tokens no sequence owns
+    assert rel_err(out[: sum(q_lens)], ref) < TOL[dtype]
+
+
+def test_decode_of_several_query_tokens_fp8_and_bad_input():
+    torch.manual_seed(5)
+    q_lens, lens = VERIFY
+    case, query, qsl, ref = verify_case(q_lens, lens, 8, 2, 64, 16, torch.float32, fp8=True)
+    out = decode(case, query, num_partitions=2, query_start_loc=qsl, max_query_len=5)
+    assert rel_err(out[: sum(q_lens)], ref) < 2e-3
+    with pytest.raises(ValueError, match="max_query_len"):
+        decode(case, query, max_query_len=5)  # several tokens need query_start_loc
+    with pytest.raises(ValueError, match="query_start_loc"):
+        decode(case, query, query_start_loc=qsl[:-1], max_query_len=5)
 
 
 def test_decode_into_out():
@@ -138,6 +181,22 @@ def test_gpu_decode_sweep(num_partitions, fp8):
         assert not out.isnan().any() and torch.equal(out[-1], torch.zeros_like(out[-1]))
         worst = max(worst, rel_err(out, reference(case, query)))
     print(f"decode {'fp8' if fp8 else 'bf16'} partitions={num_partitions}: worst rel err {worst:.2e}")
+    assert worst <= (4e-3 if fp8 else 2e-3)
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_decode_of_several_query_tokens_sweep(fp8):
+    worst, rng = 0.0, random.Random(7)
+    for heads, kv_heads, head_dim, block, lens in sweep_cases(seed=11, count=24):
+        q_lens = [min(n, rng.randint(1, max(1, 64 // (heads // kv_heads)) if rng.random() < 0.3 else 5))
+                  for n in lens]
+        case, query, qsl, ref = verify_case(q_lens, lens, heads, kv_heads, head_dim, block, torch.bfloat16, fp8)
+        out = decode(case, query, query_start_loc=qsl, max_query_len=max(q_lens))
+        assert not out.isnan().any()
+        worst = max(worst, rel_err(out[: sum(q_lens)], ref))
+    print(f"decode of several query tokens {'fp8' if fp8 else 'bf16'}: worst rel err {worst:.2e}")
     assert worst <= (4e-3 if fp8 else 2e-3)
 
 
