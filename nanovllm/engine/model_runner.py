@@ -108,7 +108,7 @@ class ModelRunner:
 
     def _timed(self, phase: str, fn: Callable[..., T], *args: object) -> T:
         """fn(*args), its wall time (device work included) recorded as a startup phase. The first
-        warm-up on CUDA includes torch.compile of the fused ops and Triton's kernel builds."""
+        warm-up on CUDA includes Triton's kernel builds."""
         start = time.perf_counter()
         result = fn(*args)
         if self.device.type == "cuda":

@@ -2,10 +2,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.utils.fusion import fused_on_cuda
+from nanovllm.layers import fused_kernels
+from nanovllm.utils.fusion import on_cuda_use
 
 
-@fused_on_cuda
+@on_cuda_use(fused_kernels.silu_and_mul)
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, -1)
     return F.silu(gate) * up

@@ -3,10 +3,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nanovllm.utils.fusion import fused_on_cuda
+from nanovllm.layers import fused_kernels
+from nanovllm.utils.fusion import on_cuda_use
 
 
-@fused_on_cuda
+@on_cuda_use(fused_kernels.rms_norm)
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF's RMSNorm: normalise in float32, cast back, then scale."""
     h = x.float()
@@ -14,7 +15,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
-@fused_on_cuda
+@on_cuda_use(fused_kernels.add_rms_norm)
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x + residual (in the model dtype, as HF adds), normalised; and the new residual."""

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from nanovllm.utils.fusion import fused_on_cuda
+from nanovllm.layers import fused_kernels
+from nanovllm.utils.fusion import on_cuda_use
 
 
 def rope_parameters(config: PretrainedConfig) -> dict:
@@ -49,7 +50,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-@fused_on_cuda
+@on_cuda_use(fused_kernels.apply_rotary)
 def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                  cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     cos, sin = cos_sin_cache[:, positions].unsqueeze(-2)
