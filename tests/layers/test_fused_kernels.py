@@ -31,7 +31,7 @@ def qkv_views(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torc
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens,hidden", [(1, 64), (5, 96)])
+@pytest.mark.parametrize("tokens,hidden", [(1, 64), (5, 96), (70, 64)])  # 70: programs of 32 rows, the last partial
 def test_rms_norm_and_residual_add(dtype, tokens, hidden):
     torch.manual_seed(tokens + hidden)
     x, residual = (torch.randn(tokens, hidden, device=DEVICE).to(dtype) for _ in range(2))
@@ -62,7 +62,8 @@ def test_silu_and_mul(dtype, tokens, inner):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens,head_dim", [(1, 64), (6, 80)])  # 80: half a head (40) is no power of two
+@pytest.mark.parametrize("tokens,head_dim", [(1, 64), (6, 80), (11, 64)])  # 80: half a head (40) is no power of
+# two; 11 x 6 heads: programs of 64 rows, q and k rows mixed in one, the last partial
 def test_rotary_on_strided_q_and_k(dtype, tokens, head_dim):
     torch.manual_seed(tokens * head_dim)
     q, k = qkv_views(tokens, 4, 2, head_dim, dtype)
