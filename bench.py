@@ -146,7 +146,9 @@ def timed_run(llm: LLM, args: argparse.Namespace, run: int) -> dict[str, float]:
 
 def profile_run(llm: LLM, args: argparse.Namespace) -> None:
     """One more run of the workload under torch.profiler: the kernels with the most device time,
-    and how much of the wall time the device was busy (the rest it waited for the host)."""
+    and the device time in all and per decode step, to hold against the timed runs' wall time per
+    step (the profiled run's own wall time includes the profiler's overhead)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     prompts, params = workload(llm, args, 2000)
@@ -156,10 +158,11 @@ def profile_run(llm: LLM, args: argparse.Namespace) -> None:
         llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
     events = prof.key_averages()
-    busy = sum(e.self_device_time_total for e in events) / 1e6
+    busy = sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU) / 1e6  # kernels, copies
+    steps = llm.stats()["decode_steps"] - steps
     print(events.table(sort_by="self_device_time_total", row_limit=25))
-    print(f"profiled run: {seconds:.3f} s wall, device busy {busy:.3f} s ({busy / seconds:.0%}), "
-          f"{llm.stats()['decode_steps'] - steps} decode steps")
+    print(f"profiled run: {seconds:.3f} s wall, device time {busy:.3f} s; {steps} decode steps, "
+          f"{1e3 * busy / max(steps, 1):.2f} ms of device time per decode step with prefill included")
 
 
 def main() -> None:
