@@ -67,7 +67,7 @@ section_spec() {
     local M REPEAT NGRAM
     M=$(python -c "from nanovllm.utils.model_source import resolve_model; print(resolve_model(None))" | tail -1)
     REPEAT="--model $M --workload repeat --temperature 0 --min-input-len 1000 --max-input-len 2000 \
---min-output-len 256 --max-output-len 256"
+--min-output-len 256 --max-output-len 256 --repeat 3"
     NGRAM="--speculative-method ngram --num-speculative-tokens 4"
     bench spec_bs1_off $REPEAT --num-seqs 1
     bench spec_bs1_ngram $REPEAT --num-seqs 1 $NGRAM
