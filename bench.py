@@ -152,14 +152,14 @@ def profile_run(llm: LLM, args: argparse.Namespace) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     prompts, params = workload(llm, args, 2000)
-    steps = llm.stats()["decode_steps"]
+    steps_before = llm.stats()["decode_steps"]
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
     events = prof.key_averages()
     busy = sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU) / 1e6  # kernels, copies
-    steps = llm.stats()["decode_steps"] - steps
+    steps = llm.stats()["decode_steps"] - steps_before
     print(events.table(sort_by="self_device_time_total", row_limit=25))
     print(f"profiled run: {seconds:.3f} s wall, device time {busy:.3f} s; {steps} decode steps, "
           f"{1e3 * busy / max(steps, 1):.2f} ms of device time per decode step with prefill included")

@@ -26,11 +26,11 @@ class NgramIndex:
         """Up to k tokens that followed the latest earlier occurrence of the last n tokens, the
         longest n first (vLLM's prompt lookup, preferring the most recent match)."""
         end = len(tokens) - 1
-        assert end >= self.indexed - 1, "tokens only grow between lookups"
+        assert end >= self.indexed, "tokens only grow between lookups"
         for e in range(self.indexed, end):
             for n in range(self.n_min, min(self.n_max, e + 1) + 1):
                 self.latest[tuple(tokens[e - n + 1 : e + 1])] = e
-        self.indexed = max(self.indexed, end)
+        self.indexed = end
         for n in range(min(self.n_max, end), self.n_min - 1, -1):
             e = self.latest.get(tuple(tokens[-n:]))
             if e is not None:
@@ -46,10 +46,9 @@ class NgramProposer:
     def propose(self, seqs: list[Sequence], max_lens: list[int]) -> list[list[int]]:
         proposals = []
         for seq, k in zip(seqs, max_lens):
-            index = self.indexes.get(seq.seq_id)
-            if index is None:
-                index = self.indexes[seq.seq_id] = NgramIndex(self.n_min, self.n_max)
-            proposals.append(index.lookup(seq.token_ids, k) if k else [])
+            if k and seq.seq_id not in self.indexes:
+                self.indexes[seq.seq_id] = NgramIndex(self.n_min, self.n_max)
+            proposals.append(self.indexes[seq.seq_id].lookup(seq.token_ids, k) if k else [])
         return proposals
 
     def release(self, seq: Sequence) -> None:
