@@ -41,6 +41,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--device", default="auto")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs (ranks) the model is split over")
+    p.add_argument("--disable-custom-all-reduce", action="store_true", help="every all-reduce through NCCL")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     p.add_argument("--repeat", type=int, default=1, help="timed runs, each with fresh prompts")
     p.add_argument("--seed", type=int, default=0)
@@ -175,7 +176,8 @@ def main() -> None:
               attention_backend=args.attention_backend, kv_cache_dtype=args.kv_cache_dtype,
               enforce_eager=args.enforce_eager, device=args.device,
               skip_tokenizer_init=args.workload != "repeat", seed=args.seed,
-              speculative_config=speculative_config(args), tensor_parallel_size=args.tensor_parallel_size)
+              speculative_config=speculative_config(args), tensor_parallel_size=args.tensor_parallel_size,
+              disable_custom_all_reduce=args.disable_custom_all_reduce)
     startup = time.perf_counter() - start
     print(f"startup: {startup:.1f} s")
     for i in range(args.warmup):

@@ -49,6 +49,7 @@ class Config:
     # vLLM's dict ({"method": "ngram" | "draft_model", ...}), parsed into a SpeculativeConfig
     speculative_config: "dict | SpeculativeConfig | None" = None
     tensor_parallel_size: int = 1  # ranks the model is split over: worker processes 1..N-1, this one rank 0
+    disable_custom_all_reduce: bool = False  # vLLM's name: True sends every all-reduce through NCCL
     hf_config: PretrainedConfig = field(init=False, repr=False)
     eos_token_ids: list[int] = field(init=False, default_factory=list)  # set by the engine from the tokenizer
 

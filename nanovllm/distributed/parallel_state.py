@@ -7,17 +7,21 @@ one per process, so a process hosts at most one tensor-parallel engine at a time
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from nanovllm.distributed.one_shot_all_reduce import OneShotAllReduce
 
 
 @dataclass(frozen=True)
 class TensorParallel:
     rank: int = 0
     size: int = 1
+    # CUDA ranks on peer-linked GPUs: small all-reduces (decode steps) bypass NCCL
+    one_shot: OneShotAllReduce | None = field(default=None, compare=False, repr=False)
 
     def split(self, n: int) -> int:
         """This rank's share of n (heads, rows, columns) split evenly across the ranks."""
@@ -32,9 +36,12 @@ class TensorParallel:
         return torch.device(device)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """The sum of every rank's x, in place; x itself on a single rank."""
-        if self.size > 1:
-            dist.all_reduce(x)
+        """The sum of every rank's x: x itself, summed in place, or a new tensor; x on a single rank."""
+        if self.size == 1:
+            return x
+        if self.one_shot is not None and self.one_shot.fits(x):
+            return self.one_shot(x)
+        dist.all_reduce(x)
         return x
 
     def min_int(self, n: int) -> int:
@@ -68,13 +75,18 @@ def dist_backend(device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
 
 
-def init_tensor_parallel(rank: int, size: int, init_method: str, device: str) -> TensorParallel:
-    """Join the group of `size` ranks as `rank` (rank r of a CUDA group on cuda:r)."""
+def init_tensor_parallel(rank: int, size: int, init_method: str, device: str,
+                         one_shot_all_reduce: bool = True) -> TensorParallel:
+    """Join the group of `size` ranks as `rank` (rank r of a CUDA group on cuda:r). On CUDA, small
+    all-reduces then take the one-shot path unless `one_shot_all_reduce` is False (every rank must
+    pass the same)."""
     tp = TensorParallel(rank, size)
     if device.startswith("cuda"):
         torch.cuda.set_device(tp.device(device))
     dist.init_process_group(dist_backend(device), init_method=init_method, rank=rank, world_size=size,
                             timeout=timedelta(minutes=10))
+    if device.startswith("cuda") and one_shot_all_reduce:
+        tp = TensorParallel(rank, size, OneShotAllReduce.create(dist.group.WORLD, tp.device(device)))
     return tp
 
 

@@ -33,7 +33,8 @@ def run_worker(rank: int, config: Config, calibration_ids: list[int] | None, ini
         conn.send_bytes(STARTED)
         if config.device == "cpu":  # the ranks share the cores
             torch.set_num_threads(max(1, torch.get_num_threads() // config.tensor_parallel_size))
-        tp = init_tensor_parallel(rank, config.tensor_parallel_size, init_method, config.device)
+        tp = init_tensor_parallel(rank, config.tensor_parallel_size, init_method, config.device,
+                                  not config.disable_custom_all_reduce)
         runner = ModelRunner(config, calibration_ids, tp)
         graph_sizes = runner.graphs.sizes if runner.graphs is not None else []
         conn.send_bytes(READY + json.dumps({"num_blocks": runner.num_blocks, "cuda_graph_sizes": graph_sizes}).encode())

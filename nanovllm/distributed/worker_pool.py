@@ -58,7 +58,8 @@ class WorkerPool:
                 self.conns.append(conn)
                 self.procs.append(proc)
             self.expect(STARTED, START_TIMEOUT_S)
-            self.tp = init_tensor_parallel(0, config.tensor_parallel_size, init_method, config.device)
+            self.tp = init_tensor_parallel(0, config.tensor_parallel_size, init_method, config.device,
+                                           not config.disable_custom_all_reduce)
         except BaseException:
             self.shutdown(timeout=0)
             raise

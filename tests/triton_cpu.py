@@ -1,6 +1,6 @@
 """Bridges for Triton's interpreter, which runs the kernels on machines without CUDA.
 
-``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` there (before anything imports triton.language);
+``conftest.py`` sets ``TRITON_INTERPRET=1`` there (before anything imports triton.language);
 the test modules import this module before any kernel module, which repeats it for a direct run.
 Three gaps of Triton 3.6's interpreter are bridged here (CPU only, GPU runs are untouched):
 ``range()`` over kernel scalars with numpy >= 2.3, ``tl.dot`` on bfloat16, and float narrowing

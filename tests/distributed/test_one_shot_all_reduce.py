@@ -1,0 +1,92 @@
+"""The one-shot all-reduce kernel.
+
+CPU (Triton's interpreter): rank 0 of two, with rank 1 played by the test, which writes its share
+into its staging half and raises its flags before each call, as its kernel would.
+GPU (2 CUDA GPUs): against NCCL's all-reduce on fresh random inputs, eagerly and replayed in a CUDA
+graph with new inputs each time.
+"""
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import triton_cpu  # noqa: F401  (before the kernels: interpreter on CPU)
+
+from nanovllm.distributed.one_shot_all_reduce import _one_shot_all_reduce_kernel
+from nanovllm.distributed.parallel_state import init_tensor_parallel, leave_tensor_parallel
+
+PROGRAMS, BLOCK = 4, 64
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs on CPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_stages_signals_and_sums_in_alternating_halves(dtype):
+    world, half_bytes = 2, 4096
+    half = half_bytes // dtype.itemsize
+    staging = [torch.zeros(2 * half_bytes, dtype=torch.uint8) for _ in range(world)]
+    flags = [torch.zeros(PROGRAMS * world, dtype=torch.int64) for _ in range(world)]
+    pointers = [torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64) for ts in (staging, flags)]
+    epochs = torch.zeros(PROGRAMS, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(0)
+    for call, n in enumerate([300, 7, 1000, PROGRAMS * BLOCK + 1], start=1):
+        x, peer = (torch.randn(n, generator=gen).to(dtype) for _ in range(2))
+        used = slice((call % 2) * half, (call % 2) * half + n)
+        staging[1].view(dtype)[used] = peer  # rank 1's share, then its signal to every program of ours
+        flags[0].view(PROGRAMS, world)[:, 1] = call
+        out = torch.empty_like(x)
+        _one_shot_all_reduce_kernel[(PROGRAMS,)](x, out, *pointers, epochs, n, half, RANK=0, WORLD=world,
+                                                 PROGRAMS=PROGRAMS, BLOCK=BLOCK)
+        assert torch.equal(staging[0].view(dtype)[used], x)  # our share, staged in this call's half
+        assert flags[1].view(PROGRAMS, world)[:, 0].tolist() == [call] * PROGRAMS  # signalled rank 1
+        assert epochs.tolist() == [call] * PROGRAMS
+        torch.testing.assert_close(out, (x.float() + peer.float()).to(dtype), rtol=0, atol=0)
+
+
+def _check_rank(rank: int, port: int) -> None:
+    tp = init_tensor_parallel(rank, 2, f"tcp://127.0.0.1:{port}", "cuda")
+    try:
+        one_shot = tp.one_shot
+        assert one_shot is not None
+        gen = torch.Generator(device="cuda").manual_seed(rank)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for shape in [(1, 4096), (7, 1000), (256, 4096), (3, 5), (1000, 4099)]:
+                x = torch.randn(shape, dtype=dtype, device="cuda", generator=gen)
+                before = x.clone()
+                got = tp.all_reduce(x)
+                torch.testing.assert_close(x, before, rtol=0, atol=0)  # the input is left as it was
+                want = x.clone()
+                dist.all_reduce(want)
+                torch.testing.assert_close(got, want, rtol=0, atol=0)  # two addends: one rounding
+        too_big = torch.empty(one_shot.max_bytes // 2 + 1, dtype=torch.bfloat16, device="cuda")
+        assert not one_shot.fits(too_big) and one_shot.fits(too_big[:-1])
+
+        static = torch.empty(64, 4096, dtype=torch.bfloat16, device="cuda")
+        tp.all_reduce(static)  # warm-up outside the graph
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = tp.all_reduce(tp.all_reduce(static) * 0.5)  # two in a row: both halves of the staging
+        for _ in range(5):
+            static.copy_(torch.randn(static.shape, dtype=static.dtype, device="cuda", generator=gen))
+            graph.replay()
+            want = static.clone()
+            dist.all_reduce(want)
+            want = want * 0.5
+            dist.all_reduce(want)
+            torch.testing.assert_close(out, want, rtol=0, atol=0)
+        del graph
+        torch.cuda.synchronize()
+        dist.barrier()
+    finally:
+        leave_tensor_parallel(clean=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_equals_nccl_eager_and_in_graphs():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_check_rank, args=(port,), nprocs=2)
