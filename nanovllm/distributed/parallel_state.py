@@ -61,6 +61,14 @@ class TensorParallel:
         dist.gather(x, parts, dst=0)
         return torch.cat(parts, dim=-1) if parts is not None else None
 
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's x stacked in rank order: [size, *x.shape], on every rank."""
+        if self.size == 1:
+            return x.unsqueeze(0)
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.stack(parts)
+
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's x on every rank (x is filled in place on the others)."""
         if self.size > 1:

@@ -23,7 +23,8 @@ from nanovllm.engine.sequence import PLACEHOLDER, Sequence
 from nanovllm.engine.step_inputs import StepInputs
 from nanovllm.engine.uploader import Uploader
 from nanovllm.layers.attention import Attention
-from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingArrays, SamplingRow, SamplingTensors
+from nanovllm.layers.sampler import (Sampler, SamplerOutput, SamplingArrays, SamplingRow, SamplingTensors,
+                                     best_of_shards, sample_vocab_shard)
 from nanovllm.models import model_class
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.spec_decode.verify_row import VerifyRow
@@ -312,18 +313,27 @@ class ModelRunner:
         inputs and the sampling parameters go up in one copy.
         """
         step, sampling = self._step_inputs(batch)
+        host = SamplingArrays.from_rows(sampling, self.hf_config.vocab_size, self.config.eos_token_ids) \
+            if sampling else None
+        # Plain decode sampling on several ranks: each draws from its own shard of the vocabulary
+        step.vocab_parallel = self.tp.size > 1 and step.is_decode and host is not None and host.plain
         with self.workers.watch() if self.workers is not None else nullcontext():
             if self.workers is not None:
                 self.workers.send(step)
             inputs = step.device_arrays()
-            host = SamplingArrays.from_rows(sampling, self.hf_config.vocab_size, self.config.eos_token_ids) \
-                if sampling else None
             tensors = self.upload(inputs + (host.arrays if host is not None else []))
             logits = self.execute(step, tensors[: len(inputs)])
             if logits is None:
                 return PendingSample(None)
-            out = self.sampler(logits, host.tensors(tensors[len(inputs) :]))
-            self.prev_tokens = self.tp.broadcast(out.token_ids)
+            t = host.tensors(tensors[len(inputs) :])
+            if step.vocab_parallel:
+                params = torch.stack([*self.sampler.keys(t, self.device).unbind(1),
+                                      t.inv_temperatures.view(torch.int32).long(), t.greedy.long()], dim=1)
+                out = SamplerOutput(self._vocab_parallel_tokens(logits, self.tp.broadcast(params)), None, None, None)
+                self.prev_tokens = out.token_ids
+            else:
+                out = self.sampler(logits, t)
+                self.prev_tokens = self.tp.broadcast(out.token_ids)
         self.prev_rows = {seq.seq_id: row for row, seq in enumerate(sampling)}
         return PendingSample(out)
 
@@ -331,14 +341,27 @@ class ModelRunner:
     def follow(self, step: StepInputs) -> None:
         """A worker rank's part of a step: the forward, then the tokens rank 0 sampled (the next
         decode may read them on the device)."""
-        self.execute(step, self.upload(step.device_arrays()))
-        if len(step.logit_rows):
+        logits = self.execute(step, self.upload(step.device_arrays()))
+        if step.vocab_parallel:
+            params = torch.empty(len(step.logit_rows), 4, dtype=torch.int64, device=self.device)
+            self.prev_tokens = self._vocab_parallel_tokens(logits, self.tp.broadcast(params))
+        elif len(step.logit_rows):
             tokens = torch.empty(len(step.logit_rows), dtype=torch.int64, device=self.device)
             self.prev_tokens = self.tp.broadcast(tokens)
 
+    def _vocab_parallel_tokens(self, logits: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Every rank: the tokens drawn from every rank's vocabulary shard, given rank 0's per-row
+        noise keys, inverse temperatures (float32 bits) and greedy flags, params [B, 4] int64."""
+        inv_t, greedy = params[:, 2].int().view(torch.float32), params[:, 3].bool()
+        scores, tokens = sample_vocab_shard(logits, inv_t, greedy, params[:, :2], self.model.lm_head.start,
+                                            self.hf_config.vocab_size)
+        shards = self.tp.all_gather(torch.stack([scores.view(torch.int32).long(), tokens]))
+        return best_of_shards(shards[:, 0].int().view(torch.float32), shards[:, 1])
+
     def execute(self, step: StepInputs, tensors: list[torch.Tensor]) -> torch.Tensor | None:
         """Every rank: block copies, then the forward over `step`'s uploaded `device_arrays`; the
-        logits of the step's logit rows on rank 0 (None on other ranks, or when nothing is sampled)."""
+        logits of the step's logit rows on rank 0 (None on other ranks, or when nothing is sampled);
+        with `step.vocab_parallel`, each rank's shard of them."""
         ids, src, rows_t, copy_src, copy_dst, *meta_tensors = tensors
         if len(step.block_copies):
             self.kv_cache.copy_blocks(copy_src, copy_dst)
@@ -353,7 +376,7 @@ class ModelRunner:
             return None
         if not step.is_decode:
             hidden = hidden[rows_t]
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden, gather=not step.vocab_parallel)
 
     @staticmethod
     def _sampling_rows(batch: ScheduledBatch, query_start_loc: np.ndarray) -> tuple[list[SamplingRow], np.ndarray]:

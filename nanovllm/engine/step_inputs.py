@@ -12,7 +12,7 @@ import numpy as np
 
 from nanovllm.attention.metadata import BatchLayout
 
-_HEADER = 12  # int64s before the arrays
+_HEADER = 13  # int64s before the arrays
 
 
 @dataclass
@@ -25,6 +25,7 @@ class StepInputs:
     is_decode: bool
     num_seqs: int  # real rows (a CUDA graph runs padded ones too)
     graphed: bool  # replays a decode CUDA graph
+    vocab_parallel: bool = False  # every rank samples from its vocabulary shard (`sampler.sample_vocab_shard`)
 
     def device_arrays(self) -> list[np.ndarray]:
         """What every rank uploads for the forward, in the order `ModelRunner.execute` reads them."""
@@ -36,7 +37,7 @@ class StepInputs:
         rows, width = layout.block_tables.shape
         header = [len(self.input_ids), len(self.prev_rows), len(self.logit_rows), rows, width,
                   len(self.block_copies), layout.max_query_len, layout.max_seq_len, layout.has_prefix,
-                  self.is_decode, self.num_seqs, self.graphed]
+                  self.is_decode, self.num_seqs, self.graphed, self.vocab_parallel]
         arrays = [self.input_ids, self.prev_rows, self.logit_rows, *layout.arrays(), self.block_copies]
         return np.concatenate([np.asarray(header), *(a.ravel() for a in arrays)], dtype=np.int64).tobytes()
 
@@ -44,11 +45,12 @@ class StepInputs:
     def unpack(cls, message: bytes) -> "StepInputs":
         data = np.frombuffer(message, dtype=np.int64).copy()
         (num_tokens, num_prev, num_logits, rows, width, num_copies, max_query_len, max_seq_len, has_prefix,
-         is_decode, num_seqs, graphed) = data[:_HEADER].tolist()
+         is_decode, num_seqs, graphed, vocab_parallel) = data[:_HEADER].tolist()
         sizes = [num_tokens, num_prev, num_logits, num_tokens, rows + 1, rows, rows + 1, num_tokens, rows * width,
                  2 * num_copies]
         (ids, prev, logits, positions, query_start, seq_lens, seq_start, slots, tables,
          copies) = np.split(data[_HEADER:], np.cumsum(sizes)[:-1])
         layout = BatchLayout(positions, query_start, seq_lens, seq_start, slots, tables.reshape(rows, width),
                              max_query_len, max_seq_len, bool(has_prefix))
-        return cls(ids, prev, logits, layout, copies.reshape(num_copies, 2), bool(is_decode), num_seqs, bool(graphed))
+        return cls(ids, prev, logits, layout, copies.reshape(num_copies, 2), bool(is_decode), num_seqs, bool(graphed),
+                   bool(vocab_parallel))

@@ -2,7 +2,8 @@
 
 Rank r holds rows [r * shard, (r + 1) * shard) with shard = ceil(vocab / ranks); rows past the
 vocabulary are zero padding. The embedding all-reduces each rank's rows (zeros for tokens it does
-not hold); the LM head's logits are gathered on rank 0, the one that samples.
+not hold); the LM head's logits are gathered on rank 0, the one that samples, or stay on their
+ranks when the sampler draws from each shard (`sampler.sample_vocab_shard`).
 
 Logits are float32 whatever the model dtype (the GEMM reads bf16/fp16 and accumulates in float32
 anyway): rounded to bf16, the top two logits of the default model tie at 3.3 % of greedy
@@ -53,7 +54,11 @@ def float32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to float32 vocabulary logits; may share the embedding's weight."""
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Full-vocabulary logits on rank 0; None on the other ranks."""
-        logits = self.tp.gather_last_dim(float32_logits(hidden, self.weight))
+    def forward(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor | None:
+        """Full-vocabulary logits on rank 0 and None on the other ranks; without `gather`, every rank's
+        own shard of the vocabulary (padding columns past the vocabulary included)."""
+        logits = float32_logits(hidden, self.weight)
+        if not gather:
+            return logits
+        logits = self.tp.gather_last_dim(logits)
         return logits[..., : self.vocab_size] if logits is not None and self.tp.size > 1 else logits

@@ -36,7 +36,7 @@ def _gumbel(index, key, key2):
 def _row_pass_kernel(
     x_ptr, x_stride, raw_ptr, raw_stride, V: tl.constexpr,
     inv_t_ptr, greedy_ptr, key_ptr, tau_ptr,
-    token_ptr, stats_ptr, lanes_ptr,
+    token_ptr, score_ptr, stats_ptr, lanes_ptr, offset,
     SAMPLE: tl.constexpr, STATS: tl.constexpr, RAW_STATS: tl.constexpr, RAW_IS_X: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -80,14 +80,15 @@ def _row_pass_kernel(
             if greedy:
                 score = z
             else:
-                score = tl.where(z >= tau, z + _gumbel(idx, key, key2), neg_inf)
+                score = tl.where(z >= tau, z + _gumbel(idx + offset, key, key2), neg_inf)
             better = score > best
             best = tl.where(better, score, best)
             best_idx = tl.where(better, idx, best_idx)
     if SAMPLE:
         top = tl.max(best, 0)
         token = tl.min(tl.where(best == top, best_idx, 2147483647), 0)
-        tl.store(token_ptr + row, token.to(tl.int64))
+        tl.store(token_ptr + row, token.to(tl.int64) + offset)
+        tl.store(score_ptr + row, top)
     if STATS:
         tl.store(stats_ptr + 4 * row, m)
         tl.store(stats_ptr + 4 * row + 1, s)
@@ -99,19 +100,21 @@ def _row_pass_kernel(
 
 def row_pass(
     x: torch.Tensor, raw: torch.Tensor, inv_t: torch.Tensor, greedy: torch.Tensor, keys: torch.Tensor,
-    tau: torch.Tensor, sample: bool, stats: bool, raw_stats: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One read of each row. Returns (token [B] int64, stats [B, 4] float32 = max and
-    sum-of-exp of x * inv_t, raw max, raw logsumexp; lane maxima [B, LANES] float32)."""
+    tau: torch.Tensor, sample: bool, stats: bool, raw_stats: bool, offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One read of each row. Returns (token [B] int64, its score [B] float32 (scaled logit plus
+    noise), stats [B, 4] float32 = max and sum-of-exp of x * inv_t, raw max, raw logsumexp; lane
+    maxima [B, LANES] float32). Column j of x is token `offset + j` (a tensor-parallel shard)."""
     batch, vocab = x.shape
     token = torch.empty(batch, dtype=torch.int64, device=x.device)
+    score = torch.empty(batch, dtype=torch.float32, device=x.device)
     out_stats = torch.empty(batch, 4, dtype=torch.float32, device=x.device)
     lanes = torch.empty(batch if stats else 1, LANES, dtype=torch.float32, device=x.device)
     _row_pass_kernel[(batch,)](
-        x, x.stride(0), raw, raw.stride(0), vocab, inv_t, greedy, keys, tau, token, out_stats, lanes,
+        x, x.stride(0), raw, raw.stride(0), vocab, inv_t, greedy, keys, tau, token, score, out_stats, lanes, offset,
         SAMPLE=sample, STATS=stats, RAW_STATS=raw_stats, RAW_IS_X=raw is x, BLOCK=LANES, num_warps=8,
     )
-    return token, out_stats, lanes
+    return token, score, out_stats, lanes
 
 
 @triton.jit

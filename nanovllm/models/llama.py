@@ -133,6 +133,7 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Full-vocabulary logits on rank 0 (the one that samples); None on the other ranks."""
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor | None:
+        """Full-vocabulary logits on rank 0 (the one that samples); None on the other ranks. Without
+        `gather`: each rank's shard of the vocabulary."""
+        return self.lm_head(hidden, gather)

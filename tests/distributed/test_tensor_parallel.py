@@ -47,6 +47,17 @@ def test_greedy_matches_tp1_and_hf(model, tp1, tp2):
     assert ours == [hf_greedy(model[1], p, MAX_TOKENS) for p in prompts]
 
 
+def test_seeded_sampling_matches_tp1(tp1, tp2):
+    """Plain temperature rows draw from each rank's vocabulary shard; top-k rows from the gathered logits."""
+    prompts = random_prompts([5, 18, 33], seed=5)
+    for extra in ({}, {"top_k": 20}):
+        params = [SamplingParams(temperature=0.9, seed=10 + i, max_tokens=MAX_TOKENS, ignore_eos=True, **extra)
+                  for i in range(len(prompts))]
+        ours = token_ids(tp2.generate(prompts, params, use_tqdm=False))
+        assert ours == token_ids(tp1.generate(prompts, params, use_tqdm=False))
+        assert len({tuple(x) for x in ours}) == len(prompts)
+
+
 def test_prefix_cache_hits(model, tp2):
     prompt = random_prompts([40], seed=2)[0]
     first = token_ids(tp2.generate([prompt], greedy(), use_tqdm=False))

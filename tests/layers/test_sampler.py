@@ -19,7 +19,9 @@ from nanovllm.layers.sampler import (
     apply_min_tokens,
     apply_penalties,
     apply_top_k_top_p_min_p,
+    best_of_shards,
     row_keys,
+    sample_vocab_shard,
     seeded_exponential_noise,
     uniform_from_bits,
 )
@@ -198,7 +200,7 @@ def test_keys_seeded_from_seed_and_position_unseeded_fresh():
     seqs = [make_seq(seed=2**70 + 5), make_seq(), make_seq(seed=-3)]
     t = SamplingTensors.from_rows(seqs, V, EOS, "cpu")
     sampler = Sampler(generator=torch.Generator().manual_seed(0))
-    first, second = sampler._keys(t, torch.device("cpu")), sampler._keys(t, torch.device("cpu"))
+    first, second = sampler.keys(t, torch.device("cpu")), sampler.keys(t, torch.device("cpu"))
     expected = row_keys(t.seeds, t.positions)
     assert torch.equal(first[[0, 2]], expected[[0, 2]]) and torch.equal(second[[0, 2]], expected[[0, 2]])
     assert not torch.equal(first[1], second[1])  # an unseeded row draws fresh keys every step
@@ -386,6 +388,28 @@ def test_seeded_top_k_1_is_greedy_across_seeds():
     assert torch.equal(out.token_ids, logits.argmax(-1))
 
 
+# ---------------------------------------------------------------- vocabulary shards (tensor parallelism)
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_vocab_shard_draws_equal_the_whole_vocabulary_draw(ranks):
+    vocab = 1000
+    shard = -(-vocab // ranks)
+    seqs = [make_seq(seed=s, temperature=temp) for s, temp in [(1, 0.7), (2, 1.3), (3, 1.0)]]
+    seqs.append(make_seq(temperature=0))
+    t = tensors(seqs, vocab)
+    logits = torch.randn(len(seqs), vocab, generator=torch.Generator().manual_seed(ranks)) * 2
+    logits[3, [10, shard + 10]] = 100.0  # a greedy tie across shards: the lowest token, as argmax breaks it
+    want = Sampler()(logits, t).token_ids
+    assert want[3].item() == 10
+    # the last shard's padding columns hold a logit that would win if they took part
+    padded = torch.cat([logits, torch.full((len(seqs), shard * ranks - vocab), 500.0)], dim=1)
+    keys = Sampler().keys(t, torch.device("cpu"))
+    draws = [sample_vocab_shard(padded[:, r * shard : (r + 1) * shard], t.inv_temperatures, t.greedy, keys,
+                                r * shard, vocab) for r in range(ranks)]
+    got = best_of_shards(torch.stack([score for score, _ in draws]), torch.stack([token for _, token in draws]))
+    assert torch.equal(got, want)
+
+
 # ---------------------------------------------------------------- Triton kernels (interpreter)
 
 TRITON_CHECK = """
@@ -413,6 +437,16 @@ for cap in (2048, 8):  # 8: the buffer overflows and rows fall back to a full so
     torch.testing.assert_close(ours.logprobs, ref.logprobs)
     torch.testing.assert_close(ours.top_logprobs, ref.top_logprobs)
     assert torch.equal(ours.top_token_ids, ref.top_token_ids)
+# a draw per vocabulary shard (tensor parallelism), then the best of them: the same tokens
+from nanovllm.layers import sampling_kernels as K
+t = S.SamplingTensors.from_rows(seqs[:2], V, [0], "cpu")  # a greedy and a temperature row
+keys = S.row_keys(t.seeds, t.positions)
+want = S._forward_torch(logits[:2], logits[:2], S.gumbel_noise(keys, torch.arange(V)), t).token_ids
+no_tau = torch.full((2,), float("-inf"))
+parts = [K.row_pass(logits[:2, a:b], logits[:2, a:b], t.inv_temperatures, t.greedy, keys, no_tau, sample=True,
+                    stats=False, raw_stats=False, offset=a) for a, b in ((0, 1700), (1700, V))]
+got = S.best_of_shards(torch.stack([p[1] for p in parts]), torch.stack([p[0] for p in parts]))
+assert torch.equal(got, want), (got, want)
 print("ok")
 """
 
