@@ -58,11 +58,13 @@ def _one_shot_all_reduce_kernel(x_ptr, out_ptr, buffers_ptr, flags_ptr, epochs_p
             peer_flags = tl.load(flags_ptr + r).to(tl.pointer_type(tl.int64))
             tl.atomic_xchg(peer_flags + pid * WORLD + RANK, epoch, sem="release", scope="sys")
     my_flags = tl.load(flags_ptr + RANK).to(tl.pointer_type(tl.int64))
+    never = tl.full((), -1, tl.int64)  # flags are >= 0: a compare-and-swap with it only reads
     for r in tl.static_range(WORLD):
         if r != RANK:
-            seen = tl.atomic_add(my_flags + pid * WORLD + r, 0, sem="acquire", scope="sys")
+            # (a CAS, as Triton turned an atomic add of 0 into a load that the loop did not repeat)
+            seen = tl.atomic_cas(my_flags + pid * WORLD + r, never, never, sem="acquire", scope="sys")
             while seen < epoch:
-                seen = tl.atomic_add(my_flags + pid * WORLD + r, 0, sem="acquire", scope="sys")
+                seen = tl.atomic_cas(my_flags + pid * WORLD + r, never, never, sem="acquire", scope="sys")
     tl.debug_barrier()
 
     for start in range(pid * BLOCK, n, step):

@@ -45,6 +45,49 @@ def test_kernel_stages_signals_and_sums_in_alternating_halves(dtype):
         torch.testing.assert_close(out, (x.float() + peer.float()).to(dtype), rtol=0, atol=0)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_two_ranks_on_one_gpu_over_many_calls():
+    """Both ranks' kernels on one GPU, on two streams at once: the flags, the epochs and the
+    alternating halves on real hardware, call after call, with sizes that change between calls."""
+    world, programs, block, half_bytes = 2, 8, 256, 1 << 16
+    staging = [torch.zeros(2 * half_bytes, dtype=torch.uint8, device="cuda") for _ in range(world)]
+    flags = [torch.zeros(programs * world, dtype=torch.int64, device="cuda") for _ in range(world)]
+    pointers = [torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64, device="cuda") for ts in (staging, flags)]
+    epochs = [torch.zeros(programs, dtype=torch.int64, device="cuda") for _ in range(world)]
+    streams = [torch.cuda.Stream() for _ in range(world)]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    # sizes of one Triton specialization (> 1, not multiples of 16): one kernel per rank to load
+    sizes = [[5000, 12345, 300, 4097, 7][call % 5] for call in range(200)]
+    xs = [[torch.randn(n, dtype=torch.bfloat16, device="cuda", generator=gen) for n in sizes] for _ in range(world)]
+    outs = [[torch.empty_like(x) for x in rank_xs] for rank_xs in xs]
+
+    def launch(rank: int, x: torch.Tensor, out: torch.Tensor) -> None:
+        _one_shot_all_reduce_kernel[(programs,)](x, out, *pointers, epochs[rank], x.numel(), half_bytes // 2,
+                                                 RANK=rank, WORLD=world, PROGRAMS=programs, BLOCK=block, num_warps=4)
+
+    # Each rank's kernel runs once alone first, its peer's signal faked: loading a kernel waits for
+    # the device to be idle, which it is not while the other rank's kernel spins, and here one host
+    # thread launches both ranks (in a real group every rank has a GPU and a process of its own).
+    for rank in range(world):
+        flags[rank].fill_(1)
+        launch(rank, xs[rank][0], outs[rank][0])
+    torch.cuda.synchronize()
+    for t in (*flags, *epochs):
+        t.zero_()
+    torch.cuda.synchronize()
+    for rank in range(world):  # each rank's calls queued back to back: a rank runs ahead until a flag stops it
+        with torch.cuda.stream(streams[rank]):
+            for x, out in zip(xs[rank], outs[rank]):
+                launch(rank, x, out)
+    torch.cuda.synchronize()
+    for call in range(len(sizes)):
+        want = (xs[0][call].float() + xs[1][call].float()).to(torch.bfloat16)
+        for rank in range(world):
+            torch.testing.assert_close(outs[rank][call], want, rtol=0, atol=0)
+    assert all(e.tolist() == [len(sizes)] * programs for e in epochs)
+
+
 def _check_rank(rank: int, port: int) -> None:
     tp = init_tensor_parallel(rank, 2, f"tcp://127.0.0.1:{port}", "cuda")
     try:
