@@ -40,21 +40,17 @@ BLOCK = 8192
 
 
 @triton.jit
-def _one_shot_all_reduce_kernel(x_ptr, out_ptr, buffers_ptr, flags_ptr, epochs_ptr, n, half_elems,
-                                RANK: tl.constexpr, WORLD: tl.constexpr, PROGRAMS: tl.constexpr,
-                                BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    step: tl.constexpr = PROGRAMS * BLOCK
-    offsets = tl.arange(0, BLOCK)
-    dtype = x_ptr.dtype.element_ty
+def _next_epoch(epochs_ptr, pid, half_elems):
+    """This program's epoch for the call (one more than its last), and the staging half it selects."""
     epoch = tl.load(epochs_ptr + pid) + 1
     tl.store(epochs_ptr + pid, epoch)
-    half = (epoch % 2) * half_elems
+    return epoch, (epoch % 2) * half_elems
 
-    mine = tl.load(buffers_ptr + RANK).to(tl.pointer_type(dtype)) + half
-    for start in range(pid * BLOCK, n, step):
-        idx = start + offsets
-        tl.store(mine + idx, tl.load(x_ptr + idx, mask=idx < n), mask=idx < n)
+
+@triton.jit
+def _exchange(flags_ptr, pid, epoch, RANK: tl.constexpr, WORLD: tl.constexpr):
+    """Tell program `pid` of every other rank that this program's share is staged, then wait until
+    each has said the same."""
     tl.debug_barrier()  # the whole program's share is written before the signal is released
     for r in tl.static_range(WORLD):
         if r != RANK:
@@ -70,13 +66,68 @@ def _one_shot_all_reduce_kernel(x_ptr, out_ptr, buffers_ptr, flags_ptr, epochs_p
                 seen = tl.atomic_cas(my_flags + pid * WORLD + r, never, never, sem="acquire", scope="sys")
     tl.debug_barrier()
 
+
+@triton.jit
+def _sum_ranks(buffers_ptr, half, offsets, mask, dtype, WORLD: tl.constexpr):
+    """Every rank's staged values at `offsets`, summed in rank order in float32."""
+    acc = tl.zeros(offsets.shape, dtype=tl.float32)
+    for r in tl.static_range(WORLD):
+        buffer = tl.load(buffers_ptr + r).to(tl.pointer_type(dtype)) + half
+        acc += tl.load(buffer + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _one_shot_all_reduce_kernel(x_ptr, out_ptr, buffers_ptr, flags_ptr, epochs_ptr, n, half_elems,
+                                RANK: tl.constexpr, WORLD: tl.constexpr, PROGRAMS: tl.constexpr,
+                                BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    step: tl.constexpr = PROGRAMS * BLOCK
+    offsets = tl.arange(0, BLOCK)
+    dtype = x_ptr.dtype.element_ty
+    epoch, half = _next_epoch(epochs_ptr, pid, half_elems)
+    mine = tl.load(buffers_ptr + RANK).to(tl.pointer_type(dtype)) + half
     for start in range(pid * BLOCK, n, step):
         idx = start + offsets
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for r in tl.static_range(WORLD):
-            buffer = tl.load(buffers_ptr + r).to(tl.pointer_type(dtype)) + half
-            acc += tl.load(buffer + idx, mask=idx < n, other=0.0, cache_modifier=".cg").to(tl.float32)
-        tl.store(out_ptr + idx, acc.to(dtype), mask=idx < n)
+        tl.store(mine + idx, tl.load(x_ptr + idx, mask=idx < n), mask=idx < n)
+    _exchange(flags_ptr, pid, epoch, RANK, WORLD)
+    for start in range(pid * BLOCK, n, step):
+        idx = start + offsets
+        tl.store(out_ptr + idx, _sum_ranks(buffers_ptr, half, idx, idx < n, dtype, WORLD).to(dtype), mask=idx < n)
+
+
+@triton.jit
+def _one_shot_add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, buffers_ptr, flags_ptr, epochs_ptr,
+                                  num_rows, half_elems, eps, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                                  ROWS: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
+                                  PROGRAMS: tl.constexpr):
+    """The all-reduce of x [rows, D] by whole rows, then `layernorm.add_rms_norm` of the sum and the
+    residual, with its roundings (the sum rounded to the model dtype, the add in the model dtype)."""
+    pid = tl.program_id(0)
+    step: tl.constexpr = PROGRAMS * ROWS
+    dtype = x_ptr.dtype.element_ty
+    cols = tl.arange(0, BLOCK_D)
+    epoch, half = _next_epoch(epochs_ptr, pid, half_elems)
+    mine = tl.load(buffers_ptr + RANK).to(tl.pointer_type(dtype)) + half
+    for first in range(pid * ROWS, num_rows, step):
+        rows = first + tl.arange(0, ROWS)
+        mask = (rows < num_rows)[:, None] & (cols < D)[None, :]
+        offsets = rows[:, None] * D + cols[None, :]
+        tl.store(mine + offsets, tl.load(x_ptr + offsets, mask=mask), mask=mask)
+    _exchange(flags_ptr, pid, epoch, RANK, WORLD)
+    w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+    for first in range(pid * ROWS, num_rows, step):
+        rows = first + tl.arange(0, ROWS)
+        mask = (rows < num_rows)[:, None] & (cols < D)[None, :]
+        offsets = rows[:, None] * D + cols[None, :]
+        total = _sum_ranks(buffers_ptr, half, offsets, mask, dtype, WORLD).to(dtype)
+        residual = tl.load(res_ptr + offsets, mask=mask, other=0.0)
+        x = (total.to(tl.float32) + residual.to(tl.float32)).to(dtype)
+        tl.store(res_out_ptr + offsets, x, mask=mask)
+        xf = x.to(tl.float32)
+        inv_rms = tl.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)
+        normed = (xf * inv_rms[:, None]).to(dtype).to(tl.float32)
+        tl.store(out_ptr + offsets, (w[None, :] * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 class OneShotAllReduce:
@@ -120,6 +171,20 @@ class OneShotAllReduce:
             x, out, self.buffer_ptrs, self.flag_ptrs, self.epochs, x.numel(), self.max_bytes // x.element_size(),
             RANK=self.rank, WORLD=self.world, PROGRAMS=self.programs, BLOCK=self.block, num_warps=8)
         return out
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """`layernorm.add_rms_norm(sum of every rank's x, residual, weight, eps)` in the same kernel as
+        the all-reduce, for x and residual [tokens, D], contiguous (x must `fit`)."""
+        assert x.dim() == 2 and x.is_contiguous() and residual.is_contiguous() and residual.shape == x.shape
+        out, new_residual = torch.empty_like(x), torch.empty_like(x)
+        d = x.shape[1]
+        block_d = triton.next_power_of_2(d)
+        _one_shot_add_rms_norm_kernel[(self.programs,)](
+            x, residual, weight, out, new_residual, self.buffer_ptrs, self.flag_ptrs, self.epochs, x.shape[0],
+            self.max_bytes // x.element_size(), eps, D=d, BLOCK_D=block_d, ROWS=max(1, self.block // block_d),
+            RANK=self.rank, WORLD=self.world, PROGRAMS=self.programs, num_warps=8)
+        return out, new_residual
 
 
 def _peer_pointers(handle: object, device: torch.device) -> torch.Tensor:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nanovllm.distributed.parallel_state import SINGLE, TensorParallel
 from nanovllm.layers import fused_kernels
 from nanovllm.utils.fusion import on_cuda_use
 
@@ -26,9 +27,17 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+    """RMSNorm, with the residual add before it when given a residual.
+
+    With `tp` the x that comes with a residual is a row-parallel layer's un-reduced output (this
+    rank's partial sum): it is all-reduced here, in the same kernel as the add and the norm where
+    the one-shot all-reduce takes the message (a decode step on CUDA), else before them.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, tp: TensorParallel = SINGLE):
         super().__init__()
         self.eps = eps
+        self.tp = tp
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(
@@ -36,4 +45,9 @@ class RMSNorm(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
+        if self.tp.size > 1:
+            one_shot = self.tp.one_shot
+            if one_shot is not None and one_shot.fits(x) and x.dim() == 2 and residual.is_contiguous():
+                return one_shot.add_rms_norm(x, residual, self.weight, self.eps)
+            x = self.tp.all_reduce(x)
         return add_rms_norm(x, residual, self.weight, self.eps)

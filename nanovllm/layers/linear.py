@@ -96,17 +96,21 @@ def local_kv_heads(num_kv_heads: int, tp: TensorParallel) -> int:
 class RowParallelLinear(nn.Module):
     """y = x W^T + b with W's input columns split across ranks and the partial products all-reduced.
 
-    The bias is added once, on rank 0, before the sum.
+    The bias is added once, on rank 0, before the sum. Without `reduce_results` (vLLM's name) the
+    layer returns this rank's partial sum, for a layer after it to reduce (`RMSNorm` with `tp`).
     """
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False, tp: TensorParallel = SINGLE):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, tp: TensorParallel = SINGLE,
+                 reduce_results: bool = True):
         super().__init__()
         self.tp = tp
         self.input_size = input_size
+        self.reduce_results = reduce_results
         _parameters(self, tp.split(input_size), output_size, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(linear(x, self.weight, self.bias if self.tp.rank == 0 else None))
+        out = linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
+        return self.tp.all_reduce(out) if self.reduce_results else out
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: object = None) -> None:
         if param is self.bias:

@@ -36,7 +36,7 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
-                                        getattr(config, "attention_bias", False), tp)
+                                        getattr(config, "attention_bias", False), tp, reduce_results=False)
         self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, rope_parameters(config))
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads)
         if qk_norm:
@@ -62,7 +62,8 @@ class LlamaMLP(nn.Module):
         bias = getattr(config, "mlp_bias", False)
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias,
                                                        tp=tp)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias, tp)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias, tp,
+                                           reduce_results=False)
         if config.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; supported: silu")
         self.act_fn = SiluAndMul()
@@ -76,8 +77,10 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(config, qkv_bias, qk_norm, tp)
         self.mlp = LlamaMLP(config, tp)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # o_proj's and down_proj's outputs reach the norms after them un-reduced: each norm all-reduces
+        # its x (fused with the add and the norm where it can), the layer's two all-reduces
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, tp)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, tp)
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
@@ -98,7 +101,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, qkv_bias, qk_norm, tp) for _ in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, tp)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None

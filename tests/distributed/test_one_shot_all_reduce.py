@@ -15,8 +15,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import triton_cpu  # noqa: F401  (before the kernels: interpreter on CPU)
 
-from nanovllm.distributed.one_shot_all_reduce import _one_shot_all_reduce_kernel
+from nanovllm.distributed.one_shot_all_reduce import _one_shot_add_rms_norm_kernel, _one_shot_all_reduce_kernel
 from nanovllm.distributed.parallel_state import init_tensor_parallel, leave_tensor_parallel
+from nanovllm.layers.layernorm import add_rms_norm
 
 PROGRAMS, BLOCK = 4, 64
 
@@ -45,47 +46,98 @@ def test_kernel_stages_signals_and_sums_in_alternating_halves(dtype):
         torch.testing.assert_close(out, (x.float() + peer.float()).to(dtype), rtol=0, atol=0)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs on CPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_kernel_sums_adds_and_normalises_whole_rows(dtype):
+    world, half_bytes, d, eps = 2, 8192, 48, 1e-6
+    half = half_bytes // dtype.itemsize
+    staging = [torch.zeros(2 * half_bytes, dtype=torch.uint8) for _ in range(world)]
+    flags = [torch.zeros(PROGRAMS * world, dtype=torch.int64) for _ in range(world)]
+    pointers = [torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64) for ts in (staging, flags)]
+    epochs = torch.zeros(PROGRAMS, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(1)
+    weight = (1 + torch.randn(d, generator=gen) / 4).to(dtype)
+    for call, rows in enumerate([13, 1, 9], start=1):
+        x, peer, residual = (torch.randn(rows, d, generator=gen).to(dtype) for _ in range(3))
+        used = slice((call % 2) * half, (call % 2) * half + rows * d)
+        staging[1].view(dtype)[used] = peer.flatten()
+        flags[0].view(PROGRAMS, world)[:, 1] = call
+        out, new_residual = torch.empty_like(x), torch.empty_like(x)
+        _one_shot_add_rms_norm_kernel[(PROGRAMS,)](x, residual, weight, out, new_residual, *pointers, epochs, rows,
+                                                   half, eps, D=d, BLOCK_D=64, ROWS=2, RANK=0, WORLD=world,
+                                                   PROGRAMS=PROGRAMS)
+        assert torch.equal(staging[0].view(dtype)[used], x.flatten())
+        assert flags[1].view(PROGRAMS, world)[:, 0].tolist() == [call] * PROGRAMS
+        total = (x.float() + peer.float()).to(dtype)  # the all-reduce's output, in the model dtype
+        want, want_residual = add_rms_norm.__wrapped__(total, residual, weight, eps)
+        torch.testing.assert_close(new_residual, want_residual, rtol=0, atol=0)
+        torch.testing.assert_close(out, want)  # (the mean of squares summed in another order)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_two_ranks_on_one_gpu_over_many_calls():
     """Both ranks' kernels on one GPU, on two streams at once: the flags, the epochs and the
-    alternating halves on real hardware, call after call, with sizes that change between calls."""
-    world, programs, block, half_bytes = 2, 8, 256, 1 << 16
+    alternating halves on real hardware, call after call, the two kernels interleaved (they share
+    the epochs), with sizes that change between calls."""
+    world, programs, half_bytes, d, eps = 2, 8, 1 << 17, 1024, 1e-6
     staging = [torch.zeros(2 * half_bytes, dtype=torch.uint8, device="cuda") for _ in range(world)]
     flags = [torch.zeros(programs * world, dtype=torch.int64, device="cuda") for _ in range(world)]
     pointers = [torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64, device="cuda") for ts in (staging, flags)]
     epochs = [torch.zeros(programs, dtype=torch.int64, device="cuda") for _ in range(world)]
     streams = [torch.cuda.Stream() for _ in range(world)]
     gen = torch.Generator(device="cuda").manual_seed(0)
-    # sizes of one Triton specialization (> 1, not multiples of 16): one kernel per rank to load
-    sizes = [[5000, 12345, 300, 4097, 7][call % 5] for call in range(200)]
-    xs = [[torch.randn(n, dtype=torch.bfloat16, device="cuda", generator=gen) for n in sizes] for _ in range(world)]
-    outs = [[torch.empty_like(x) for x in rank_xs] for rank_xs in xs]
+    weight = 1 + torch.randn(d, device="cuda", generator=gen).to(torch.bfloat16) / 4
+    # rows of one Triton specialization (> 1, not multiples of 16): one kernel each per rank to load
+    rows = [[5, 3, 7, 13, 9][call % 5] for call in range(200)]
+    xs = [[torch.randn(r, d, dtype=torch.bfloat16, device="cuda", generator=gen) for r in rows] for _ in range(world)]
+    residuals = [torch.randn(r, d, dtype=torch.bfloat16, device="cuda", generator=gen) for r in rows]
+    outs = [[None] * len(rows) for _ in range(world)]
 
-    def launch(rank: int, x: torch.Tensor, out: torch.Tensor) -> None:
-        _one_shot_all_reduce_kernel[(programs,)](x, out, *pointers, epochs[rank], x.numel(), half_bytes // 2,
-                                                 RANK=rank, WORLD=world, PROGRAMS=programs, BLOCK=block, num_warps=4)
+    def launch(rank: int, call: int) -> None:
+        x = xs[rank][call]
+        if call % 2:
+            out, new_residual = torch.empty_like(x), torch.empty_like(x)
+            _one_shot_add_rms_norm_kernel[(programs,)](x, residuals[call], weight, out, new_residual, *pointers,
+                                                       epochs[rank], x.shape[0], half_bytes // 2, eps, D=d,
+                                                       BLOCK_D=d, ROWS=2, RANK=rank, WORLD=world, PROGRAMS=programs,
+                                                       num_warps=8)
+            outs[rank][call] = (out, new_residual)
+        else:
+            out = torch.empty_like(x)
+            _one_shot_all_reduce_kernel[(programs,)](x, out, *pointers, epochs[rank], x.numel(), half_bytes // 2,
+                                                     RANK=rank, WORLD=world, PROGRAMS=programs, BLOCK=2048,
+                                                     num_warps=8)
+            outs[rank][call] = out
 
-    # Each rank's kernel runs once alone first, its peer's signal faked: loading a kernel waits for
+    # Each rank's kernels run once alone first, the peer's signal faked: loading a kernel waits for
     # the device to be idle, which it is not while the other rank's kernel spins, and here one host
     # thread launches both ranks (in a real group every rank has a GPU and a process of its own).
     for rank in range(world):
-        flags[rank].fill_(1)
-        launch(rank, xs[rank][0], outs[rank][0])
+        for call in (0, 1):
+            flags[rank].fill_(call + 1)
+            launch(rank, call)
     torch.cuda.synchronize()
     for t in (*flags, *epochs):
         t.zero_()
     torch.cuda.synchronize()
     for rank in range(world):  # each rank's calls queued back to back: a rank runs ahead until a flag stops it
         with torch.cuda.stream(streams[rank]):
-            for x, out in zip(xs[rank], outs[rank]):
-                launch(rank, x, out)
+            for call in range(len(rows)):
+                launch(rank, call)
     torch.cuda.synchronize()
-    for call in range(len(sizes)):
-        want = (xs[0][call].float() + xs[1][call].float()).to(torch.bfloat16)
-        for rank in range(world):
-            torch.testing.assert_close(outs[rank][call], want, rtol=0, atol=0)
-    assert all(e.tolist() == [len(sizes)] * programs for e in epochs)
+    for call in range(len(rows)):
+        total = (xs[0][call].float() + xs[1][call].float()).to(torch.bfloat16)
+        if call % 2:
+            want, want_residual = add_rms_norm.__wrapped__(total, residuals[call], weight, eps)
+            for out, new_residual in (outs[0][call], outs[1][call]):
+                torch.testing.assert_close(new_residual, want_residual, rtol=0, atol=0)
+                torch.testing.assert_close(out, want)
+            assert torch.equal(outs[0][call][0], outs[1][call][0])  # every rank gets the same bits
+        else:
+            for rank in range(world):
+                torch.testing.assert_close(outs[rank][call], total, rtol=0, atol=0)
+    assert all(e.tolist() == [len(rows)] * programs for e in epochs)
 
 
 def _check_rank(rank: int, port: int) -> None:
@@ -103,6 +155,16 @@ def _check_rank(rank: int, port: int) -> None:
                 want = x.clone()
                 dist.all_reduce(want)
                 torch.testing.assert_close(got, want, rtol=0, atol=0)  # two addends: one rounding
+        weight = torch.randn(4096, dtype=torch.bfloat16, device="cuda", generator=gen)
+        for tokens in (1, 7, 256):
+            x, residual = (torch.randn(tokens, 4096, dtype=torch.bfloat16, device="cuda", generator=gen)
+                           for _ in range(2))
+            got, got_residual = one_shot.add_rms_norm(x, residual, weight, 1e-6)
+            total = x.clone()
+            dist.all_reduce(total)
+            want, want_residual = add_rms_norm.__wrapped__(total, residual, weight, 1e-6)
+            torch.testing.assert_close(got_residual, want_residual, rtol=0, atol=0)
+            torch.testing.assert_close(got, want)
         too_big = torch.empty(one_shot.max_bytes // 2 + 1, dtype=torch.bfloat16, device="cuda")
         assert not one_shot.fits(too_big) and one_shot.fits(too_big[:-1])
 
