@@ -16,7 +16,9 @@ to the peer's flag for (p, this rank). The grid is fixed, so every program of a 
 epoch. The staging buffer has two halves, used alternately by epoch: when a program writes a
 half in call k, its peer program finished reading that half in call k - 2, since it signalled
 this rank in call k - 1 only after its call k - 2 had finished (kernels on a stream run in order).
-Every rank sums the ranks in the same order, so every rank gets the same bits.
+Every rank sums the ranks in the same order, so every rank gets the same bits. The two kernels
+(the plain sum, and the sum fused with the residual add and RMSNorm that follow o_proj and
+down_proj) share the epochs and flags: any sequence of calls of either keeps them in step.
 
 Larger messages (prefill) still go through NCCL, whose ring moves fewer bytes per rank.
 """
