@@ -339,8 +339,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def follow(self, step: StepInputs) -> None:
-        """A worker rank's part of a step: the forward, then the tokens rank 0 sampled (the next
-        decode may read them on the device)."""
+        """A worker rank's part of a step: the forward, then the tokens rank 0 sampled, or in a plain
+        decode step this rank's share of the draw (the next decode may read them on the device)."""
         logits = self.execute(step, self.upload(step.device_arrays()))
         if step.vocab_parallel:
             params = torch.empty(len(step.logit_rows), 4, dtype=torch.int64, device=self.device)
