@@ -48,15 +48,25 @@ class BlockManager:
     Blocks are shared after a prefix hit or `fork`. A sequence never writes into
     a shared block: `append_slots` first gives it a private copy and records the
     (src, dst) pair, which the model runner copies before its next forward.
+
+    With `num_sink_blocks` S > 0, blocks 0..S-1 hold sequences' first blocks and only those (an
+    FP8 cache keeps their K/V, the attention sinks, in float16 beside it: `KVCache`); every other
+    block comes from S..N-1. Each range has its own free list.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_sink_blocks: int = 0):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks} and {block_size}")
+        if not 0 <= num_sink_blocks < num_blocks:
+            raise ValueError(f"num_sink_blocks must be in [0, {num_blocks}), got {num_sink_blocks}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.num_sink_blocks = num_sink_blocks
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        # [first blocks, the rest]; without sink blocks the first list stays empty
+        self.free_lists: list[OrderedDict[int, None]] = [OrderedDict.fromkeys(range(num_sink_blocks)),
+                                                         OrderedDict.fromkeys(range(num_sink_blocks, num_blocks))]
         self.hash_to_block_id: dict[int, int] = {}
         self.pending_copies: list[tuple[int, int]] = []
         self.stats = CacheStats()
@@ -66,32 +76,57 @@ class BlockManager:
         return len(self.blocks)
 
     @property
+    def free_block_ids(self) -> list[int]:
+        """The free blocks, sink blocks first, each range oldest-freed first."""
+        return [*self.free_lists[0], *self.free_lists[1]]
+
+    @property
     def num_free_blocks(self) -> int:
-        return len(self.free_block_ids)
+        return sum(map(len, self.free_lists))
 
     @property
     def num_used_blocks(self) -> int:
-        return len(self.blocks) - len(self.free_block_ids)
+        return len(self.blocks) - self.num_free_blocks
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        """The most blocks one sequence can hold: one sink block and all the others."""
+        return len(self.blocks) - self.num_sink_blocks + (self.num_sink_blocks > 0)
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return (num_tokens + self.block_size - 1) // self.block_size
 
     # -- allocation -----------------------------------------------------------
 
-    def _take_free_block(self) -> int:
-        assert self.free_block_ids, "callers check the free count first"
-        block_id, _ = self.free_block_ids.popitem(last=False)
+    def _free_list(self, index: int) -> OrderedDict[int, None]:
+        """The free list that a sequence's block at table index `index` comes from."""
+        return self.free_lists[0] if index == 0 and self.num_sink_blocks else self.free_lists[1]
+
+    def _home(self, block_id: int) -> OrderedDict[int, None]:
+        """The free list block `block_id` goes back to."""
+        return self.free_lists[0] if block_id < self.num_sink_blocks else self.free_lists[1]
+
+    def _enough_free(self, indices: list[int]) -> bool:
+        """Whether a free block is there for each of these table indices, each from its own range."""
+        firsts = sum(i == 0 for i in indices) if self.num_sink_blocks else 0
+        return firsts <= len(self.free_lists[0]) and len(indices) - firsts <= len(self.free_lists[1])
+
+    def _take_free_block(self, index: int) -> int:
+        """A free block for table index `index`, out of its free list (oldest-freed first)."""
+        free = self._free_list(index)
+        assert free, "callers check the free count first"
+        block_id, _ = free.popitem(last=False)
         block = self.blocks[block_id]
         if block.hash != -1 and self.hash_to_block_id.get(block.hash) == block_id:
             del self.hash_to_block_id[block.hash]
         block.hash, block.token_ids, block.ref_count = -1, [], 1
-        self.stats.peak_used_blocks = max(self.stats.peak_used_blocks, self.num_blocks - self.num_free_blocks)
+        self.stats.peak_used_blocks = max(self.stats.peak_used_blocks, self.num_used_blocks)
         return block_id
 
     def _acquire(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:
-            del self.free_block_ids[block_id]
+            del self._home(block_id)[block_id]
         block.ref_count += 1
 
     def _release(self, block_id: int) -> None:
@@ -99,7 +134,7 @@ class BlockManager:
         assert block.ref_count > 0, f"block {block_id} released twice"
         block.ref_count -= 1
         if block.ref_count == 0:
-            self.free_block_ids[block_id] = None
+            self._home(block_id)[block_id] = None
 
     def _prefix_hits(self, seq: Sequence) -> list[int]:
         """Cached blocks matching seq's leading full blocks.
@@ -126,13 +161,13 @@ class BlockManager:
         """
         assert not seq.block_table, f"sequence {seq.seq_id} already has blocks"
         hits = self._prefix_hits(seq)
-        revived = sum(self.blocks[b].ref_count == 0 for b in hits)
-        fresh = self.num_blocks_for(seq.num_tokens) - len(hits)
-        if fresh + revived > self.num_free_blocks:
+        revived = [i for i, b in enumerate(hits) if self.blocks[b].ref_count == 0]  # they leave a free list
+        fresh = list(range(len(hits), self.num_blocks_for(seq.num_tokens)))
+        if not self._enough_free(revived + fresh):
             return False
         for block_id in hits:
             self._acquire(block_id)
-        seq.block_table = hits + [self._take_free_block() for _ in range(fresh)]
+        seq.block_table = hits + [self._take_free_block(i) for i in fresh]
         seq.num_computed_tokens = seq.num_committed_tokens = len(hits) * self.block_size
         self.stats.prefix_query_tokens += seq.num_tokens
         self.stats.prefix_hit_tokens += seq.num_computed_tokens
@@ -167,20 +202,19 @@ class BlockManager:
         first = seq.num_computed_tokens // bs
         if needed == first + 1 <= len(table) and self.blocks[table[first]].ref_count == 1:
             return True  # a decode step's usual case: it writes into its own last block
-        new = max(needed - len(table), 0)
+        new = list(range(len(table), needed))
         # the blocks it writes into that others share: copied on write
         shared = [i for i in range(first, min(len(table), needed)) if self.blocks[table[i]].ref_count > 1]
-        if new + len(shared) > self.num_free_blocks:
+        if not self._enough_free(shared + new):
             return False
         for i in shared:
             src = seq.block_table[i]
-            dst = self._take_free_block()
+            dst = self._take_free_block(i)
             self._release(src)
             seq.block_table[i] = dst
             self.pending_copies.append((src, dst))
             self.stats.block_copies += 1
-        if new:
-            seq.block_table.extend(self._take_free_block() for _ in range(new))
+        seq.block_table.extend(self._take_free_block(i) for i in new)
         return True
 
     def free_tail(self, seq: Sequence) -> None:

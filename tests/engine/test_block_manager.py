@@ -127,6 +127,9 @@ def check_accounting(bm: BlockManager, live: list[Sequence]) -> None:
     assert [b.ref_count for b in bm.blocks] == refs
     assert set(bm.free_block_ids) == {i for i, r in enumerate(refs) if r == 0}
     assert bm.num_used_blocks + bm.num_free_blocks == bm.num_blocks
+    if bm.num_sink_blocks:  # first blocks are sink blocks, and only first blocks are
+        for seq in live:
+            assert [b < bm.num_sink_blocks for b in seq.block_table] == [i == 0 for i in range(len(seq.block_table))]
     assert bm.num_used_blocks == sum(r > 0 for r in refs)
 
 
@@ -148,10 +151,11 @@ class BlockManagerMachine(RuleBasedStateMachine):
         base=st.lists(st.integers(0, VOCAB - 1), min_size=4, max_size=14),
         first=st.lists(st.integers(0, VOCAB - 1), max_size=3),
         prefix_caching=st.sampled_from([True, True, True, False]),
+        sinks=st.sampled_from([0, 0, 1, 3]),
     )
-    def setup(self, num_blocks, block_size, base, first, prefix_caching):
-        self.bm = BlockManager(num_blocks, block_size, prefix_caching)
-        self.max_len = num_blocks * block_size
+    def setup(self, num_blocks, block_size, base, first, prefix_caching, sinks):
+        self.bm = BlockManager(num_blocks, block_size, prefix_caching, num_sink_blocks=sinks)
+        self.max_len = self.bm.max_blocks_per_seq * block_size
         self.sched = make_scheduler(self.bm, self.max_len)
         self.kv = KVModel(self.bm)
         self.base = base  # a shared prompt prefix
@@ -547,3 +551,35 @@ def test_no_prefix_caching():
     b = admit(sched, waiting(sched, [1, 2, 3, 4, 5]))
     assert b.num_computed_tokens == 0 and bm.stats.prefix_hit_tokens == 0
     assert set(a.block_table).isdisjoint(b.block_table)
+
+
+# -- sink blocks (an FP8 cache's first blocks) -----------------------------------
+
+
+def test_sink_blocks_hold_first_blocks_only():
+    bm, sched, kv = setup(10, 4, num_sink_blocks=2)
+    a = prefill(sched, kv, list(range(9)))  # 3 blocks
+    assert a.block_table[0] < 2 and min(a.block_table[1:]) >= 2
+    b = admit(sched, waiting(sched, list(range(100, 105))))
+    assert b.block_table[0] < 2 and b.block_table[1] >= 2
+    c = waiting(sched, [7, 8])  # both sink blocks are taken, plenty of others are free
+    assert bm.num_free_blocks >= 3 and not bm.allocate(c) and c.block_table == []
+    assert bm.max_blocks_per_seq == 9
+    check_accounting(bm, [a, b])
+
+
+def test_sink_block_hit_revived_and_copied_on_write_into_a_sink_block():
+    bm, sched, kv = setup(10, 4, num_sink_blocks=3)
+    a = prefill(sched, kv, list(range(6)))  # a full first block, committed and hashed
+    first = a.block_table[0]
+    sched.finish(a, "stop")
+    b = admit(sched, waiting(sched, list(range(4)) + [50, 51]))  # its first block: a hit on the freed one
+    assert b.block_table[0] == first and b.num_computed_tokens == 4
+    parent = prefill(sched, kv, [9, 9], token=1)  # a partial first block
+    [child] = sched.fork(parent, 1, last_tokens=[2])
+    assert bm.append_slots(child)
+    [(src, dst)] = bm.take_copies()
+    assert src == parent.block_table[0] and dst == child.block_table[0] and dst < 3 and src < 3
+    check_accounting(bm, [b, parent, child])
+    other = waiting(sched, [5])  # the three sink blocks are taken: a copy-on-write needs a fourth
+    assert not bm.allocate(other)
