@@ -132,11 +132,13 @@ def teacher_forced_logprobs(llm: LLM, token_ids: list[int]) -> torch.Tensor:
     """log_softmax of the engine's logits at every position of one prefill over token_ids.
 
     The prefill writes the K/V into the engine's cache (quantized when it is FP8) and reads them
-    back from there, as every later step would. It borrows the first blocks of an idle engine.
+    back from there, as every later step would. It borrows blocks of an idle engine: a sink block
+    first, then blocks past the sink blocks (`BlockManager`).
     """
     runner = llm.model_runner
-    bs = runner.block_size
-    layout = build_layout([len(token_ids)], [len(token_ids)], [list(range(-(-len(token_ids) // bs)))], bs)
+    bs, sinks = runner.block_size, runner.num_sink_blocks
+    table = [0, *range(max(sinks, 1), max(sinks, 1) + -(-len(token_ids) // bs) - 1)]
+    layout = build_layout([len(token_ids)], [len(token_ids)], [table], bs)
     ids, *tensors = runner.upload([np.asarray(token_ids, dtype=np.int64), *layout.arrays()])
     with torch.inference_mode():
         hidden = runner.model(ids, *layout.metadata(tensors))

@@ -22,6 +22,13 @@ class LayerKVCache:
     `k_offset` ([num_kv_heads, head_dim] float32) is subtracted from keys before they are
     quantized: every score of a query moves by the same amount, which softmax ignores, so
     readers need not add it back.
+
+    `k_sink`/`v_sink` ([num_sink_blocks, block_size, num_kv_heads, head_dim] float16, FP8 only):
+    blocks 0..S-1 of the cache, which hold sequences' first tokens (`BlockManager`), kept in
+    float16 in the same units as the FP8 entries (scaled, keys less their offset). The first tokens
+    are the attention sinks: most of the attention mass and large keys, where e4m3's 3-bit
+    mantissa costs the most. Writers store these blocks' entries here as well; readers take them
+    from here.
     """
 
     key: torch.Tensor
@@ -29,18 +36,30 @@ class LayerKVCache:
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
     k_offset: torch.Tensor | None = None
+    k_sink: torch.Tensor | None = None
+    v_sink: torch.Tensor | None = None
 
 
 class KVCache:
-    """All layers' caches in one allocation `[num_layers, 2, *layer_shape]`, blocks first in each."""
+    """All layers' caches in one allocation `[num_layers, 2, *layer_shape]`, blocks first in each;
+    with `num_sink_blocks` S, float16 copies of blocks 0..S-1 beside it (see `LayerKVCache`)."""
 
-    def __init__(self, num_layers: int, layer_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+    def __init__(self, num_layers: int, layer_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                 num_sink_blocks: int = 0):
         self.data = torch.zeros((num_layers, 2, *layer_shape), dtype=dtype, device=device)
+        self.num_sink_blocks = num_sink_blocks
+        # one more block: where copy_blocks sends the pairs that are not sink blocks
+        self.sinks = torch.zeros((num_layers, 2, num_sink_blocks + 1, *layer_shape[1:]), dtype=torch.float16,
+                                 device=device) if num_sink_blocks else None
         self.layers = [LayerKVCache(self.data[i, 0], self.data[i, 1]) for i in range(num_layers)]
+        if self.sinks is not None:
+            for layer, sink in zip(self.layers, self.sinks[:, :, :num_sink_blocks]):
+                layer.k_sink, layer.v_sink = sink[0], sink[1]
 
     @property
     def num_bytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+        sinks = self.sinks.numel() * self.sinks.element_size() if self.sinks is not None else 0
+        return self.data.numel() * self.data.element_size() + sinks
 
     def set_scales(self, k_scales: torch.Tensor, v_scales: torch.Tensor, k_offsets: torch.Tensor) -> None:
         """Per-layer, per-KV-head dequantization scales, [num_layers, num_kv_heads] float32, and
@@ -49,5 +68,9 @@ class KVCache:
             layer.k_scale, layer.v_scale, layer.k_offset = k.contiguous(), v.contiguous(), offset.contiguous()
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy-on-write: block src[i] -> dst[i] in every layer, keys and values."""
+        """Copy-on-write: block src[i] -> dst[i] in every layer, keys and values (a sink block's
+        copy is a sink block: `BlockManager`)."""
         self.data[:, :, dst] = self.data[:, :, src]
+        if self.sinks is not None:
+            spare = self.num_sink_blocks
+            self.sinks[:, :, torch.where(src < spare, dst, spare)] = self.sinks[:, :, src.clamp(max=spare)]

@@ -96,7 +96,8 @@ class LLMEngine:
             calibration = calibration_token_ids(self.tokenizer, self.config.hf_config.vocab_size, self.config.seed)
         self.model_runner = self._model_runner(calibration)
         self.block_manager = BlockManager(
-            self.model_runner.num_blocks, self.model_runner.block_size, self.config.enable_prefix_caching
+            self.model_runner.num_blocks, self.model_runner.block_size, self.config.enable_prefix_caching,
+            self.model_runner.num_sink_blocks,
         )
         self.scheduler = Scheduler(self.config, self.block_manager, proposer)
         self.requests: dict[str, Request] = {}
@@ -183,8 +184,9 @@ class LLMEngine:
         if bad:
             raise ValueError(f"token id {bad[0]} is out of range [0, {vocab})")
         needed = self.block_manager.num_blocks_for(len(token_ids) + params.max_tokens)
-        if needed > self.block_manager.num_blocks:
-            raise ValueError(f"the request needs {needed} KV blocks, the cache has {self.block_manager.num_blocks}")
+        if needed > self.block_manager.max_blocks_per_seq:
+            raise ValueError(f"the request needs {needed} KV blocks, a sequence can hold "
+                             f"{self.block_manager.max_blocks_per_seq}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine has none (skip_tokenizer_init=True): "
                              "use stop_token_ids")

@@ -103,6 +103,7 @@ class ModelRunner:
         self.prev_tokens = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.prev_rows: dict[int, int] = {}
         self.num_blocks = tp.min_int(config.num_kvcache_blocks or self._timed("warm-up", self._num_blocks_from_memory))
+        self.num_sink_blocks = self._sink_blocks(self.num_blocks)
         self.kv_cache = self._timed("KV cache", self._allocate_kv_cache)
         self.graphs = self._capture_graphs()
         logger.info("startup: %s", ", ".join(f"{name} {t:.1f} s" for name, t in self.startup_seconds.items()))
@@ -153,10 +154,19 @@ class ModelRunner:
             budget = self.config.kv_cache_memory_bytes
         blocks_per_seq = -(-self.config.max_model_len // self.block_size)
         num_blocks = min(budget // self._bytes_per_block(), self.config.max_num_seqs * blocks_per_seq)
+        num_blocks -= 2 * self._sink_blocks(num_blocks)  # a float16 sink block is two FP8 blocks' bytes
         if num_blocks < 1:
             raise ValueError(f"no memory left for a KV block of {self._bytes_per_block()} bytes "
                              f"(budget {budget} bytes); lower max_num_batched_tokens or raise the memory limit")
         return num_blocks
+
+    def _sink_blocks(self, num_blocks: int) -> int:
+        """FP8: how many of the cache's blocks are sink blocks, kept in float16 as well (`BlockManager`,
+        `LayerKVCache`): one for each of max_num_seqs running sequences and as many again for cached
+        prefixes, at most a quarter of the cache."""
+        if self.kv_dtype != torch.float8_e4m3fn:
+            return 0
+        return min(2 * self.config.max_num_seqs, num_blocks // 4)
 
     def _cuda_kv_budget(self) -> int:
         torch.cuda.empty_cache()
@@ -181,7 +191,7 @@ class ModelRunner:
         blocks = [-(-n // bs) for n in lens]
         first = np.cumsum([0] + blocks)
         tables = [list(range(first[i], first[i] + n)) for i, n in enumerate(blocks)]
-        scratch = self._new_kv_cache(sum(blocks))
+        scratch = self._new_kv_cache(sum(blocks), num_sink_blocks=1 if self.kv_dtype == torch.float8_e4m3fn else 0)
         for query_lens in (lens, [max(n - 1, 1) for n in lens]):
             layout = build_layout(query_lens, lens, tables, bs)
             ids, *meta_tensors = self.upload([np.random.randint(0, self.hf_config.vocab_size, sum(query_lens)),
@@ -195,10 +205,10 @@ class ModelRunner:
         del scratch
         torch.cuda.synchronize(self.device)
 
-    def _new_kv_cache(self, num_blocks: int, dtype: torch.dtype | None = None) -> KVCache:
-        """A cache of num_blocks bound to every attention layer (FP8 with its scales)."""
+    def _new_kv_cache(self, num_blocks: int, dtype: torch.dtype | None = None, num_sink_blocks: int = 0) -> KVCache:
+        """A cache of num_blocks bound to every attention layer (FP8 with its scales and sink blocks)."""
         kv_cache = KVCache(len(self.attention_layers), self._layer_shape(num_blocks), dtype or self.kv_dtype,
-                           self.device)
+                           self.device, num_sink_blocks)
         if kv_cache.data.dtype == torch.float8_e4m3fn:
             kv_cache.set_scales(self.fp8.k_scales, self.fp8.v_scales, self.fp8.k_offsets)
         for attn, layer_cache in zip(self.attention_layers, kv_cache.layers):
@@ -238,9 +248,10 @@ class ModelRunner:
         return fp8
 
     def _allocate_kv_cache(self) -> KVCache:
-        kv_cache = self._new_kv_cache(self.num_blocks)
-        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s)", self.num_blocks, self.block_size,
-                    self.num_blocks * self.block_size, kv_cache.num_bytes / 2**30, self.kv_dtype)
+        kv_cache = self._new_kv_cache(self.num_blocks, num_sink_blocks=self.num_sink_blocks)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s%s)", self.num_blocks, self.block_size,
+                    self.num_blocks * self.block_size, kv_cache.num_bytes / 2**30, self.kv_dtype,
+                    f"; {self.num_sink_blocks} first blocks also in float16" if self.num_sink_blocks else "")
         return kv_cache
 
     def _capture_graphs(self) -> DecodeGraphs | None:

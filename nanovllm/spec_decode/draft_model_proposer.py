@@ -75,7 +75,8 @@ class DraftModelProposer:
             self.runner = ModelRunner(self.config)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise ValueError(f"draft model {spec.model!r} cannot be loaded: {e}") from e
-        self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size, enable_prefix_caching=False)
+        self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size, enable_prefix_caching=False,
+                                          num_sink_blocks=self.runner.num_sink_blocks)
         self.shadows: dict[int, Shadow] = {}  # by the target's seq_id
         self._ids = itertools.count()
 

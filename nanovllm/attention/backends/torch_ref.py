@@ -36,19 +36,26 @@ class TorchRefBackend(AttentionBackend):
         if keep is not None:
             key, value = key[keep], value[keep]
         key = key.float() - cache.k_offset if cache.k_offset is not None else key
-        for x, target, scale in ((key, cache.key, cache.k_scale), (value, cache.value, cache.v_scale)):
+        in_sink = slots < cache.k_sink.shape[0] * cache.key.shape[1] if cache.k_sink is not None else None
+        for x, target, scale, sink in ((key, cache.key, cache.k_scale, cache.k_sink),
+                                       (value, cache.value, cache.v_scale, cache.v_sink)):
             new = quantize(x, target.dtype, scale)
             if scale is not None:  # torch has no index_copy for float8: copy the bytes
                 target, new = target.view(torch.uint8), new.view(torch.uint8)
             target.view(-1, *target.shape[2:]).index_copy_(0, slots, new)
+            if in_sink is not None:  # a sequence's first tokens: float16 as well, unsaturated
+                scaled = (x[in_sink].float() / scale[:, None]).half()
+                sink.view(-1, *sink.shape[2:]).index_copy_(0, slots[in_sink], scaled)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if meta.max_query_len == 1:
             return paged_attention_sdpa(query, cache.key, cache.value, self._decode_gather(meta, cache.key.shape[1]),
-                                        scale, k_scale=cache.k_scale, v_scale=cache.v_scale)
+                                        scale, k_scale=cache.k_scale, v_scale=cache.v_scale, k_sink=cache.k_sink,
+                                        v_sink=cache.v_sink)
         return paged_prefill_attention(query, cache.key, cache.value, meta.query_start_loc, meta.seq_start_loc,
-                                       meta.block_tables, scale=scale, k_scale=cache.k_scale, v_scale=cache.v_scale)
+                                       meta.block_tables, scale=scale, k_scale=cache.k_scale, v_scale=cache.v_scale,
+                                       k_sink=cache.k_sink, v_sink=cache.v_sink)
 
     def _written_slots(self, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The step's slots to write and, when some of its rows are padding (-1), the rows to keep."""

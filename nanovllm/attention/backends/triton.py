@@ -47,22 +47,25 @@ class TritonBackend(AttentionBackend):
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                  slot_mapping: torch.Tensor) -> None:
-        store_kv(key, value, cache.key, cache.value, slot_mapping, cache.k_scale, cache.v_scale, cache.k_offset)
+        store_kv(key, value, cache.key, cache.value, slot_mapping, cache.k_scale, cache.v_scale, cache.k_offset,
+                 cache.k_sink, cache.v_sink)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if meta.max_query_len == 1:
             return paged_attention(query, cache.key, cache.value, meta.block_tables, meta.seq_lens,
-                                   cache.key.shape[1], meta.max_seq_len, scale, cache.k_scale, cache.v_scale)
+                                   cache.key.shape[1], meta.max_seq_len, scale, cache.k_scale, cache.v_scale,
+                                   k_sink=cache.k_sink, v_sink=cache.v_sink)
         group = query.shape[1] // cache.key.shape[2]
         if meta.has_prefix and meta.max_query_len * group <= MAX_SPLIT_ROWS:
             return paged_attention(query, cache.key, cache.value, meta.block_tables, meta.seq_lens,
                                    cache.key.shape[1], meta.max_seq_len, scale, cache.k_scale, cache.v_scale,
-                                   query_start_loc=meta.query_start_loc, max_query_len=meta.max_query_len)
+                                   query_start_loc=meta.query_start_loc, max_query_len=meta.max_query_len,
+                                   k_sink=cache.k_sink, v_sink=cache.v_sink)
         if not meta.has_prefix and flash_attn_varlen_func is not None and cache.key.dtype == query.dtype \
                 and query.dtype != torch.float32 and query.shape[-1] in FLASH_HEAD_DIMS:
             return flash_attn_varlen_func(query, key, value, meta.query_start_loc, meta.seq_start_loc,
                                           meta.max_query_len, meta.max_seq_len, softmax_scale=scale, causal=True)
         return paged_prefill_attention(query, cache.key, cache.value, meta.block_tables, meta.query_start_loc,
                                        meta.seq_lens, meta.max_query_len, meta.max_seq_len, scale,
-                                       cache.k_scale, cache.v_scale)
+                                       cache.k_scale, cache.v_scale, cache.k_sink, cache.v_sink)

@@ -5,7 +5,8 @@ Cache layout: ``key_cache``/``value_cache`` are ``[num_blocks, block_size, num_k
 Entries past a sequence's last block, and cache slots past its length, are never read into a
 result (they may hold any value, NaN included). Softmax runs in float32; outputs keep the
 query's dtype. An FP8 cache is read as ``fp8.float() * scale`` with optional per-KV-head
-``k_scale``/``v_scale``. Query head ``h`` reads kv head ``h // (num_heads // num_kv_heads)``.
+``k_scale``/``v_scale``, its first ``k_sink.shape[0]`` blocks from the float16 ``k_sink``/``v_sink``
+when given (see ``LayerKVCache``). Query head ``h`` reads kv head ``h // (num_heads // num_kv_heads)``.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ def paged_attention_v1(
     scale: float | None = None,
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
+    k_sink: Tensor | None = None,
+    v_sink: Tensor | None = None,
 ) -> Tensor:
     """Decode attention that gathers each sequence's blocks into one padded, masked context.
 
@@ -36,8 +39,8 @@ def paged_attention_v1(
     )
     num_blocks = -(-max_context_len // block_size)
     blocks = block_tables[:, :num_blocks].long()
-    keys = dequantize(key_cache[blocks], k_scale).flatten(1, 2)[:, :max_context_len]
-    values = dequantize(value_cache[blocks], v_scale).flatten(1, 2)[:, :max_context_len]
+    keys = read_blocks(key_cache, blocks, k_scale, k_sink).flatten(1, 2)[:, :max_context_len]
+    values = read_blocks(value_cache, blocks, v_scale, v_sink).flatten(1, 2)[:, :max_context_len]
     positions = torch.arange(keys.shape[1], device=query.device)
     valid = positions[None, :] < context_lens[:, None]
     scores, values = _grouped_scores(query, keys, values, valid, scale)
@@ -57,6 +60,8 @@ def paged_attention_v2(
     scale: float | None = None,
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
+    k_sink: Tensor | None = None,
+    v_sink: Tensor | None = None,
 ) -> Tensor:
     """Decode attention streamed one block-table column at a time with an online softmax.
 
@@ -76,8 +81,8 @@ def paged_attention_v2(
     for j in range(-(-max_context_len // block_size)):
         blocks = block_tables[:, j].long()
         valid = (j * block_size + offsets)[None, :] < context_lens[:, None]
-        scores, values = _grouped_scores(query, dequantize(key_cache[blocks], k_scale),
-                                         dequantize(value_cache[blocks], v_scale), valid, scale)
+        scores, values = _grouped_scores(query, read_blocks(key_cache, blocks, k_scale, k_sink),
+                                         read_blocks(value_cache, blocks, v_scale, v_sink), valid, scale)
         new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))
         shift = new_max.masked_fill(new_max == float("-inf"), 0.0)  # no token seen yet: exp(-inf) = 0
         probs = torch.exp(scores - shift)
@@ -101,6 +106,8 @@ def paged_attention(
     version: int = 2,
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
+    k_sink: Tensor | None = None,
+    v_sink: Tensor | None = None,
 ) -> Tensor:
     """Decode attention over the paged cache; ``version`` 1 gathers, 2 (default) streams."""
     kernels = {1: paged_attention_v1, 2: paged_attention_v2}
@@ -108,7 +115,7 @@ def paged_attention(
         raise ValueError(f"version must be 1 or 2, got {version!r}")
     return kernels[version](
         query, key_cache, value_cache, block_tables, context_lens, block_size, max_context_len, scale,
-        k_scale, v_scale,
+        k_scale, v_scale, k_sink, v_sink,
     )
 
 
@@ -122,6 +129,8 @@ def paged_prefill_attention(
     scale: float | None = None,
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
+    k_sink: Tensor | None = None,
+    v_sink: Tensor | None = None,
 ) -> Tensor:
     """Varlen causal prefill attention reading all K/V through the block table.
 
@@ -141,13 +150,23 @@ def paged_prefill_attention(
         if q_len == 0:
             continue
         blocks = block_tables[i, : -(-k_len // block_size)].long()
-        keys = dequantize(key_cache[blocks], k_scale).flatten(0, 1)[:k_len]
-        values = dequantize(value_cache[blocks], v_scale).flatten(0, 1)[:k_len]
+        keys = read_blocks(key_cache, blocks, k_scale, k_sink).flatten(0, 1)[:k_len]
+        values = read_blocks(value_cache, blocks, v_scale, v_sink).flatten(0, 1)[:k_len]
         causal = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
         q, k, v = (x.transpose(0, 1).float() for x in (query[q_start:q_end], keys, values))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scale, enable_gqa=True)
         output[q_start:q_end] = out.transpose(0, 1).to(query.dtype)
     return output
+
+
+def read_blocks(cache: Tensor, blocks: Tensor, scale: Tensor | None, sink: Tensor | None = None) -> Tensor:
+    """The cache's blocks ``blocks`` (an int tensor of any shape), dequantized; those below
+    ``sink.shape[0]`` come from the float16 ``sink`` blocks when given."""
+    entries = cache[blocks]
+    if sink is not None:
+        in_sink = (blocks < sink.shape[0]).view(*blocks.shape, 1, 1, 1)
+        entries = torch.where(in_sink, sink[blocks.clamp(max=sink.shape[0] - 1)].float(), entries.float())
+    return dequantize(entries, scale)
 
 
 def dequantize(cache: Tensor, scale: Tensor | None) -> Tensor:

@@ -56,16 +56,19 @@ def paged_attention_sdpa(
     scale: float,
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
+    k_sink: Tensor | None = None,
+    v_sink: Tensor | None = None,
 ) -> Tensor:
     """Decode attention of ``query`` [seqs, heads, head_dim] over the slots of ``gather``.
 
     Computes in float32 and returns ``query``'s dtype; an FP8 cache is dequantized with the
-    per-KV-head ``k_scale``/``v_scale``. A sequence with no context gets zeros.
+    per-KV-head ``k_scale``/``v_scale``, its first blocks read from ``k_sink``/``v_sink`` when
+    given. A sequence with no context gets zeros.
     """
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
-    keys = _gather(key_cache, gather, k_scale).transpose(1, 2)  # [seqs, kv_heads, context, head_dim]
-    values = _gather(value_cache, gather, v_scale).transpose(1, 2)
+    keys = _gather(key_cache, gather, k_scale, k_sink).transpose(1, 2)  # [seqs, kv_heads, context, head_dim]
+    values = _gather(value_cache, gather, v_scale, v_sink).transpose(1, 2)
     q = query.float().view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=gather.mask, scale=scale)
     if gather.empty is not None:
@@ -73,6 +76,13 @@ def paged_attention_sdpa(
     return out.flatten(1, 2).to(query.dtype)
 
 
-def _gather(cache: Tensor, gather: DecodeGather, scale: Tensor | None) -> Tensor:
-    """Float32 [seqs, context, kv_heads, head_dim] of the gathered slots."""
-    return dequantize(cache.view(-1, *cache.shape[2:])[gather.slots], scale).float()
+def _gather(cache: Tensor, gather: DecodeGather, scale: Tensor | None, sink: Tensor | None) -> Tensor:
+    """Float32 [seqs, context, kv_heads, head_dim] of the gathered slots (of the sink blocks for
+    slots in blocks below ``sink.shape[0]``)."""
+    entries = cache.view(-1, *cache.shape[2:])[gather.slots]
+    if sink is not None:
+        limit = sink.shape[0] * cache.shape[1]
+        in_sink = (gather.slots < limit)[..., None, None]
+        entries = torch.where(in_sink, sink.view(-1, *sink.shape[2:])[gather.slots.clamp(max=limit - 1)].float(),
+                              entries.float())
+    return dequantize(entries, scale).float()

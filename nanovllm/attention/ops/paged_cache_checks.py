@@ -86,3 +86,18 @@ def check_block_tables(block_tables: Tensor, num_seqs: int) -> None:
             or block_tables.stride(-1) != 1):
         raise ValueError(f"block_tables must be int32 [num_seqs={num_seqs}, max_blocks] with contiguous rows, "
                          f"got {block_tables.dtype} {tuple(block_tables.shape)}")
+
+
+def check_sinks(key_cache: Tensor, k_sink: Tensor | None, v_sink: Tensor | None) -> int:
+    """float16 copies of an FP8 cache's first blocks (`LayerKVCache.k_sink`), laid out as the cache
+    is (one offset addresses both); returns how many blocks they hold (0 without them)."""
+    if k_sink is None and v_sink is None:
+        return 0
+    if k_sink is None or v_sink is None or key_cache.dtype != FP8_DTYPE:
+        raise ValueError("k_sink and v_sink go together, with an fp8 cache")
+    for name, sink in (("k_sink", k_sink), ("v_sink", v_sink)):
+        if (sink.dtype != torch.float16 or sink.shape[1:] != key_cache.shape[1:] or sink.stride() != key_cache.stride()
+                or not 0 < sink.shape[0] <= key_cache.shape[0] or sink.device != key_cache.device):
+            raise ValueError(f"{name} must be float16 [num_sink_blocks, *cache.shape[1:]] with the cache's strides "
+                             f"{key_cache.stride()}, got {sink.dtype} {tuple(sink.shape)} strides {sink.stride()}")
+    return k_sink.shape[0]

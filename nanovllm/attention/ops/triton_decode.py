@@ -75,6 +75,7 @@ from nanovllm.attention.ops.paged_cache_checks import (
     check_int_vector,
     check_query,
     check_scales,
+    check_sinks,
 )
 
 BLOCK_N = 64  # tokens per K/V tile
@@ -109,14 +110,23 @@ def _scaled_query(q, scale_log2, k_scale_ptr, kv_head, FP8: tl.constexpr):
 
 
 @triton.jit
+def _with_sinks(k, v, k_sink_ptr, v_sink_ptr, offsets, sink):
+    """K/V tiles [tokens, head_dim] with the rows where `sink` is set read from the float16 sink
+    blocks instead (see `LayerKVCache.k_sink`: same offsets, same units)."""
+    k = tl.where(sink[:, None], tl.load(k_sink_ptr + offsets, mask=sink[:, None], other=0.0).to(k.dtype), k)
+    v = tl.where(sink[:, None], tl.load(v_sink_ptr + offsets, mask=sink[:, None], other=0.0).to(v.dtype), v)
+    return k, v
+
+
+@triton.jit
 def _decode_kernel(
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
-    k_scale_ptr, v_scale_ptr, scale_log2, partition_size, num_partitions,
+    k_scale_ptr, v_scale_ptr, k_sink_ptr, v_sink_ptr, num_sink_blocks, scale_log2, partition_size, num_partitions,
     stride_qs, stride_qh, stride_os, stride_oh, stride_cb, stride_ct, stride_ch, stride_bt,
     num_heads,
     GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, FP8: tl.constexpr, SINGLE: tl.constexpr, MULTI: tl.constexpr,
+    BLOCK_N: tl.constexpr, FP8: tl.constexpr, SINK: tl.constexpr, SINGLE: tl.constexpr, MULTI: tl.constexpr,
     PRECISION: tl.constexpr, SPLIT_P: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -160,6 +170,9 @@ def _decode_kernel(
         offsets = (block * stride_cb + (pos % BLOCK_SIZE) * stride_ct + head_offset)[:, None] + dims[None, :]
         k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
         v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
+        if SINK:
+            if tile < BLOCK_SIZE:  # a sequence's first block is its only sink block
+                k, v = _with_sinks(k, v, k_sink_ptr, v_sink_ptr, offsets, valid & (block < num_sink_blocks))
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MULTI:  # causal among the step's query tokens
             visible = valid[None, :] & (pos[None, :] <= q_pos[:, None])
@@ -254,6 +267,8 @@ def paged_attention(
     num_partitions: int | None = None,
     query_start_loc: Tensor | None = None,
     max_query_len: int = 1,
+    k_sink: Tensor | None = None,
+    v_sink: Tensor | None = None,
 ) -> Tensor:
     """Decode attention: ``query`` ``[num_seqs, num_heads, head_dim]`` over each sequence's first
     ``context_lens[i]`` cached tokens (``<= max_context_len``). Returns ``[num_seqs, num_heads, head_dim]``
@@ -268,9 +283,13 @@ def paged_attention(
     share each K/V tile, and the partitions split the context as for decode, which a prefill
     kernel's grid (one program per sequence and KV head at this size) cannot. Query rows no
     sequence owns come out as zeros.
+
+    ``k_sink``/``v_sink`` (an FP8 cache's float16 first blocks, see ``check_sinks``): the tokens of
+    blocks below ``k_sink.shape[0]``, which must be sequences' first blocks, are read from them.
     """
     check_cache(key_cache, value_cache, block_size)
     fp8 = check_scales(key_cache, k_scale, v_scale)
+    num_sink_blocks = check_sinks(key_cache, k_sink, v_sink)
     group = check_query(query, key_cache)
     num_heads, head_dim = query.shape[1:]
     multi = query_start_loc is not None
@@ -311,11 +330,11 @@ def paged_attention(
     _decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
         out, part_acc, part_max, part_sum,
         query, key_cache, value_cache, block_tables, context_lens, query_start_loc, k_scale, v_scale,
-        scale * LOG2E, partition_size, num_partitions,
+        k_sink, v_sink, num_sink_blocks, scale * LOG2E, partition_size, num_partitions,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), *key_cache.stride()[:3],
         block_tables.stride(0), num_heads,
         GROUP=group, ROWS=rows, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        FP8=fp8, SINGLE=single, MULTI=multi,
+        FP8=fp8, SINK=num_sink_blocks > 0, SINGLE=single, MULTI=multi,
         PRECISION="ieee" if query.dtype == torch.float32 and not fp8 else "tf32",
         SPLIT_P=query.dtype == torch.bfloat16 and not fp8,
         num_warps=4, num_stages=2,

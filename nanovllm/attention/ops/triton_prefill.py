@@ -24,17 +24,18 @@ from nanovllm.attention.ops.paged_cache_checks import (
     check_int_vector,
     check_query,
     check_scales,
+    check_sinks,
 )
-from nanovllm.attention.ops.triton_decode import LOG2E, _dot_probs, _scaled_query
+from nanovllm.attention.ops.triton_decode import LOG2E, _dot_probs, _scaled_query, _with_sinks
 
 BLOCK_N = 64  # K/V tokens per tile
 
 
 @triton.jit
 def _attend_tiles(acc, running_max, running_sum, q, q_pos, kv_start, kv_end, seq_len,
-                  k_cache_ptr, v_cache_ptr, table, head_offset, qk_scale, stride_cb, stride_ct,
-                  HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                  PRECISION: tl.constexpr, SPLIT_P: tl.constexpr):
+                  k_cache_ptr, v_cache_ptr, k_sink_ptr, v_sink_ptr, num_sink_blocks, table, head_offset, qk_scale,
+                  stride_cb, stride_ct, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASKED: tl.constexpr, SINK: tl.constexpr, PRECISION: tl.constexpr, SPLIT_P: tl.constexpr):
     """Online softmax over K/V tokens ``kv_start:kv_end`` (``kv_start`` a multiple of ``BLOCK_N``)."""
     dims = tl.arange(0, HEAD_DIM)
     tokens = tl.arange(0, BLOCK_N)
@@ -52,6 +53,12 @@ def _attend_tiles(acc, running_max, running_sum, q, q_pos, kv_start, kv_end, seq
         else:
             k = tl.load(k_cache_ptr + offsets).to(q.dtype)
             v = tl.load(v_cache_ptr + offsets).to(q.dtype)
+        if SINK:
+            if tile < BLOCK_SIZE:  # a sequence's first block is its only sink block
+                sink = block < num_sink_blocks
+                if MASKED:
+                    sink = sink & valid
+                k, v = _with_sinks(k, v, k_sink_ptr, v_sink_ptr, offsets, sink)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
             visible = (pos[None, :] <= q_pos[:, None]) & (pos < seq_len)[None, :]
@@ -68,10 +75,11 @@ def _attend_tiles(acc, running_max, running_sum, q, q_pos, kv_start, kv_end, seq
 @triton.jit
 def _prefill_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
-    k_scale_ptr, v_scale_ptr, scale_log2,
+    k_scale_ptr, v_scale_ptr, k_sink_ptr, v_sink_ptr, num_sink_blocks, scale_log2,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ct, stride_ch, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-    TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr, SPLIT_P: tl.constexpr,
+    TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, SINK: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT_P: tl.constexpr,
 ):
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -102,11 +110,13 @@ def _prefill_kernel(
     full_end = (context_start + first + 1) // BLOCK_N * BLOCK_N  # tiles every row sees entirely
     kv_end = context_start + tl.minimum(first + TOKENS, q_len)  # one past the last row's position
     acc, running_max, running_sum = _attend_tiles(
-        acc, running_max, running_sum, q, q_pos, 0, full_end, seq_len, k_cache_ptr, v_cache_ptr, table,
-        head_offset, qk_scale, stride_cb, stride_ct, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, PRECISION, SPLIT_P)
+        acc, running_max, running_sum, q, q_pos, 0, full_end, seq_len, k_cache_ptr, v_cache_ptr, k_sink_ptr,
+        v_sink_ptr, num_sink_blocks, table, head_offset, qk_scale, stride_cb, stride_ct, HEAD_DIM, BLOCK_SIZE,
+        BLOCK_N, False, SINK, PRECISION, SPLIT_P)
     acc, running_max, running_sum = _attend_tiles(
-        acc, running_max, running_sum, q, q_pos, full_end, kv_end, seq_len, k_cache_ptr, v_cache_ptr, table,
-        head_offset, qk_scale, stride_cb, stride_ct, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, PRECISION, SPLIT_P)
+        acc, running_max, running_sum, q, q_pos, full_end, kv_end, seq_len, k_cache_ptr, v_cache_ptr, k_sink_ptr,
+        v_sink_ptr, num_sink_blocks, table, head_offset, qk_scale, stride_cb, stride_ct, HEAD_DIM, BLOCK_SIZE,
+        BLOCK_N, True, SINK, PRECISION, SPLIT_P)
 
     out = acc / running_sum[:, None]  # every row saw position 0: running_sum >= 1
     if FP8:
@@ -127,16 +137,19 @@ def paged_prefill_attention(
     scale: float,
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
+    k_sink: Tensor | None = None,
+    v_sink: Tensor | None = None,
 ) -> Tensor:
     """Causal attention of ``query`` ``[total_q, num_heads, head_dim]`` over the paged cache.
 
     Sequence ``i`` owns query rows ``query_start_loc[i]:query_start_loc[i+1]`` (``[num_seqs + 1]``
     int32), at most ``max_query_len`` of them, and ``seq_lens[i]`` (int32, ``<= max_seq_len``)
     cached tokens. Rows past ``query_start_loc[-1]`` (padding) come out as zeros. Returns the
-    query's shape and dtype.
+    query's shape and dtype. ``k_sink``/``v_sink``: as for ``triton_decode.paged_attention``.
     """
     check_cache(key_cache, value_cache)
     fp8 = check_scales(key_cache, k_scale, v_scale)
+    num_sink_blocks = check_sinks(key_cache, k_sink, v_sink)
     group = check_query(query, key_cache)
     num_seqs = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
     check_int_vector("seq_lens", seq_lens, num_seqs)
@@ -157,9 +170,10 @@ def paged_prefill_attention(
     grid = (num_seqs, triton.cdiv(max_query_len, tokens_per_program), num_kv_heads)
     _prefill_kernel[grid](
         out, query, key_cache, value_cache, block_tables, query_start_loc, seq_lens, k_scale, v_scale,
-        scale * LOG2E, query.stride(0), query.stride(1), out.stride(0), out.stride(1), *key_cache.stride()[:3],
+        k_sink, v_sink, num_sink_blocks, scale * LOG2E, query.stride(0), query.stride(1), out.stride(0), out.stride(1), *key_cache.stride()[:3],
         block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, TOKENS=tokens_per_program, BLOCK_N=BLOCK_N, FP8=fp8,
+        SINK=num_sink_blocks > 0,
         PRECISION="ieee" if query.dtype == torch.float32 and not fp8 else "tf32",
         SPLIT_P=query.dtype == torch.bfloat16 and not fp8,
         num_warps=8 if block_m >= 128 else 4, num_stages=2,

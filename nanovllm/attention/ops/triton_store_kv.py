@@ -2,7 +2,8 @@
 
 Generalizes ``store_kvcache``: any cache dtype, any cache strides (contiguous head_dim), and
 per-KV-head scales for an FP8 cache: ``fp8 = clamp(x / scale, -448, 448)``, keys less an optional
-per-head, per-channel offset first (see ``LayerKVCache``).
+per-head, per-channel offset first (see ``LayerKVCache``). Tokens of the cache's first
+``num_sink_blocks`` blocks also go to the float16 sink blocks, as ``x / scale`` (unclamped).
 """
 from __future__ import annotations
 
@@ -11,14 +12,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from nanovllm.attention.ops.paged_cache_checks import FP8_MAX, check_cache, check_scales
+from nanovllm.attention.ops.paged_cache_checks import FP8_MAX, check_cache, check_scales, check_sinks
 
 
 @triton.jit
 def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr, k_offset_ptr,
+                     k_sink_ptr, v_sink_ptr, num_sink_blocks,
                      stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ct, stride_ch,
                      num_kv_heads, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr,
-                     FP8: tl.constexpr, K_OFFSET: tl.constexpr, FP8_MAX: tl.constexpr):
+                     FP8: tl.constexpr, K_OFFSET: tl.constexpr, SINK: tl.constexpr, FP8_MAX: tl.constexpr):
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token)
     if slot < 0:  # padding token of a CUDA-graph batch
@@ -28,31 +30,40 @@ def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_s
     mask = (heads < num_kv_heads)[:, None]
     k = tl.load(key_ptr + token * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=mask)
     v = tl.load(value_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask)
+    cache_offsets = ((slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct
+                     + heads[:, None] * stride_ch + dims[None, :])
     if FP8:
         k_scale = tl.load(k_scale_ptr + heads, mask=heads < num_kv_heads, other=1.0)
         v_scale = tl.load(v_scale_ptr + heads, mask=heads < num_kv_heads, other=1.0)
         k = k.to(tl.float32)
         if K_OFFSET:
             k = k - tl.load(k_offset_ptr + heads[:, None] * HEAD_DIM + dims[None, :], mask=mask, other=0.0)
-        k = tl.clamp(k / k_scale[:, None], -FP8_MAX, FP8_MAX)
-        v = tl.clamp(v.to(tl.float32) / v_scale[:, None], -FP8_MAX, FP8_MAX)
-    cache_offsets = ((slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct
-                     + heads[:, None] * stride_ch + dims[None, :])
+        k = k / k_scale[:, None]
+        v = v.to(tl.float32) / v_scale[:, None]
+        if SINK:
+            if slot // BLOCK_SIZE < num_sink_blocks:  # a sequence's first tokens: float16 as well
+                tl.store(k_sink_ptr + cache_offsets, k.to(tl.float16), mask=mask)
+                tl.store(v_sink_ptr + cache_offsets, v.to(tl.float16), mask=mask)
+        k = tl.clamp(k, -FP8_MAX, FP8_MAX)
+        v = tl.clamp(v, -FP8_MAX, FP8_MAX)
     tl.store(k_cache_ptr + cache_offsets, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + cache_offsets, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def store_kv(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor, slot_mapping: Tensor,
-             k_scale: Tensor | None = None, v_scale: Tensor | None = None, k_offset: Tensor | None = None) -> None:
+             k_scale: Tensor | None = None, v_scale: Tensor | None = None, k_offset: Tensor | None = None,
+             k_sink: Tensor | None = None, v_sink: Tensor | None = None) -> None:
     """Write ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` to cache slot ``slot_mapping[t]``.
 
     Slot ``s`` is token ``s % block_size`` of physical block ``s // block_size``; slot -1 skips the
     token (padding). ``k_scale``/``v_scale`` (float32 ``[num_kv_heads]``) are required iff the cache
     is ``float8_e4m3fn``; ``k_offset`` (float32 ``[num_kv_heads, head_dim]``, FP8 only) is subtracted
-    from the keys before they are scaled.
+    from the keys before they are scaled. ``k_sink``/``v_sink`` (FP8 only, see ``check_sinks``)
+    receive the tokens of blocks ``0..k_sink.shape[0]-1`` in float16 too.
     """
     check_cache(key_cache, value_cache)
     fp8 = check_scales(key_cache, k_scale, v_scale)
+    num_sink_blocks = check_sinks(key_cache, k_sink, v_sink)
     num_tokens, (num_kv_heads, head_dim) = key.shape[0], key_cache.shape[2:]
     expected = (num_tokens, num_kv_heads, head_dim)
     if key.shape != value.shape or tuple(key.shape) != expected or key.stride(-1) != 1 or value.stride(-1) != 1:
@@ -69,8 +80,9 @@ def store_kv(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
     if num_tokens == 0:
         return
     _store_kv_kernel[(num_tokens,)](
-        key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, k_offset,
+        key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, k_offset, k_sink, v_sink, num_sink_blocks,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1), *key_cache.stride()[:3],
         num_kv_heads, BLOCK_SIZE=key_cache.shape[1], HEAD_DIM=head_dim,
-        HEADS_PAD=triton.next_power_of_2(num_kv_heads), FP8=fp8, K_OFFSET=k_offset is not None, FP8_MAX=FP8_MAX,
+        HEADS_PAD=triton.next_power_of_2(num_kv_heads), FP8=fp8, K_OFFSET=k_offset is not None,
+        SINK=num_sink_blocks > 0, FP8_MAX=FP8_MAX,
     )

@@ -255,3 +255,44 @@ def test_fp8_cache(name, block_size, device, dtype, cached, new):
     assert_close(out, ref, layout.query_start_loc.tolist(), "fp8")
     written = dequantized.key.view(-1, 2, 64)[meta.slot_mapping]  # within FP8's 3-bit mantissa of the input
     torch.testing.assert_close(written, k.float(), rtol=0.07, atol=0.02 * 2)
+
+
+@pytest.mark.parametrize("name, block_size, device, dtype", FP8_BACKENDS)
+@pytest.mark.parametrize("cached, new", [([0, 0, 0], [1, 40, 300]), ([40, 255, 700], [1, 1, 1]),
+                                         ([40, 255, 700], [5, 5, 5])], ids=["fresh", "decode", "verify"])
+def test_fp8_cache_with_sink_blocks(name, block_size, device, dtype, cached, new):
+    """Sequences' first blocks are sink blocks: write_kv keeps their tokens in float16 as well (scaled,
+    keys less their offset), and attention reads them from there; the rest as test_fp8_cache."""
+    torch.manual_seed(1)
+    backend = make_backend(name, device, dtype, "fp8")
+    lens = [c + n for c, n in zip(cached, new)]
+    paged = Paged(backend, lens, block_size, (8, 2, 64), device, dtype, extra_cols=1)
+    sinks = len(lens) + 1  # first blocks 0..2 (one spare); the others above, as BlockManager hands them out
+    blocks = -(-max(lens) // block_size) + 1
+    paged.tables = [[i] + list(range(sinks + i * blocks, sinks + (i + 1) * blocks - 1)) for i in range(len(lens))]
+    num_blocks = sinks + len(lens) * blocks
+    shape = (num_blocks, block_size, 2, 64)
+    nan = torch.full(shape, float("nan"), device=device)
+    sink_nan = torch.full((sinks, *shape[1:]), float("nan"), device=device, dtype=torch.float16)
+    paged.cache = LayerKVCache(nan.to(torch.float8_e4m3fn), nan.to(torch.float8_e4m3fn),
+                               torch.rand(2, device=device) * 0.02 + 0.01, torch.rand(2, device=device) * 0.02 + 0.01,
+                               torch.randn(2, 64, device=device), sink_nan, sink_nan.clone())
+    paged.ref = LayerKVCache(torch.zeros(shape, device=device), torch.zeros(shape, device=device))
+    paged.history(cached)
+    layout = build_layout(new, lens, paged.tables, block_size)
+    _, meta = layout.metadata([torch.from_numpy(a).to(device) for a in layout.arrays()])
+    q, k, v = paged.qkv(sum(new))
+    backend.write_kv(k, v, paged.cache, meta.slot_mapping)
+    out = backend.forward(q, k, v, paged.cache, meta, 64**-0.5)
+    c = paged.cache
+    read = [dequantize(x.float(), s) for x, s in ((c.key, c.k_scale), (c.value, c.v_scale))]
+    for x, sink, s in zip(read, (c.k_sink, c.v_sink), (c.k_scale, c.v_scale)):
+        x[:sinks] = dequantize(sink.float(), s)
+    ref = TorchRefBackend().forward(q.float(), k.float(), v.float(), LayerKVCache(*read), meta, 64**-0.5)
+    assert_close(out, ref, layout.query_start_loc.tolist(), "fp8 with sink blocks")
+    new_first = meta.slot_mapping < sinks * block_size  # new tokens of first blocks ("fresh" prompts)
+    slots = meta.slot_mapping[new_first]
+    want = ((k.float() - c.k_offset) / c.k_scale[:, None])[new_first].half()
+    assert torch.equal(c.k_sink.view(-1, 2, 64)[slots], want)
+    assert torch.equal(c.v_sink.view(-1, 2, 64)[slots], (v.float() / c.v_scale[:, None])[new_first].half())
+    assert len(slots) == sum(min(n, block_size) if c == 0 else 0 for c, n in zip(cached, new))

@@ -11,33 +11,47 @@ class PagedKV:
 
     Slots no sequence owns hold NaN and block-table entries past a sequence's last block point at
     other sequences' blocks, so a kernel that reads past a length poisons its output. With
-    ``fp8`` the cache is quantized with random per-KV-head scales (``k_scale``/``v_scale``).
+    ``fp8`` the cache is quantized with random per-KV-head scales (``k_scale``/``v_scale``); with
+    ``sinks`` too, every sequence's first block is one of the first ``num_sink_blocks`` blocks,
+    whose entries are also kept unquantized in float16 (``k_sink``/``v_sink``, see ``LayerKVCache``).
     """
 
-    def __init__(self, lens, num_kv_heads, head_dim, block_size, dtype, device, fp8=False, extra_cols=1):
+    def __init__(self, lens, num_kv_heads, head_dim, block_size, dtype, device, fp8=False, extra_cols=1,
+                 sinks=False):
+        assert fp8 or not sinks
         used = [-(-n // block_size) for n in lens]
-        num_blocks = sum(used) + 2
+        self.num_sink_blocks = sum(n > 0 for n in used) + 1 if sinks else 0
+        num_blocks = sum(used) + 2 + self.num_sink_blocks
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         keys, values = torch.randn(shape, device=device), torch.randn(shape, device=device)
-        physical = torch.randperm(num_blocks, device=device).to(torch.int32)
+        firsts = torch.randperm(self.num_sink_blocks, device=device).to(torch.int32).tolist()
+        physical = (torch.randperm(num_blocks - self.num_sink_blocks, device=device) + self.num_sink_blocks).int()
         cols = max(used, default=0) + extra_cols
-        self.block_tables = physical[torch.randint(num_blocks, (len(lens), cols), device=device)]  # padding
+        self.block_tables = physical[torch.randint(len(physical), (len(lens), cols), device=device)]  # padding
         live = torch.zeros(num_blocks, block_size, dtype=torch.bool, device=device)
         start = 0
         for i, (n, nb) in enumerate(zip(lens, used)):
-            self.block_tables[i, :nb] = physical[start : start + nb]
-            live.view(-1)[(physical[start : start + nb].long()[:, None] * block_size
-                           + torch.arange(block_size, device=device)).flatten()[:n]] = True
-            start += nb
-        self.k_scale = self.v_scale = None
+            blocks = physical[start : start + nb]
+            if sinks and nb:
+                blocks = torch.cat([blocks.new_tensor([firsts.pop()]), physical[start : start + nb - 1]])
+            self.block_tables[i, :nb] = blocks
+            live.view(-1)[(blocks.long()[:, None] * block_size + torch.arange(block_size, device=device))
+                          .flatten()[:n]] = True
+            start += len(blocks) - (sinks and nb > 0)
+        self.k_scale = self.v_scale = self.k_sink = self.v_sink = None
+        dead = ~live
         if fp8:
             self.k_scale = torch.rand(num_kv_heads, device=device) * 0.02 + 0.005
             self.v_scale = torch.rand(num_kv_heads, device=device) * 0.02 + 0.005
-            keys = (keys / self.k_scale[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
-            values = (values / self.v_scale[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+            keys, values = keys / self.k_scale[:, None], values / self.v_scale[:, None]
+            if sinks:
+                self.k_sink, self.v_sink = (x[: self.num_sink_blocks].half() for x in (keys, values))
+                for sink in (self.k_sink, self.v_sink):
+                    sink[dead[: self.num_sink_blocks]] = float("nan")
+            keys = keys.clamp(-448, 448).to(torch.float8_e4m3fn)
+            values = values.clamp(-448, 448).to(torch.float8_e4m3fn)
         else:
             keys, values = keys.to(dtype), values.to(dtype)
-        dead = ~live
         keys.view(torch.uint8 if fp8 else keys.dtype)[dead] = 0x7F if fp8 else float("nan")  # 0x7F: fp8 NaN
         values.view(torch.uint8 if fp8 else values.dtype)[dead] = 0x7F if fp8 else float("nan")
         self.key_cache, self.value_cache = keys, values
@@ -45,5 +59,13 @@ class PagedKV:
         self.block_size = block_size
 
     def float_caches(self):
-        """The caches as the float32 reference reads them (dequantized when FP8)."""
-        return (dequantize(self.key_cache, self.k_scale).float(), dequantize(self.value_cache, self.v_scale).float())
+        """The caches as the float32 reference reads them (dequantized when FP8, sink blocks from
+        their float16 copies)."""
+        caches = []
+        for cache, sink, scale in ((self.key_cache, self.k_sink, self.k_scale),
+                                   (self.value_cache, self.v_sink, self.v_scale)):
+            cache = cache.float()
+            if sink is not None:
+                cache[: self.num_sink_blocks] = sink.float()
+            caches.append(dequantize(cache, scale).float())
+        return tuple(caches)

@@ -23,10 +23,12 @@ def rel_err(out, ref):
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def decode(case, query, max_context_len=None, **kwargs):
+def decode(case, query, max_context_len=None, sinks=True, **kwargs):
+    """The kernel over the case's cache (and its sink blocks unless `sinks` is False)."""
     max_context_len = case.block_tables.shape[1] * case.block_size if max_context_len is None else max_context_len
     return paged_attention(query, case.key_cache, case.value_cache, case.block_tables, case.lens, case.block_size,
-                           max_context_len, query.shape[-1] ** -0.5, case.k_scale, case.v_scale, **kwargs)
+                           max_context_len, query.shape[-1] ** -0.5, case.k_scale, case.v_scale,
+                           k_sink=case.k_sink if sinks else None, v_sink=case.v_sink if sinks else None, **kwargs)
 
 
 def reference(case, query):
@@ -68,10 +70,21 @@ def test_decode_fp8_cache_matches_dequantized_reference(dtype):
         assert rel_err(decode(case, query, num_partitions=num_partitions), reference(case, query)) < 2e-3
 
 
-def verify_case(q_lens, lens, heads, kv_heads, head_dim, block, dtype, fp8=False, pad_tokens=2):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_reads_first_blocks_from_float16_sinks(dtype):
+    torch.manual_seed(6)
+    case = PagedKV([3, 40, 100, 0], 2, 64, 16, dtype, DEVICE, fp8=True, sinks=True)
+    query = torch.randn(4, 8, 64, device=DEVICE).to(dtype)
+    ref = reference(case, query)
+    for num_partitions in (1, 2):
+        assert rel_err(decode(case, query, num_partitions=num_partitions), ref) < 2e-3
+    assert rel_err(decode(case, query, sinks=False), ref) > 5e-3  # their FP8 copies give another answer
+
+
+def verify_case(q_lens, lens, heads, kv_heads, head_dim, block, dtype, fp8=False, pad_tokens=2, sinks=False):
     """Several query tokens per sequence (the last q_lens[i] positions of lens[i]), tokens no sequence
     owns after them; returns the case, the query, query_start_loc and the float32 causal reference."""
-    case = PagedKV(lens, kv_heads, head_dim, block, dtype, DEVICE, fp8=fp8)
+    case = PagedKV(lens, kv_heads, head_dim, block, dtype, DEVICE, fp8=fp8, sinks=sinks)
     query = torch.randn(sum(q_lens) + pad_tokens, heads, head_dim, device=DEVICE).to(dtype)
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     key_cache, value_cache = case.float_caches()
@@ -109,6 +122,17 @@ def test_decode_of_several_query_tokens_fp8_and_bad_input():
         decode(case, query, max_query_len=5)  # several tokens need query_start_loc
     with pytest.raises(ValueError, match="query_start_loc"):
         decode(case, query, query_start_loc=qsl[:-1], max_query_len=5)
+
+
+def test_decode_of_several_query_tokens_reads_float16_sinks():
+    torch.manual_seed(7)
+    q_lens, lens = VERIFY
+    case, query, qsl, ref = verify_case(q_lens, lens, 8, 2, 64, 16, torch.float32, fp8=True, sinks=True)
+    out = decode(case, query, num_partitions=2, query_start_loc=qsl, max_query_len=5)
+    assert rel_err(out[: sum(q_lens)], ref) < 2e-3
+    with pytest.raises(ValueError, match="k_sink"):  # float16 only
+        paged_attention(query, case.key_cache, case.value_cache, case.block_tables, case.lens, 16, 80, 0.125,
+                        case.k_scale, case.v_scale, k_sink=case.k_sink.float(), v_sink=case.v_sink)
 
 
 def test_decode_into_out():

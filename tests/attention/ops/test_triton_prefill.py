@@ -21,17 +21,18 @@ def rel_err(out, ref):
 
 
 def prefill_case(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, block, dtype, fp8=False,
-                 pad_rows=0):
-    case = PagedKV(seq_lens, num_kv_heads, head_dim, block, dtype, DEVICE, fp8=fp8)
+                 pad_rows=0, sinks=False):
+    case = PagedKV(seq_lens, num_kv_heads, head_dim, block, dtype, DEVICE, fp8=fp8, sinks=sinks)
     query = torch.randn(sum(q_lens) + pad_rows, num_heads, head_dim, device=DEVICE).to(dtype)
     query_start_loc = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     return case, query, query_start_loc
 
 
-def run(case, query, query_start_loc, q_lens):
+def run(case, query, query_start_loc, q_lens, sinks=True):
     return paged_prefill_attention(query, case.key_cache, case.value_cache, case.block_tables, query_start_loc,
                                    case.lens, max(q_lens), int(case.lens.max()), query.shape[-1] ** -0.5,
-                                   case.k_scale, case.v_scale)
+                                   case.k_scale, case.v_scale, case.k_sink if sinks else None,
+                                   case.v_sink if sinks else None)
 
 
 def reference(case, query, query_start_loc):
@@ -66,6 +67,15 @@ def test_prefill_fp8_cache_matches_dequantized_reference():
     q_lens, seq_lens = LENS[1]
     case, query, qsl = prefill_case(q_lens, seq_lens, 8, 2, 64, 16, torch.float32, fp8=True)
     assert rel_err(run(case, query, qsl, q_lens), reference(case, query, qsl)) < 2e-3  # float16 dots
+
+
+def test_prefill_reads_first_blocks_from_float16_sinks():
+    torch.manual_seed(2)
+    q_lens, seq_lens = LENS[1]
+    case, query, qsl = prefill_case(q_lens, seq_lens, 8, 2, 64, 16, torch.float32, fp8=True, sinks=True)
+    ref = reference(case, query, qsl)
+    assert rel_err(run(case, query, qsl, q_lens), ref) < 2e-3
+    assert rel_err(run(case, query, qsl, q_lens, sinks=False), ref) > 5e-3  # their FP8 copies differ
 
 
 def test_prefill_rejects_bad_input():
