@@ -53,7 +53,7 @@ class _Group:
 
     index: int
     prompt_token_ids: list[int]
-    blocks_needed: int
+    blocks_needed: tuple[int, int]  # (sink blocks, other blocks): see BeamSearch._blocks_needed
     beams: list[_Beam] = field(default_factory=list)
     finished: list[BeamSearchSequence] = field(default_factory=list)
     improvable: bool = True
@@ -81,15 +81,24 @@ class BeamSearch:
         self.group_of: dict[int, _Group] = {}  # seq_id -> its group
         self.beams_of: dict[int, list[_Beam]] = {}  # seq_id of a beam that runs on -> its new beams
 
-    def _blocks_needed(self, num_prompt_tokens: int) -> int:
-        """An upper bound on the blocks one prompt's beams hold at once.
+    def _blocks_needed(self, num_prompt_tokens: int) -> tuple[int, int]:
+        """Upper bounds on the blocks one prompt's beams hold at once: (sink blocks, others).
 
         Beams write only from the prompt's last partial block on, so the full prompt
-        blocks stay shared; each beam holds at most the rest privately.
+        blocks stay shared; each beam holds at most the rest privately. With sink blocks
+        (an FP8 cache, see BlockManager) first blocks are counted apart: one shared full
+        block, or one per beam when the prompt does not fill it.
         """
         bm, width = self.block_manager, self.params.beam_width
         shared = num_prompt_tokens // bm.block_size
-        return shared + width * (bm.num_blocks_for(num_prompt_tokens + self.params.max_tokens) - shared)
+        total = shared + width * (bm.num_blocks_for(num_prompt_tokens + self.params.max_tokens) - shared)
+        firsts = (1 if shared else width) if bm.num_sink_blocks else 0
+        return firsts, total - firsts
+
+    def _capacity(self) -> tuple[int, int]:
+        """The cache's (sink blocks, other blocks), as `_blocks_needed` counts them."""
+        bm = self.block_manager
+        return bm.num_sink_blocks, bm.num_blocks - bm.num_sink_blocks
 
     def run(self, prompts: list[Prompt], use_tqdm: bool) -> list[BeamSearchOutput]:
         engine = self.engine
@@ -99,10 +108,11 @@ class BeamSearch:
         for i, prompt in enumerate(prompts):  # check everything before starting
             _, token_ids = engine._tokenize(prompt)
             engine._validate(token_ids, SamplingParams(max_tokens=self.params.max_tokens))
-            needed = self._blocks_needed(len(token_ids))
-            if needed > self.block_manager.num_blocks:
-                raise ValueError(f"beam search of prompt {i} may need {needed} KV blocks, the cache has "
-                                 f"{self.block_manager.num_blocks}; lower beam_width or max_tokens")
+            needed, capacity = self._blocks_needed(len(token_ids)), self._capacity()
+            if needed[0] > capacity[0] or needed[1] > capacity[1]:
+                raise ValueError(f"beam search of prompt {i} may need {needed[1]} KV blocks and {needed[0]} sink "
+                                 f"blocks, the cache has {capacity[1]} and {capacity[0]}; lower beam_width or "
+                                 f"max_tokens")
             groups.append(_Group(i, token_ids, needed))
         engine._num_sync_requests += 1  # nothing may overlap the steps: each reads the last one's tokens
         try:
@@ -119,12 +129,12 @@ class BeamSearch:
         return [BeamSearchOutput(group.finished) for group in groups]
 
     def _search(self, groups: list[_Group], bar: tqdm) -> None:
-        waiting, active, used = deque(groups), [], 0
+        waiting, active, used, capacity = deque(groups), [], (0, 0), self._capacity()
         while waiting or active:
             # Admit prompts while the worst case of every admitted one fits: no beam is ever preempted.
-            while waiting and used + waiting[0].blocks_needed <= self.block_manager.num_blocks:
+            while waiting and all(u + n <= c for u, n, c in zip(used, waiting[0].blocks_needed, capacity)):
                 group = waiting.popleft()
-                used += group.blocks_needed
+                used = tuple(u + n for u, n in zip(used, group.blocks_needed))
                 active.append(group)
                 seq = self.scheduler.new_sequence(group.prompt_token_ids, self.sampling_params,
                                                   f"beam-{group.index}")
@@ -133,7 +143,7 @@ class BeamSearch:
             for group in self._step():
                 self._free(group)
                 active.remove(group)
-                used -= group.blocks_needed
+                used = tuple(u - n for u, n in zip(used, group.blocks_needed))
                 bar.update(1)
 
     def _step(self) -> list[_Group]:

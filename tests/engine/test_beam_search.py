@@ -114,6 +114,21 @@ def test_small_cache_runs_prompts_in_turn(tiny_model):
     assert len(out[0].outputs[0].token_ids) == 4
 
 
+def test_fp8_cache_counts_sink_blocks(tiny_model):
+    """An FP8 cache's first blocks come from its sink blocks (3 of 12 here): beams that each need their
+    own first block (a prompt shorter than a block) must fit those too, or the search is refused."""
+    path, _ = tiny_model("qwen3")
+    llm = LLM(path, skip_tokenizer_init=True, device="cpu", kvcache_block_size=8, num_kvcache_blocks=12,
+              kv_cache_dtype="fp8")
+    assert llm.block_manager.num_sink_blocks == 3
+    with pytest.raises(ValueError, match="4 sink blocks, the cache has 9 and 3"):
+        llm.beam_search(random_prompts([5], seed=45), BeamSearchParams(4, 4, ignore_eos=True), use_tqdm=False)
+    prompts = random_prompts([5, 9, 12], seed=46)  # 3 sink blocks for the first, one for each other
+    outs = llm.beam_search(prompts, BeamSearchParams(3, 4, ignore_eos=True), use_tqdm=False)
+    assert [len(o.sequences) for o in outs] == [3, 3, 3]
+    assert llm.stats()["num_preemptions"] == 0 and llm.block_manager.num_free_blocks == 12
+
+
 def test_width_one_is_greedy(engines):
     llm, hf_model = engines("qwen3")
     prompt = random_prompts([6], seed=44)[0]
