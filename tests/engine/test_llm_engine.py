@@ -326,3 +326,26 @@ def test_model_path_may_be_a_pathlike(tiny_model):
         hf_greedy(hf_model, prompt, GREEDY.max_tokens)
     with pytest.raises(TypeError, match="int"):
         LLM(3, device="cpu")
+
+
+def test_fp8_sink_blocks_through_prefix_hits_and_forks(tiny_model):
+    """An FP8 cache's first blocks live in float16 sink blocks: a prefix-cache hit on them, and forks
+    that copy them on write (n = 2 over a prompt shorter than a block), give the tokens a fresh run
+    gives, and only first blocks are sink blocks."""
+    path, _ = tiny_model("qwen3")
+    args = dict(skip_tokenizer_init=True, device="cpu", kv_cache_dtype="fp8", kvcache_block_size=8)
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    long_prompt, short_prompt = random_prompts([30, 5], seed=76)
+    llm = LLM(path, **args)
+    sinks = llm.block_manager.num_sink_blocks
+    assert sinks > 0 and llm.model_runner.kv_cache.sinks is not None
+    first = llm.generate([long_prompt], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    hits = llm.stats()["prefix_hit_tokens"]
+    assert llm.generate([long_prompt], greedy, use_tqdm=False)[0].outputs[0].token_ids == first
+    assert llm.stats()["prefix_hit_tokens"] > hits  # the second run read the first block's sink copy
+    copies = llm.stats()["block_copies"]
+    forked = llm.generate([short_prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=2),
+                          use_tqdm=False)[0].outputs
+    assert llm.stats()["block_copies"] > copies  # the partial first block was copied on write
+    alone = LLM(path, **args).generate([short_prompt], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    assert [c.token_ids for c in forked] == [alone, alone]
