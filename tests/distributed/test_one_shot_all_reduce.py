@@ -22,14 +22,20 @@ from nanovllm.layers.layernorm import add_rms_norm
 PROGRAMS, BLOCK = 4, 64
 
 
+def exchange_buffers(world: int, programs: int, half_bytes: int, device: str = "cpu"):
+    """Every rank's staging buffer (two halves) and flags, and the pointer tables the kernels take."""
+    staging = [torch.zeros(2 * half_bytes, dtype=torch.uint8, device=device) for _ in range(world)]
+    flags = [torch.zeros(programs * world, dtype=torch.int64, device=device) for _ in range(world)]
+    pointers = [torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64, device=device) for ts in (staging, flags)]
+    return staging, flags, pointers
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs on CPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_stages_signals_and_sums_in_alternating_halves(dtype):
     world, half_bytes = 2, 4096
     half = half_bytes // dtype.itemsize
-    staging = [torch.zeros(2 * half_bytes, dtype=torch.uint8) for _ in range(world)]
-    flags = [torch.zeros(PROGRAMS * world, dtype=torch.int64) for _ in range(world)]
-    pointers = [torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64) for ts in (staging, flags)]
+    staging, flags, pointers = exchange_buffers(world, PROGRAMS, half_bytes)
     epochs = torch.zeros(PROGRAMS, dtype=torch.int64)
     gen = torch.Generator().manual_seed(0)
     for call, n in enumerate([300, 7, 1000, PROGRAMS * BLOCK + 1], start=1):
@@ -51,9 +57,7 @@ def test_kernel_stages_signals_and_sums_in_alternating_halves(dtype):
 def test_add_rms_norm_kernel_sums_adds_and_normalises_whole_rows(dtype):
     world, half_bytes, d, eps = 2, 8192, 48, 1e-6
     half = half_bytes // dtype.itemsize
-    staging = [torch.zeros(2 * half_bytes, dtype=torch.uint8) for _ in range(world)]
-    flags = [torch.zeros(PROGRAMS * world, dtype=torch.int64) for _ in range(world)]
-    pointers = [torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64) for ts in (staging, flags)]
+    staging, flags, pointers = exchange_buffers(world, PROGRAMS, half_bytes)
     epochs = torch.zeros(PROGRAMS, dtype=torch.int64)
     gen = torch.Generator().manual_seed(1)
     weight = (1 + torch.randn(d, generator=gen) / 4).to(dtype)
@@ -81,9 +85,7 @@ def test_two_ranks_on_one_gpu_over_many_calls():
     alternating halves on real hardware, call after call, the two kernels interleaved (they share
     the epochs), with sizes that change between calls."""
     world, programs, half_bytes, d, eps = 2, 8, 1 << 17, 1024, 1e-6
-    staging = [torch.zeros(2 * half_bytes, dtype=torch.uint8, device="cuda") for _ in range(world)]
-    flags = [torch.zeros(programs * world, dtype=torch.int64, device="cuda") for _ in range(world)]
-    pointers = [torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64, device="cuda") for ts in (staging, flags)]
+    staging, flags, pointers = exchange_buffers(world, programs, half_bytes, "cuda")
     epochs = [torch.zeros(programs, dtype=torch.int64, device="cuda") for _ in range(world)]
     streams = [torch.cuda.Stream() for _ in range(world)]
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -231,6 +231,18 @@ FP8_BACKENDS = [
 ]
 
 
+def history_then_step(paged, backend, cached, new, lens, block_size, device):
+    """K/V for the first cached[i] positions, then one step of new[i] tokens written by the backend and
+    attended: (q, k, v, metadata, row bounds, output)."""
+    paged.history(cached)
+    layout = build_layout(new, lens, paged.tables, block_size)
+    _, meta = layout.metadata([torch.from_numpy(a).to(device) for a in layout.arrays()])
+    q, k, v = paged.qkv(sum(new))
+    backend.write_kv(k, v, paged.cache, meta.slot_mapping)
+    out = backend.forward(q, k, v, paged.cache, meta, 64**-0.5)
+    return q, k, v, meta, layout.query_start_loc.tolist(), out
+
+
 @pytest.mark.parametrize("name, block_size, device, dtype", FP8_BACKENDS)
 @pytest.mark.parametrize("cached, new", [([0, 0, 0], [1, 40, 300]), ([40, 255, 700], [1, 1, 1]),
                                          ([40, 255, 700], [5, 5, 5])], ids=["fresh", "decode", "verify"])
@@ -243,16 +255,11 @@ def test_fp8_cache(name, block_size, device, dtype, cached, new):
     paged = Paged(backend, lens, block_size, (8, 2, 64), device, dtype, extra_cols=1)
     paged.cache = LayerKVCache(paged.cache.key.to(torch.float8_e4m3fn), paged.cache.value.to(torch.float8_e4m3fn),
                                torch.rand(2, device=device) * 0.02 + 0.01, torch.rand(2, device=device) * 0.02 + 0.01)
-    paged.history(cached)
-    layout = build_layout(new, lens, paged.tables, block_size)
-    _, meta = layout.metadata([torch.from_numpy(a).to(device) for a in layout.arrays()])
-    q, k, v = paged.qkv(sum(new))
-    backend.write_kv(k, v, paged.cache, meta.slot_mapping)
-    out = backend.forward(q, k, v, paged.cache, meta, 64**-0.5)
+    q, k, v, meta, bounds, out = history_then_step(paged, backend, cached, new, lens, block_size, device)
     dequantized = LayerKVCache(dequantize(paged.cache.key, paged.cache.k_scale).float(),
                                dequantize(paged.cache.value, paged.cache.v_scale).float())
     ref = TorchRefBackend().forward(q.float(), k.float(), v.float(), dequantized, meta, 64**-0.5)
-    assert_close(out, ref, layout.query_start_loc.tolist(), "fp8")
+    assert_close(out, ref, bounds, "fp8")
     written = dequantized.key.view(-1, 2, 64)[meta.slot_mapping]  # within FP8's 3-bit mantissa of the input
     torch.testing.assert_close(written, k.float(), rtol=0.07, atol=0.02 * 2)
 
@@ -278,18 +285,13 @@ def test_fp8_cache_with_sink_blocks(name, block_size, device, dtype, cached, new
                                torch.rand(2, device=device) * 0.02 + 0.01, torch.rand(2, device=device) * 0.02 + 0.01,
                                torch.randn(2, 64, device=device), sink_nan, sink_nan.clone())
     paged.ref = LayerKVCache(torch.zeros(shape, device=device), torch.zeros(shape, device=device))
-    paged.history(cached)
-    layout = build_layout(new, lens, paged.tables, block_size)
-    _, meta = layout.metadata([torch.from_numpy(a).to(device) for a in layout.arrays()])
-    q, k, v = paged.qkv(sum(new))
-    backend.write_kv(k, v, paged.cache, meta.slot_mapping)
-    out = backend.forward(q, k, v, paged.cache, meta, 64**-0.5)
+    q, k, v, meta, bounds, out = history_then_step(paged, backend, cached, new, lens, block_size, device)
     c = paged.cache
     read = [dequantize(x.float(), s) for x, s in ((c.key, c.k_scale), (c.value, c.v_scale))]
     for x, sink, s in zip(read, (c.k_sink, c.v_sink), (c.k_scale, c.v_scale)):
         x[:sinks] = dequantize(sink.float(), s)
     ref = TorchRefBackend().forward(q.float(), k.float(), v.float(), LayerKVCache(*read), meta, 64**-0.5)
-    assert_close(out, ref, layout.query_start_loc.tolist(), "fp8 with sink blocks")
+    assert_close(out, ref, bounds, "fp8 with sink blocks")
     new_first = meta.slot_mapping < sinks * block_size  # new tokens of first blocks ("fresh" prompts)
     slots = meta.slot_mapping[new_first]
     want = ((k.float() - c.k_offset) / c.k_scale[:, None])[new_first].half()
