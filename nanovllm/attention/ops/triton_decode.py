@@ -119,6 +119,74 @@ def _with_sinks(k, v, k_sink_ptr, v_sink_ptr, offsets, sink):
 
 
 @triton.jit
+def _attend_range(acc, running_max, running_sum, q, q_pos, lo, hi, valid_end,
+                  k_cache_ptr, v_cache_ptr, k_sink_ptr, v_sink_ptr, num_sink_blocks, table, head_offset, qk_scale,
+                  stride_cb, stride_ct, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, SINK: tl.constexpr, PRECISION: tl.constexpr,
+                  SPLIT_P: tl.constexpr):
+    """Online softmax over the tiles starting at ``lo, lo + BLOCK_N, ...`` below ``hi``: tokens at or past
+    ``valid_end`` are masked (``MASKED``), and so are those past each row's own position ``q_pos``
+    (``CAUSAL``). With ``SINK`` the tiles' tokens in sink blocks come from the float16 sinks."""
+    dims = tl.arange(0, HEAD_DIM)
+    tokens = tl.arange(0, BLOCK_N)
+    for tile in range(lo, hi, BLOCK_N):
+        pos = tile + tokens
+        if MASKED:
+            valid = pos < valid_end
+            block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        else:
+            block = tl.load(table + pos // BLOCK_SIZE).to(tl.int64)
+        offsets = (block * stride_cb + (pos % BLOCK_SIZE) * stride_ct + head_offset)[:, None] + dims[None, :]
+        if MASKED:
+            k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
+            v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
+        else:
+            k = tl.load(k_cache_ptr + offsets).to(q.dtype)
+            v = tl.load(v_cache_ptr + offsets).to(q.dtype)
+        if SINK:
+            sink = block < num_sink_blocks
+            if MASKED:
+                sink = sink & valid
+            k, v = _with_sinks(k, v, k_sink_ptr, v_sink_ptr, offsets, sink)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            visible = valid[None, :]
+            if CAUSAL:
+                visible = visible & (pos[None, :] <= q_pos[:, None])
+            scores = tl.where(visible, scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        probs = tl.math.exp2(scores - new_max[:, None])
+        alpha = tl.math.exp2(running_max - new_max)
+        running_sum = running_sum * alpha + tl.sum(probs, axis=1)
+        acc = acc * alpha[:, None] + _dot_probs(probs, v, PRECISION, SPLIT_P)
+        running_max = new_max
+    return acc, running_max, running_sum
+
+
+@triton.jit
+def _attend_tiles(acc, running_max, running_sum, q, q_pos, lo, hi, valid_end,
+                  k_cache_ptr, v_cache_ptr, k_sink_ptr, v_sink_ptr, num_sink_blocks, table, head_offset, qk_scale,
+                  stride_cb, stride_ct, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, SINK: tl.constexpr, PRECISION: tl.constexpr,
+                  SPLIT_P: tl.constexpr):
+    """:func:`_attend_range` over ``lo:hi`` (``lo`` a multiple of ``BLOCK_N``), with the tiles that can hold
+    a sequence's first block (the only sink block) peeled into a loop of their own, so that the main
+    loop has no branch: FP8 decode steps with sink blocks 6.75 -> 6.33 ms on the H200 (bench.py; 4.91
+    ms without sink blocks)."""
+    if SINK:
+        sink_hi = tl.minimum(hi, tl.maximum(lo, BLOCK_SIZE))
+        acc, running_max, running_sum = _attend_range(
+            acc, running_max, running_sum, q, q_pos, lo, sink_hi, valid_end, k_cache_ptr, v_cache_ptr, k_sink_ptr,
+            v_sink_ptr, num_sink_blocks, table, head_offset, qk_scale, stride_cb, stride_ct, HEAD_DIM, BLOCK_SIZE,
+            BLOCK_N, MASKED, CAUSAL, True, PRECISION, SPLIT_P)
+        lo = lo + tl.cdiv(sink_hi - lo, BLOCK_N) * BLOCK_N
+    return _attend_range(
+        acc, running_max, running_sum, q, q_pos, lo, hi, valid_end, k_cache_ptr, v_cache_ptr, k_sink_ptr, v_sink_ptr,
+        num_sink_blocks, table, head_offset, qk_scale, stride_cb, stride_ct, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
+        MASKED, CAUSAL, False, PRECISION, SPLIT_P)
+
+
+@triton.jit
 def _decode_kernel(
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
@@ -142,7 +210,6 @@ def _decode_kernel(
     # row r: query token r // GROUP of the sequence (its query row q_start + that), head r % GROUP
     rows = tl.arange(0, ROWS)
     dims = tl.arange(0, HEAD_DIM)
-    tokens = tl.arange(0, BLOCK_N)
     token = rows // GROUP
     heads = kv_head * GROUP + rows % GROUP
     if MULTI:
@@ -163,28 +230,10 @@ def _decode_kernel(
     running_max = tl.full([ROWS], -1.0e30, tl.float32)
     running_sum = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-    for tile in range(start, end, BLOCK_N):
-        pos = tile + tokens
-        valid = pos < end
-        block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        offsets = (block * stride_cb + (pos % BLOCK_SIZE) * stride_ct + head_offset)[:, None] + dims[None, :]
-        k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
-        v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
-        if SINK:
-            if tile < BLOCK_SIZE:  # a sequence's first block is its only sink block
-                k, v = _with_sinks(k, v, k_sink_ptr, v_sink_ptr, offsets, valid & (block < num_sink_blocks))
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        if MULTI:  # causal among the step's query tokens
-            visible = valid[None, :] & (pos[None, :] <= q_pos[:, None])
-        else:
-            visible = valid[None, :]
-        scores = tl.where(visible, scores * qk_scale, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        probs = tl.math.exp2(scores - new_max[:, None])
-        alpha = tl.math.exp2(running_max - new_max)
-        running_sum = running_sum * alpha + tl.sum(probs, axis=1)
-        acc = acc * alpha[:, None] + _dot_probs(probs, v, PRECISION, SPLIT_P)
-        running_max = new_max
+    acc, running_max, running_sum = _attend_tiles(
+        acc, running_max, running_sum, q, q_pos, start, end, end, k_cache_ptr, v_cache_ptr, k_sink_ptr, v_sink_ptr,
+        num_sink_blocks, table, head_offset, qk_scale, stride_cb, stride_ct, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
+        True, MULTI, SINK, PRECISION, SPLIT_P)
 
     if SINGLE:
         out = acc / tl.maximum(running_sum, 1e-30)[:, None]  # empty context: 0 / tiny = 0

@@ -26,50 +26,9 @@ from nanovllm.attention.ops.paged_cache_checks import (
     check_scales,
     check_sinks,
 )
-from nanovllm.attention.ops.triton_decode import LOG2E, _dot_probs, _scaled_query, _with_sinks
+from nanovllm.attention.ops.triton_decode import LOG2E, _attend_tiles, _scaled_query
 
 BLOCK_N = 64  # K/V tokens per tile
-
-
-@triton.jit
-def _attend_tiles(acc, running_max, running_sum, q, q_pos, kv_start, kv_end, seq_len,
-                  k_cache_ptr, v_cache_ptr, k_sink_ptr, v_sink_ptr, num_sink_blocks, table, head_offset, qk_scale,
-                  stride_cb, stride_ct, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASKED: tl.constexpr, SINK: tl.constexpr, PRECISION: tl.constexpr, SPLIT_P: tl.constexpr):
-    """Online softmax over K/V tokens ``kv_start:kv_end`` (``kv_start`` a multiple of ``BLOCK_N``)."""
-    dims = tl.arange(0, HEAD_DIM)
-    tokens = tl.arange(0, BLOCK_N)
-    for tile in range(kv_start, kv_end, BLOCK_N):
-        pos = tile + tokens
-        if MASKED:
-            valid = pos < kv_end
-            block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        else:
-            block = tl.load(table + pos // BLOCK_SIZE).to(tl.int64)
-        offsets = (block * stride_cb + (pos % BLOCK_SIZE) * stride_ct + head_offset)[:, None] + dims[None, :]
-        if MASKED:
-            k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
-            v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
-        else:
-            k = tl.load(k_cache_ptr + offsets).to(q.dtype)
-            v = tl.load(v_cache_ptr + offsets).to(q.dtype)
-        if SINK:
-            if tile < BLOCK_SIZE:  # a sequence's first block is its only sink block
-                sink = block < num_sink_blocks
-                if MASKED:
-                    sink = sink & valid
-                k, v = _with_sinks(k, v, k_sink_ptr, v_sink_ptr, offsets, sink)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if MASKED:
-            visible = (pos[None, :] <= q_pos[:, None]) & (pos < seq_len)[None, :]
-            scores = tl.where(visible, scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        probs = tl.math.exp2(scores - new_max[:, None])
-        alpha = tl.math.exp2(running_max - new_max)
-        running_sum = running_sum * alpha + tl.sum(probs, axis=1)
-        acc = acc * alpha[:, None] + _dot_probs(probs, v, PRECISION, SPLIT_P)
-        running_max = new_max
-    return acc, running_max, running_sum
 
 
 @triton.jit
@@ -110,13 +69,13 @@ def _prefill_kernel(
     full_end = (context_start + first + 1) // BLOCK_N * BLOCK_N  # tiles every row sees entirely
     kv_end = context_start + tl.minimum(first + TOKENS, q_len)  # one past the last row's position
     acc, running_max, running_sum = _attend_tiles(
-        acc, running_max, running_sum, q, q_pos, 0, full_end, seq_len, k_cache_ptr, v_cache_ptr, k_sink_ptr,
+        acc, running_max, running_sum, q, q_pos, 0, full_end, full_end, k_cache_ptr, v_cache_ptr, k_sink_ptr,
         v_sink_ptr, num_sink_blocks, table, head_offset, qk_scale, stride_cb, stride_ct, HEAD_DIM, BLOCK_SIZE,
-        BLOCK_N, False, SINK, PRECISION, SPLIT_P)
+        BLOCK_N, False, False, SINK, PRECISION, SPLIT_P)
     acc, running_max, running_sum = _attend_tiles(
-        acc, running_max, running_sum, q, q_pos, full_end, kv_end, seq_len, k_cache_ptr, v_cache_ptr, k_sink_ptr,
+        acc, running_max, running_sum, q, q_pos, full_end, kv_end, kv_end, k_cache_ptr, v_cache_ptr, k_sink_ptr,
         v_sink_ptr, num_sink_blocks, table, head_offset, qk_scale, stride_cb, stride_ct, HEAD_DIM, BLOCK_SIZE,
-        BLOCK_N, True, SINK, PRECISION, SPLIT_P)
+        BLOCK_N, True, True, SINK, PRECISION, SPLIT_P)
 
     out = acc / running_sum[:, None]  # every row saw position 0: running_sum >= 1
     if FP8:
