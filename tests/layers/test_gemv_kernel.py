@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nanovllm.layers import gemv_kernel
 from nanovllm.layers.gemv_kernel import gemv
 from nanovllm.layers.linear import linear
 
@@ -15,9 +16,12 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     return F.linear(x.double(), weight.double(), None if bias is None else bias.double())
 
 
-@pytest.mark.parametrize("n,k", [(40, 96), (16, 300), (33, 2048)])  # partial blocks of N and K, the wide-K path
+@pytest.mark.parametrize("n,k", [(40, 96), (16, 300), (33, 2048), (6, 5000)])  # partial blocks of N and K, K over two tiles
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_gemv_matches_matmul(n, k, with_bias):
+@pytest.mark.parametrize("pdl_tiles", [False, True])  # the tiles PDL launches take (whole rows), without PDL
+def test_gemv_matches_matmul(n, k, with_bias, pdl_tiles, monkeypatch):
+    if pdl_tiles:
+        monkeypatch.setattr(gemv_kernel, "_config", lambda k, pdl, config=gemv_kernel._config: config(k, True))
     torch.manual_seed(n + k)
     dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
     x = torch.randn(1, k, device=DEVICE).to(dtype)

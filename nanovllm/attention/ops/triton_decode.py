@@ -77,6 +77,7 @@ from nanovllm.attention.ops.paged_cache_checks import (
     check_scales,
     check_sinks,
 )
+from nanovllm.utils.pdl import pdl_launch_dependents, pdl_wait, use_pdl
 
 BLOCK_N = 64  # tokens per K/V tile
 FP8_BLOCK_N = 128  # the same bytes per tile from an FP8 cache
@@ -195,8 +196,10 @@ def _decode_kernel(
     num_heads,
     GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, FP8: tl.constexpr, SINK: tl.constexpr, SINGLE: tl.constexpr, MULTI: tl.constexpr,
-    PRECISION: tl.constexpr, SPLIT_P: tl.constexpr,
+    PRECISION: tl.constexpr, SPLIT_P: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
@@ -253,8 +256,10 @@ def _reduce_kernel(
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, context_lens_ptr, query_start_loc_ptr, v_scale_ptr,
     partition_size, num_partitions, stride_os, stride_oh, num_heads,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PARTS_PAD: tl.constexpr, CHUNK: tl.constexpr, FP8: tl.constexpr,
-    MULTI: tl.constexpr,
+    MULTI: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_row = seq
@@ -376,6 +381,7 @@ def paged_attention(
         part_sum = torch.empty_like(part_max)
         part_acc = torch.empty(query.shape[0], num_heads, num_partitions, head_dim, dtype=torch.float32,
                                device=query.device)
+    pdl = use_pdl(query.device)
     _decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
         out, part_acc, part_max, part_sum,
         query, key_cache, value_cache, block_tables, context_lens, query_start_loc, k_scale, v_scale,
@@ -386,7 +392,7 @@ def paged_attention(
         FP8=fp8, SINK=num_sink_blocks > 0, SINGLE=single, MULTI=multi,
         PRECISION="ieee" if query.dtype == torch.float32 and not fp8 else "tf32",
         SPLIT_P=query.dtype == torch.bfloat16 and not fp8,
-        num_warps=4, num_stages=2,
+        PDL=pdl, num_warps=4, num_stages=2, launch_pdl=pdl,
     )
     if not single:
         parts_pad = triton.next_power_of_2(num_partitions)
@@ -394,6 +400,6 @@ def paged_attention(
             out, part_acc, part_max, part_sum, context_lens, query_start_loc, v_scale,
             partition_size, num_partitions, out.stride(0), out.stride(1), num_heads,
             GROUP=group, HEAD_DIM=head_dim, PARTS_PAD=parts_pad, CHUNK=min(parts_pad, 16), FP8=fp8, MULTI=multi,
-            num_warps=4,
+            PDL=pdl, num_warps=4, launch_pdl=pdl,
         )
     return out

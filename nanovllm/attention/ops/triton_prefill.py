@@ -27,6 +27,7 @@ from nanovllm.attention.ops.paged_cache_checks import (
     check_sinks,
 )
 from nanovllm.attention.ops.triton_decode import LOG2E, _attend_tiles, _scaled_query
+from nanovllm.utils.pdl import pdl_launch_dependents, pdl_wait, use_pdl
 
 BLOCK_N = 64  # K/V tokens per tile
 
@@ -38,8 +39,10 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ct, stride_ch, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
     TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, SINK: tl.constexpr, PRECISION: tl.constexpr,
-    SPLIT_P: tl.constexpr,
+    SPLIT_P: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -127,6 +130,7 @@ def paged_prefill_attention(
     block_m = max(block_m, triton.next_power_of_2(group))
     tokens_per_program = block_m // group
     grid = (num_seqs, triton.cdiv(max_query_len, tokens_per_program), num_kv_heads)
+    pdl = use_pdl(query.device)
     _prefill_kernel[grid](
         out, query, key_cache, value_cache, block_tables, query_start_loc, seq_lens, k_scale, v_scale,
         k_sink, v_sink, num_sink_blocks, scale * LOG2E, query.stride(0), query.stride(1), out.stride(0), out.stride(1), *key_cache.stride()[:3],
@@ -135,6 +139,6 @@ def paged_prefill_attention(
         SINK=num_sink_blocks > 0,
         PRECISION="ieee" if query.dtype == torch.float32 and not fp8 else "tf32",
         SPLIT_P=query.dtype == torch.bfloat16 and not fp8,
-        num_warps=8 if block_m >= 128 else 4, num_stages=2,
+        PDL=pdl, num_warps=8 if block_m >= 128 else 4, num_stages=2, launch_pdl=pdl,
     )
     return out

@@ -13,6 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from nanovllm.attention.ops.paged_cache_checks import FP8_MAX, check_cache, check_scales, check_sinks
+from nanovllm.utils.pdl import pdl_launch_dependents, pdl_wait, use_pdl
 
 
 @triton.jit
@@ -20,7 +21,10 @@ def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_s
                      k_sink_ptr, v_sink_ptr, num_sink_blocks,
                      stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ct, stride_ch,
                      num_kv_heads, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr,
-                     FP8: tl.constexpr, K_OFFSET: tl.constexpr, SINK: tl.constexpr, FP8_MAX: tl.constexpr):
+                     FP8: tl.constexpr, K_OFFSET: tl.constexpr, SINK: tl.constexpr, FP8_MAX: tl.constexpr,
+                     PDL: tl.constexpr):
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token)
     if slot < 0:  # padding token of a CUDA-graph batch
@@ -79,10 +83,11 @@ def store_kv(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
                          f"{tuple(k_offset.shape)} with a {key_cache.dtype} cache")
     if num_tokens == 0:
         return
+    pdl = use_pdl(key.device)
     _store_kv_kernel[(num_tokens,)](
         key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, k_offset, k_sink, v_sink, num_sink_blocks,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1), *key_cache.stride()[:3],
         num_kv_heads, BLOCK_SIZE=key_cache.shape[1], HEAD_DIM=head_dim,
         HEADS_PAD=triton.next_power_of_2(num_kv_heads), FP8=fp8, K_OFFSET=k_offset is not None,
-        SINK=num_sink_blocks > 0, FP8_MAX=FP8_MAX,
+        SINK=num_sink_blocks > 0, FP8_MAX=FP8_MAX, PDL=pdl, launch_pdl=pdl,
     )
