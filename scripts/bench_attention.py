@@ -107,11 +107,11 @@ def report(name: str, lens: list[int], query, caches: Caches, max_len: int) -> N
     print(f"{name:<28} " + " | ".join(row), flush=True)
 
 
-def main_table(caches: Caches) -> None:
+def main_table(caches: Caches, batches: list[int], contexts: list[int]) -> None:
     print(f"decode, {NUM_HEADS} q heads / {NUM_KV_HEADS} kv heads / head dim {HEAD_DIM}; time per call and KV read "
           "bandwidth; triton picks v1/v2 by choose_num_partitions", flush=True)
-    for batch in BATCHES:
-        for context in CONTEXTS:
+    for batch in batches:
+        for context in contexts:
             query = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
             parts = choose_num_partitions(batch, NUM_KV_HEADS, context, query.device)
             report(f"batch {batch:3d} ctx {context:4d} (P={parts})", [context] * batch, query, caches, context)
@@ -122,14 +122,14 @@ def main_table(caches: Caches) -> None:
     report("  same, graph max_len 8192", lens, query, caches, 8192)
 
 
-def sweep(caches: Caches) -> None:
+def sweep(caches: Caches, batches: list[int]) -> None:
     """us per call of v1 (P=1) and v2 at several partition sizes, per batch and context;
     ``maxlen`` rows pass a CUDA graph's max_context_len (8192) over shorter real contexts."""
-    sizes = (256, 512, 1024, 2048)
+    sizes = (64, 128, 256, 512, 1024, 2048)
     print("sweep (us): batch ctx maxlen | v1 | " + " | ".join(f"v2 ps={s}" for s in sizes)
           + " | heuristic P", flush=True)
     scale = HEAD_DIM**-0.5
-    for batch in (1, 4, 16, 32, 64, 128, 256):
+    for batch in batches:
         for context, max_len in ((512, 512), (2048, 2048), (8192, 8192), (2048, 8192)):
             if batch * max_len > MAX_TOKENS:
                 continue
@@ -152,10 +152,15 @@ def sweep(caches: Caches) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="v1/v2 partition sweep instead of the table")
+    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default: each mode's own)")
+    parser.add_argument("--contexts", type=int, nargs="+", default=CONTEXTS, help="context lengths of the table")
     args = parser.parse_args()
     torch.manual_seed(0)
     caches = Caches.allocate()
-    sweep(caches) if args.sweep else main_table(caches)
+    if args.sweep:
+        sweep(caches, args.batches or [1, 4, 16, 32, 64, 128, 256])
+    else:
+        main_table(caches, args.batches or BATCHES, args.contexts)
 
 
 if __name__ == "__main__":

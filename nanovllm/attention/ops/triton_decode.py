@@ -21,34 +21,39 @@ A context of length 0 (padding rows of a CUDA-graph batch) yields zeros. With an
 key scale is folded into the softmax scale per KV head and the value scale is applied once to
 the output.
 
-Heuristic (:func:`choose_num_partitions`): partitions of 256 tokens while ``num_seqs * num_kv_heads``
-programs < 1.5 x SMs, 512 below 3 x SMs, else 1024; v1 whenever ``max_context_len`` fits in one
-partition. Measured on an H100 (132 SMs), bf16, 8 KV heads, head dim 128, block 16, us per call
-in a CUDA graph (``scripts/bench_attention.py --sweep``; * = the heuristic's pick):
+Heuristic (:func:`choose_num_partitions`): with few sequences (``num_seqs * num_kv_heads`` programs
+per partition < 1.5 x SMs) the shortest partitions of 64, 128 or 256 tokens that keep the grid within
+2 x SMs programs; otherwise 512 tokens below 3 x SMs programs per partition, else 1024. v1 whenever
+``max_context_len`` fits in one partition. Measured on an H100 (132 SMs), bf16, 8 KV heads, head dim
+128, block 16, us per call in a CUDA graph (``scripts/bench_attention.py --sweep``; * = the
+heuristic's pick; the first rows' short partitions were measured on an H200, the same column
+otherwise within 1 us):
 
-=====  ======  =======  ======  ======  ======  =======
-batch  ctx     v1       ps=256  ps=512  ps=1024 ps=2048
-=====  ======  =======  ======  ======  ======  =======
-1      512     12.7     9.4*    -       -       -
-1      8192    196.2    15.2*   18.1    28.7    52.8
-4      2048    52.3     14.3*   17.9    28.9    -
-4      8192    216.9    56.4*   59.0    55.2    68.1
-16     512     15.3     14.1*   -       -       -
-16     2048    66.8     54.4*   58.9    54.9    -
-16     8192    247.8    193.5*  193.4   189.3   211.0
-32     512     29.7*    33.6    -       -       -
-32     2048    98.4     104.1   100.9*  110.6   -
-32     8192    372.1    378.9   372.9*  385.7   370.0
-64     2048    212.7    196.7   196.5   190.3*  -
-64     8192    825.8    753.9   741.4   728.8*  749.4
-128    512     97.9*    104.4   -       -       -
-128    2048    368.6    384.6   379.5   382.2*  -
-128    8192    1447.1   1504.2  1466.3  1440.7* 1448.8
-256    2048    748.5    762.7   748.7   735.3*  -
-256    8192    2970.8   3003.9  2930.1  2885.9* 2863.4
-=====  ======  =======  ======  ======  ======  =======
+=====  ======  =======  ======  ======  ======  ======  =======  =======
+batch  ctx     v1       ps=64   ps=128  ps=256  ps=512  ps=1024  ps=2048
+=====  ======  =======  ======  ======  ======  ======  =======  =======
+1      512     11.4     6.3*    5.9     9.0     -       -        -
+1      2048    40.4     8.1*    7.5     11.6    13.3    24.5     -
+1      8192    208.6    26.1    19.8    16.8*   17.7    37.5     54.0
+4      512     14.9     7.7*    8.5     11.3    -       -        -
+4      2048    58.9     17.1    15.1    15.6*   18.2    37.4     -
+4      8192    220.3    71.1    54.3    46.9*   49.0    48.9     67.0
+16     512     19.5     17.0    16.6    14.4*   -       -        -
+16     2048    75.5     53.9    45.5    46.3*   50.6    47.5     -
+16     8192    287.1    204.3   164.7   149.3*  147.9   145.6    173.5
+32     512     29.7*    -       -       33.6    -       -        -
+32     2048    98.4     -       -       104.1   100.9*  110.6    -
+32     8192    372.1    -       -       378.9   372.9*  385.7    370.0
+64     2048    212.7    -       -       196.7   196.5   190.3*   -
+64     8192    825.8    -       -       753.9   741.4   728.8*   749.4
+128    512     97.9*    -       -       104.4   -       -        -
+128    2048    368.6    -       -       384.6   379.5   382.2*   -
+128    8192    1447.1   -       -       1504.2  1466.3  1440.7*  1448.8
+256    2048    748.5    -       -       762.7   748.7   735.3*   -
+256    8192    2970.8   -       -       3003.9  2930.1  2885.9*  2863.4
+=====  ======  =======  ======  ======  ======  ======  =======  =======
 
-The pick is within 4% of the row's best everywhere; v1 alone loses up to 13x at small batches
+The pick is within 8% of the row's best everywhere (4% from batch 4 on); v1 alone loses up to 13x at small batches
 and 13% at batch 64 (a partial second wave of programs), so there is no cliff where the path
 switches. With a CUDA graph's ``max_context_len`` = 8192 over real contexts of 2048, v2 costs
 1-3% over its time at ``max_context_len`` = 2048 (2 us at batch 4); partitions past a length exit at once.
@@ -301,8 +306,14 @@ def choose_num_partitions(num_seqs: int, num_kv_heads: int, max_context_len: int
     """Partition count for decode (1 = v1); see the table in the module docstring."""
     num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 132
-    programs = num_seqs * num_kv_heads
-    partition_size = 256 if 2 * programs < 3 * num_sms else 512 if programs < 3 * num_sms else 1024
+    programs = num_seqs * num_kv_heads  # per partition
+    if 2 * programs < 3 * num_sms:
+        for size in (64, 128):
+            if programs * triton.cdiv(max_context_len, size) <= 2 * num_sms:
+                return triton.cdiv(max_context_len, size)
+        partition_size = 256
+    else:
+        partition_size = 512 if programs < 3 * num_sms else 1024
     return triton.cdiv(max_context_len, partition_size)
 
 

@@ -150,7 +150,8 @@ def test_partition_heuristic():
     assert choose_num_partitions(512, 8, 8192, cpu) == 8
     assert choose_num_partitions(32, 8, 8192, cpu) == 16
     assert choose_num_partitions(1, 8, 8192, cpu) == 32  # few programs: short partitions
-    assert choose_num_partitions(1, 8, 200, cpu) == 1
+    assert choose_num_partitions(1, 8, 200, cpu) == 4  # 64-token partitions while the grid stays small
+    assert choose_num_partitions(4, 8, 2048, cpu) == 8  # 64 or 128 tokens would be > 2 x SMs programs
 
 
 def test_decode_rejects_bad_input():
