@@ -45,6 +45,9 @@ class Config:
     seed: int = 0
     attention_backend: str = "auto"
     kv_cache_dtype: str = "auto"
+    # FP8 KV: each sequence's first block (the attention sinks) in float16 as well; off by default:
+    # on the H200 it cost 29 % of a decode step (4.91 -> 6.34 ms) for no measured GPU accuracy gain
+    fp8_sink_blocks: bool = False
     max_logprobs: int = 20
     # vLLM's dict ({"method": "ngram" | "draft_model", ...}), parsed into a SpeculativeConfig
     speculative_config: "dict | SpeculativeConfig | None" = None
@@ -101,6 +104,8 @@ class Config:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {tuple(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.fp8_sink_blocks and self.kv_cache_dtype != "fp8":
+            raise ValueError(f"fp8_sink_blocks=True needs kv_cache_dtype='fp8', got {self.kv_cache_dtype!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
 

@@ -85,6 +85,13 @@ def test_bad_tensor_parallel_size_is_refused_before_any_work(tiny_model, size, m
         Config(tiny_model("qwen3")[0], device="cpu", tensor_parallel_size=size)
 
 
+def test_fp8_sink_blocks_need_an_fp8_cache(tiny_model):
+    path = tiny_model("qwen3")[0]
+    with pytest.raises(ValueError, match="fp8_sink_blocks=True needs kv_cache_dtype='fp8', got 'auto'"):
+        Config(path, device="cpu", fp8_sink_blocks=True)
+    assert Config(path, device="cpu", kv_cache_dtype="fp8", fp8_sink_blocks=True).fp8_sink_blocks
+
+
 def test_tensor_parallel_size_must_split_or_replicate_kv_heads(tmp_path):
     """12 query / 8 KV heads: 4 ranks split both; 3 ranks split the query heads, but the KV heads can be
     neither split nor replicated (one per rank) evenly."""

@@ -161,10 +161,10 @@ class ModelRunner:
         return num_blocks
 
     def _sink_blocks(self, num_blocks: int) -> int:
-        """FP8: how many of the cache's blocks are sink blocks, kept in float16 as well (`BlockManager`,
-        `LayerKVCache`): one for each of max_num_seqs running sequences and as many again for cached
-        prefixes, at most a quarter of the cache."""
-        if self.kv_dtype != torch.float8_e4m3fn:
+        """With `fp8_sink_blocks`, how many of the cache's blocks are sink blocks, kept in float16 as well
+        (`BlockManager`, `LayerKVCache`): one for each of max_num_seqs running sequences and as many again
+        for cached prefixes, at most a quarter of the cache."""
+        if self.kv_dtype != torch.float8_e4m3fn or not self.config.fp8_sink_blocks:
             return 0
         return min(2 * self.config.max_num_seqs, num_blocks // 4)
 

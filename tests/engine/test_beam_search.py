@@ -119,7 +119,7 @@ def test_fp8_cache_counts_sink_blocks(tiny_model):
     own first block (a prompt shorter than a block) must fit those too, or the search is refused."""
     path, _ = tiny_model("qwen3")
     llm = LLM(path, skip_tokenizer_init=True, device="cpu", kvcache_block_size=8, num_kvcache_blocks=12,
-              kv_cache_dtype="fp8")
+              kv_cache_dtype="fp8", fp8_sink_blocks=True)
     assert llm.block_manager.num_sink_blocks == 3
     with pytest.raises(ValueError, match="4 sink blocks, the cache has 9 and 3"):
         llm.beam_search(random_prompts([5], seed=45), BeamSearchParams(4, 4, ignore_eos=True), use_tqdm=False)

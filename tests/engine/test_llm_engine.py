@@ -333,7 +333,7 @@ def test_fp8_sink_blocks_through_prefix_hits_and_forks(tiny_model):
     that copy them on write (n = 2 over a prompt shorter than a block), give the tokens a fresh run
     gives, and only first blocks are sink blocks."""
     path, _ = tiny_model("qwen3")
-    args = dict(skip_tokenizer_init=True, device="cpu", kv_cache_dtype="fp8", kvcache_block_size=8)
+    args = dict(skip_tokenizer_init=True, device="cpu", kv_cache_dtype="fp8", fp8_sink_blocks=True, kvcache_block_size=8)
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     long_prompt, short_prompt = random_prompts([30, 5], seed=76)
     llm = LLM(path, **args)
