@@ -565,12 +565,12 @@ def _forward_triton(raw: Tensor, x: Tensor, keys: Tensor, t: SamplingTensors) ->
     if t.do_top_k or t.do_top_p or top_from_buffer:
         pivot, ok = _pivots(lanes, m, total, t)
         count, values, ids = kernels.gather_candidates(x, inv_t, pivot, CANDIDATES)
-        z, order = (values * inv_t.unsqueeze(1)).sort(dim=1, descending=True)
-        tau, covered = thresholds_from_sorted(z, m, total, t)
+        tau, covered = kernels.select_thresholds(values, inv_t, m, total, t.top_ks, t.top_ps, t.min_ps, t.vocab_size,
+                                                 t.do_top_k, t.do_top_p, t.do_min_p)
         ok &= covered & (count <= CANDIDATES)
-        k = min(t.max_num_logprobs, CANDIDATES)
         if top_from_buffer:
-            top = (values.gather(1, order[:, :k]), ids.gather(1, order[:, :k]))
+            top_values, order = values.topk(min(t.max_num_logprobs, CANDIDATES), dim=1)
+            top = (top_values, ids.gather(1, order))
         if not bool(ok.all()):  # rare: a nucleus or top-k wider than the buffer; sort those rows
             tau, top = _full_sort_rows(x, m, total, t, ~ok, tau, top)
     else:

@@ -152,3 +152,91 @@ def gather_candidates(x: torch.Tensor, inv_t: torch.Tensor, pivot: torch.Tensor,
     _gather_kernel[(batch,)](x, x.stride(0), vocab, inv_t, pivot, count, values, ids, CAP=cap, BLOCK=LANES,
                              num_warps=8)
     return count, values, ids
+
+
+@triton.jit
+def _order_key(z):
+    """int32 keys whose signed order is the float32 order of z (-inf included)."""
+    bits = z.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _from_order_key(key):
+    return (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _kth_largest_key(keys, k):
+    """The k-th largest of `keys` (k >= 1, at most their count): bisection on the int32 order."""
+    lo = tl.min(keys, 0)  # count(keys >= lo) >= k always holds
+    hi = tl.max(keys, 0)
+    for _ in range(33):  # the keys span at most 2**32 values
+        if lo < hi:
+            mid = lo + (hi - lo + 1) // 2
+            if tl.sum((keys >= mid).to(tl.int32), 0) >= k:
+                lo = mid
+            else:
+                hi = mid - 1
+    return lo
+
+
+@triton.jit
+def _select_kernel(val_ptr, inv_t_ptr, m_ptr, total_ptr, top_k_ptr, top_p_ptr, min_p_ptr, tau_ptr, covered_ptr,
+                   V, CAP: tl.constexpr, DO_TOP_K: tl.constexpr, DO_TOP_P: tl.constexpr, DO_MIN_P: tl.constexpr):
+    """Each row's threshold tau from its candidates (`gather_candidates`): `sampler.thresholds_from_sorted`
+    without the sort. Top-k: the k-th largest scaled logit; top-p: the smallest candidate value whose
+    strictly larger candidates hold less than top_p of the mass (HF keeps a token while the mass ranked
+    above it is below top_p); min-p: m + log(min_p)."""
+    row = tl.program_id(0)
+    row64 = row.to(tl.int64)
+    z = tl.load(val_ptr + row64 * CAP + tl.arange(0, CAP)) * tl.load(inv_t_ptr + row)
+    keys = _order_key(z).to(tl.int64)
+    m = tl.load(m_ptr + row)
+    tau_key = _order_key(tl.full((), float("-inf"), tl.float32)).to(tl.int64)
+    covered = tl.full((), 1, tl.int32)
+    mass = tl.load(total_ptr + row)
+    if DO_TOP_K:
+        top_k = tl.load(top_k_ptr + row)
+        if top_k < V:
+            covered = (top_k <= CAP).to(tl.int32)
+            tau_key = _kth_largest_key(keys, tl.minimum(top_k, CAP))
+            mass = tl.sum(tl.where(keys >= tau_key, tl.exp(z - m), 0.0), 0)
+    if DO_TOP_P:
+        top_p = tl.load(top_p_ptr + row)
+        if top_p < 1.0:
+            w = tl.where(keys >= tau_key, tl.exp(z - m), 0.0)
+            target = top_p.to(tl.float32) * mass
+            covered = covered & (tl.sum(w, 0) >= target).to(tl.int32)
+            lo = tau_key
+            hi = tl.max(keys, 0)  # nothing is strictly above the largest key: less than any target
+            for _ in range(33):
+                if lo < hi:
+                    mid = lo + (hi - lo) // 2
+                    if tl.sum(tl.where(keys > mid, w, 0.0), 0) < target:
+                        hi = mid
+                    else:
+                        lo = mid + 1
+            tau_key = tl.maximum(tau_key, lo)
+    tau = _from_order_key(tau_key.to(tl.int32))
+    if DO_MIN_P:
+        min_p = tl.load(min_p_ptr + row)
+        if min_p > 0.0:
+            tau = tl.maximum(tau, m + tl.log(min_p))
+    tl.store(tau_ptr + row, tau)
+    tl.store(covered_ptr + row, covered.to(tl.int8))
+
+
+def select_thresholds(values: torch.Tensor, inv_t: torch.Tensor, m: torch.Tensor, total: torch.Tensor,
+                      top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, vocab_size: int,
+                      do_top_k: bool, do_top_p: bool, do_min_p: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tau [B] float32, covered [B] bool) of each row from its candidates `values` [B, CAP] (x, -inf
+    padded; they must hold every entry >= the row's pivot), as `sampler.thresholds_from_sorted` gives
+    them from the sorted candidates. `covered`: the candidates held enough of the row for tau to be exact."""
+    batch, cap = values.shape
+    tau = torch.empty(batch, dtype=torch.float32, device=values.device)
+    covered = torch.empty(batch, dtype=torch.int8, device=values.device)
+    m, total = m.contiguous(), total.contiguous()  # (columns of row_pass's stats)
+    _select_kernel[(batch,)](values, inv_t, m, total, top_k, top_p, min_p, tau, covered, vocab_size, CAP=cap,
+                             DO_TOP_K=do_top_k, DO_TOP_P=do_top_p, DO_MIN_P=do_min_p, num_warps=8)
+    return tau, covered.bool()

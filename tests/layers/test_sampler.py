@@ -437,6 +437,20 @@ for cap in (2048, 8):  # 8: the buffer overflows and rows fall back to a full so
     torch.testing.assert_close(ours.logprobs, ref.logprobs)
     torch.testing.assert_close(ours.top_logprobs, ref.top_logprobs)
     assert torch.equal(ours.top_token_ids, ref.top_token_ids)
+# thresholds without sorting the candidates equal those from the sorted candidates, ties included
+from nanovllm.layers import sampling_kernels as K
+rows = [Sequence(i, [1], SamplingParams(top_k=k, top_p=p, min_p=mp, temperature=0.8))
+        for i, (k, p, mp) in enumerate([(1, 1.0, 0.0), (7, 1.0, 0.0), (0, 0.5, 0.0), (0, 0.95, 0.0), (30, 0.9, 0.0),
+                                       (5, 0.3, 0.1), (0, 1.0, 0.2), (200, 0.99, 0.0)])]
+t = S.SamplingTensors.from_rows(rows, 500, [0], "cpu")
+x = (torch.randn(len(rows), 500) * 4).round() / 2  # many ties
+z = x * t.inv_temperatures[:, None]
+m, total = z.max(1).values, torch.exp(z - z.max(1, keepdim=True).values).sum(1)
+values = torch.cat([x, torch.full((len(rows), 12), float("-inf"))], 1)  # every entry a candidate, padded
+tau, covered = K.select_thresholds(values, t.inv_temperatures, m, total, t.top_ks, t.top_ps, t.min_ps, 500,
+                                   True, True, True)
+want, want_covered = S.thresholds_from_sorted(z.sort(1, descending=True).values, m, total, t)
+assert torch.equal(covered, want_covered) and torch.equal(tau, want), (tau, want)
 # a draw per vocabulary shard (tensor parallelism), then the best of them: the same tokens
 from nanovllm.layers import sampling_kernels as K
 t = S.SamplingTensors.from_rows(seqs[:2], V, [0], "cpu")  # a greedy and a temperature row
