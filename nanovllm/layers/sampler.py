@@ -518,34 +518,6 @@ def thresholds_from_sorted(z: Tensor | None, m: Tensor, total: Tensor, t: Sampli
     return tau, covered
 
 
-def _pivots(lanes: Tensor, m: Tensor, total: Tensor, t: SamplingTensors) -> tuple[Tensor, Tensor]:
-    """Per-row pivots in scaled-logit space such that the entries >= pivot hold the top-k set
-    (top-k on), else the nucleus (top-p on), and the top-K for logprobs; +inf where nothing is
-    needed. The sorted lane maxima are a subset of the row, so their k-th largest is <= the
-    row's k-th largest, and their prefix mass is <= the row's. Returns (pivot, ok)."""
-    lanes = lanes.sort(dim=1, descending=True).values
-    num_lanes = lanes.shape[1]
-    inf = torch.full_like(m, float("inf"))
-    pivot = inf
-    ok = torch.ones_like(m, dtype=torch.bool)
-    if t.do_top_p:
-        on = t.top_ps < 1.0
-        cum = torch.exp(lanes - m.unsqueeze(1)).cumsum(dim=1)
-        j = (cum < (t.top_ps.float() * total).unsqueeze(1)).sum(dim=1)
-        ok &= ~on | (j < num_lanes)
-        pivot = torch.where(on, lanes.gather(1, j.clamp(max=num_lanes - 1).unsqueeze(1)).squeeze(1), inf)
-    if t.do_top_k:
-        on = t.top_ks < t.vocab_size
-        ok &= ~on | (t.top_ks <= num_lanes)
-        kth = lanes.gather(1, (t.top_ks.clamp(max=num_lanes) - 1).unsqueeze(1)).squeeze(1)
-        pivot = torch.where(on, kth, pivot)
-    if t.max_num_logprobs:
-        k = min(t.max_num_logprobs, num_lanes)
-        ok &= t.max_num_logprobs <= num_lanes
-        pivot = torch.minimum(pivot, lanes[:, k - 1])
-    return pivot, ok
-
-
 def _forward_triton(raw: Tensor, x: Tensor, keys: Tensor, t: SamplingTensors) -> SamplerOutput:
     from nanovllm.layers import sampling_kernels as kernels
 
@@ -563,11 +535,12 @@ def _forward_triton(raw: Tensor, x: Tensor, keys: Tensor, t: SamplingTensors) ->
     m, total = stats[:, 0], stats[:, 1]
     top = None
     if t.do_top_k or t.do_top_p or top_from_buffer:
-        pivot, ok = _pivots(lanes, m, total, t)
-        count, values, ids = kernels.gather_candidates(x, inv_t, pivot, CANDIDATES)
+        ok, values, ids = kernels.gather_candidates(x, inv_t, lanes, m, total, t.top_ks, t.top_ps,
+                                                    t.max_num_logprobs if top_from_buffer else 0, t.do_top_k,
+                                                    t.do_top_p, CANDIDATES)
         tau, covered = kernels.select_thresholds(values, inv_t, m, total, t.top_ks, t.top_ps, t.min_ps, t.vocab_size,
                                                  t.do_top_k, t.do_top_p, t.do_min_p)
-        ok &= covered & (count <= CANDIDATES)
+        ok &= covered
         if top_from_buffer:
             top_values, order = values.topk(min(t.max_num_logprobs, CANDIDATES), dim=1)
             top = (top_values, ids.gather(1, order))

@@ -3,8 +3,9 @@
 `row_pass` reads a row once and yields its statistics (max and sum of exp of the scaled
 logits, the raw logsumexp), its per-lane maxima (a cheap upper sample that bounds top-k and
 top-p thresholds from below), and a token: the argmax of scaled logit + Gumbel noise over the
-entries >= the row's threshold (plain argmax on greedy rows). `gather_candidates` copies the
-entries >= a per-row pivot into a small buffer, where thresholds are then found exactly.
+entries >= the row's threshold (plain argmax on greedy rows). `gather_candidates` bounds each row's
+top-k / top-p set from below with its lane maxima and copies the entries at or above that pivot into
+a small buffer, where `select_thresholds` then finds the exact thresholds, without sorting.
 """
 from __future__ import annotations
 
@@ -118,40 +119,82 @@ def row_pass(
 
 
 @triton.jit
-def _gather_kernel(x_ptr, x_stride, V: tl.constexpr, inv_t_ptr, pivot_ptr, count_ptr, val_ptr, idx_ptr,
-                   CAP: tl.constexpr, BLOCK: tl.constexpr):
+def _lane_pivot(lanes, m, total, top_k, top_p, num_logprobs, V, DO_TOP_K: tl.constexpr, DO_TOP_P: tl.constexpr,
+                NUM_LANES: tl.constexpr):
+    """A row's pivot from its lane maxima (a subset of the row, so their k-th largest is <= the row's
+    and their prefix mass <= the row's): the entries >= pivot hold the top-k set (top-k on), else the
+    nucleus (top-p on), and the top `num_logprobs`; +inf where nothing is needed. Returns (pivot,
+    ok): ok is 0 where the lanes could not bound it (fewer lanes than k, or less mass than top_p)."""
+    keys = _order_key(lanes).to(tl.int64)
+    pivot_key = _order_key(tl.full((), float("inf"), tl.float32)).to(tl.int64)
+    ok = tl.full((), 1, tl.int32)
+    if DO_TOP_P:
+        if top_p < 1.0:
+            w = tl.exp(lanes - m)
+            target = top_p.to(tl.float32) * total
+            ok = (tl.sum(w, 0) >= target).to(tl.int32)
+            lo = tl.min(keys, 0)
+            hi = tl.max(keys, 0)
+            for _ in range(33):  # the largest lane value whose lanes at or above it hold the target mass
+                if lo < hi:
+                    mid = lo + (hi - lo + 1) // 2
+                    if tl.sum(tl.where(keys >= mid, w, 0.0), 0) >= target:
+                        lo = mid
+                    else:
+                        hi = mid - 1
+            pivot_key = lo
+    if DO_TOP_K:
+        if top_k < V:
+            ok = ok & (top_k <= NUM_LANES).to(tl.int32)
+            pivot_key = _kth_largest_key(keys, tl.minimum(top_k, NUM_LANES))
+    if num_logprobs > 0:
+        ok = ok & (num_logprobs <= NUM_LANES).to(tl.int32)
+        pivot_key = tl.minimum(pivot_key, _kth_largest_key(keys, tl.minimum(num_logprobs, NUM_LANES)))
+    return _from_order_key(pivot_key.to(tl.int32)), ok
+
+
+@triton.jit
+def _gather_kernel(x_ptr, x_stride, V: tl.constexpr, inv_t_ptr, lanes_ptr, m_ptr, total_ptr, top_k_ptr, top_p_ptr,
+                   num_logprobs, count_ptr, ok_ptr, val_ptr, idx_ptr, DO_TOP_K: tl.constexpr,
+                   DO_TOP_P: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
-    pivot = tl.load(pivot_ptr + row)
+    lane = tl.arange(0, BLOCK)
+    pivot, ok = _lane_pivot(tl.load(lanes_ptr + row64 * BLOCK + lane), tl.load(m_ptr + row), tl.load(total_ptr + row),
+                            tl.load(top_k_ptr + row), tl.load(top_p_ptr + row), num_logprobs, V, DO_TOP_K, DO_TOP_P,
+                            BLOCK)
+    count = tl.full((), 0, tl.int32)
     if pivot != float("inf"):
         inv_t = tl.load(inv_t_ptr + row)
-        lane = tl.arange(0, BLOCK)
-        count = 0
         for start in range(0, V, BLOCK):
             idx = start + lane
             valid = idx < V
             x = tl.load(x_ptr + row64 * x_stride + idx, mask=valid, other=float("-inf")).to(tl.float32)
             keep = (x * inv_t >= pivot) & valid
             slot = count + tl.cumsum(keep.to(tl.int32), 0) - 1
-            ok = keep & (slot < CAP)
-            tl.store(val_ptr + row64 * CAP + slot, x, mask=ok)
-            tl.store(idx_ptr + row64 * CAP + slot, idx, mask=ok)
+            in_cap = keep & (slot < CAP)
+            tl.store(val_ptr + row64 * CAP + slot, x, mask=in_cap)
+            tl.store(idx_ptr + row64 * CAP + slot, idx, mask=in_cap)
             count += tl.sum(keep.to(tl.int32), 0)
-        tl.store(count_ptr + row, count)
+    tl.store(count_ptr + row, count)
+    tl.store(ok_ptr + row, (ok != 0) & (count <= CAP))
 
 
-def gather_candidates(x: torch.Tensor, inv_t: torch.Tensor, pivot: torch.Tensor, cap: int
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Entries with x * inv_t >= pivot, per row: (count [B] int32 (may exceed cap),
-    values [B, cap] float32 of x padded with -inf, token ids [B, cap] int32).
-    Rows whose pivot is +inf are skipped (count 0)."""
+def gather_candidates(x: torch.Tensor, inv_t: torch.Tensor, lanes: torch.Tensor, m: torch.Tensor, total: torch.Tensor,
+                      top_k: torch.Tensor, top_p: torch.Tensor, num_logprobs: int, do_top_k: bool, do_top_p: bool,
+                      cap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's entries with x * inv_t >= its pivot (`_lane_pivot`, from `row_pass`'s lane maxima and
+    stats): (ok [B] bool: the pivot is sound and the candidates fit, values [B, cap] float32 of x padded
+    with -inf, token ids [B, cap] int32). Rows with nothing to gather keep no candidates."""
     batch, vocab = x.shape
-    count = torch.zeros(batch, dtype=torch.int32, device=x.device)
+    count = torch.empty(batch, dtype=torch.int32, device=x.device)
+    ok = torch.empty(batch, dtype=torch.bool, device=x.device)
     values = torch.full((batch, cap), float("-inf"), dtype=torch.float32, device=x.device)
     ids = torch.zeros(batch, cap, dtype=torch.int32, device=x.device)
-    _gather_kernel[(batch,)](x, x.stride(0), vocab, inv_t, pivot, count, values, ids, CAP=cap, BLOCK=LANES,
-                             num_warps=8)
-    return count, values, ids
+    _gather_kernel[(batch,)](x, x.stride(0), vocab, inv_t, lanes, m.contiguous(), total.contiguous(), top_k, top_p,
+                             num_logprobs, count, ok, values, ids, DO_TOP_K=do_top_k, DO_TOP_P=do_top_p, CAP=cap,
+                             BLOCK=LANES, num_warps=8)
+    return ok, values, ids
 
 
 @triton.jit

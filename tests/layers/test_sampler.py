@@ -451,6 +451,27 @@ tau, covered = K.select_thresholds(values, t.inv_temperatures, m, total, t.top_k
                                    True, True, True)
 want, want_covered = S.thresholds_from_sorted(z.sort(1, descending=True).values, m, total, t)
 assert torch.equal(covered, want_covered) and torch.equal(tau, want), (tau, want)
+# the pivots from the lane maxima, as sorting them gives: every entry at or above is gathered
+t = S.SamplingTensors.from_rows(rows, 3000, [0], "cpu")
+x = (torch.randn(len(rows), 3000) * 4).round() / 2
+_, _, stats, lanes = K.row_pass(x, x, t.inv_temperatures, t.greedy, torch.zeros(len(rows), 2, dtype=torch.int64),
+                                torch.full((len(rows),), float("-inf")), sample=False, stats=True, raw_stats=False)
+ok, values, ids = K.gather_candidates(x, t.inv_temperatures, lanes, stats[:, 0], stats[:, 1], t.top_ks, t.top_ps, 3,
+                                      True, True, 2048)
+desc = lanes.sort(1, descending=True).values
+for r in range(len(rows)):
+    pivot, bounded = float("inf"), True
+    if t.top_ps[r] < 1:
+        cum = torch.exp(desc[r] - stats[r, 0]).cumsum(0)
+        j = int((cum < t.top_ps[r].float() * stats[r, 1]).sum())
+        pivot, bounded = desc[r, min(j, desc.shape[1] - 1)].item(), j < desc.shape[1]
+    if t.top_ks[r] < 3000:
+        pivot = desc[r, t.top_ks[r] - 1].item()
+    pivot = min(pivot, desc[r, 2].item())
+    want_ids = ((x[r] * t.inv_temperatures[r] >= pivot).nonzero().squeeze(1)).tolist()[:2048]
+    fits = len(want_ids) < 2048  # (a wide nucleus overflows the buffer: not ok, the row is sorted in full)
+    assert ids[r, : len(want_ids)].tolist() == want_ids and bool(ok[r]) == (fits and bounded), (r, len(want_ids))
+    assert (values[r, len(want_ids):] == float("-inf")).all()
 # a draw per vocabulary shard (tensor parallelism), then the best of them: the same tokens
 from nanovllm.layers import sampling_kernels as K
 t = S.SamplingTensors.from_rows(seqs[:2], V, [0], "cpu")  # a greedy and a temperature row
