@@ -35,7 +35,6 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_xt, str
     cols = tl.arange(0, BLOCK)
     mask = (rows < num_rows)[:, None] & (cols < D)[None, :]
     pdl_launch_dependents(PDL)
-    w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
     pdl_wait(PDL)
     x = tl.load(x_ptr + (t * stride_xt + h * stride_xh)[:, None] + cols[None, :], mask=mask, other=0.0)
     out_offsets = rows[:, None] * D + cols[None, :]
@@ -46,6 +45,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_xt, str
     xf = x.to(tl.float32)
     inv_rms = tl.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)
     normed = (xf * inv_rms[:, None]).to(x.dtype).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
     tl.store(out_ptr + out_offsets, (w[None, :] * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -65,7 +65,10 @@ def _config(k: int, pdl: bool) -> tuple[int, int, int]:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` for x [1, K] (contiguous) and weight [N, K] with unit stride along K."""
+    """`F.linear(x, weight, bias)` for x [1, K] (contiguous) and weight [N, K] with unit stride along K.
+
+    With PDL the kernel reads ``weight`` before it waits for the kernel launched just before it, so
+    that kernel must not be the one that writes ``weight`` (a model's weights are written at load)."""
     assert x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous() and weight.stride(1) == 1
     n, k = weight.shape
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)

@@ -6,7 +6,8 @@ dependent kernels the SMs idle for the launch (~1-2 us), and a batch-1 decode st
 Its programs then
 
 1. let their own successor launch (``griddepcontrol.launch_dependents``),
-2. read what no kernel of the step writes (weights: the GEMV's first tile of W) and compute addresses,
+2. read what no kernel of the step writes (weights, written at load: the GEMV's first tile of W)
+   and compute addresses,
 3. wait (``griddepcontrol.wait``) until the predecessor has completed and its writes are visible,
 4. and only then read its outputs or write anything (a buffer the predecessor still reads may be
    the one they write: the caching allocator reuses memory).

@@ -24,9 +24,9 @@ def test_gemv_matches_matmul(n, k, with_bias, pdl_tiles, monkeypatch):
         monkeypatch.setattr(gemv_kernel, "_config", lambda k, pdl, config=gemv_kernel._config: config(k, True))
     torch.manual_seed(n + k)
     dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
-    x = torch.randn(1, k, device=DEVICE).to(dtype)
     weight = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
     bias = torch.randn(n, device=DEVICE).to(dtype) if with_bias else None
+    x = torch.randn(1, k, device=DEVICE).to(dtype)  # last: with PDL the GEMV reads W before its wait
     out = gemv(x, weight, bias)
     assert out.shape == (1, n) and out.dtype == dtype
     ref = reference(x, weight, bias)
