@@ -127,48 +127,45 @@ def _with_sinks(k, v, k_sink_ptr, v_sink_ptr, offsets, sink):
 
 
 @triton.jit
-def _attend_range(acc, running_max, running_sum, q, q_pos, lo, hi, valid_end,
-                  k_cache_ptr, v_cache_ptr, k_sink_ptr, v_sink_ptr, num_sink_blocks, table, head_offset, qk_scale,
-                  stride_cb, stride_ct, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, SINK: tl.constexpr, PRECISION: tl.constexpr,
-                  SPLIT_P: tl.constexpr):
-    """Online softmax over the tiles starting at ``lo, lo + BLOCK_N, ...`` below ``hi``: tokens at or past
-    ``valid_end`` are masked (``MASKED``), and so are those past each row's own position ``q_pos``
-    (``CAUSAL``). With ``SINK`` the tiles' tokens in sink blocks come from the float16 sinks."""
+def _attend_tile(acc, running_max, running_sum, q, q_pos, tile, valid_end,
+                 k_cache_ptr, v_cache_ptr, k_sink_ptr, v_sink_ptr, num_sink_blocks, table, head_offset, qk_scale,
+                 stride_cb, stride_ct, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, SINK: tl.constexpr, PRECISION: tl.constexpr,
+                 SPLIT_P: tl.constexpr):
+    """The online softmax over the ``BLOCK_N`` tokens from ``tile``: tokens at or past ``valid_end`` are
+    masked (``MASKED``), and so are those past each row's own position ``q_pos`` (``CAUSAL``). With
+    ``SINK`` the tile's tokens in sink blocks come from the float16 sinks."""
     dims = tl.arange(0, HEAD_DIM)
-    tokens = tl.arange(0, BLOCK_N)
-    for tile in range(lo, hi, BLOCK_N):
-        pos = tile + tokens
+    pos = tile + tl.arange(0, BLOCK_N)
+    if MASKED:
+        valid = pos < valid_end
+        block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    else:
+        block = tl.load(table + pos // BLOCK_SIZE).to(tl.int64)
+    offsets = (block * stride_cb + (pos % BLOCK_SIZE) * stride_ct + head_offset)[:, None] + dims[None, :]
+    if MASKED:
+        k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
+    else:
+        k = tl.load(k_cache_ptr + offsets).to(q.dtype)
+        v = tl.load(v_cache_ptr + offsets).to(q.dtype)
+    if SINK:
+        sink = block < num_sink_blocks
         if MASKED:
-            valid = pos < valid_end
-            block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        else:
-            block = tl.load(table + pos // BLOCK_SIZE).to(tl.int64)
-        offsets = (block * stride_cb + (pos % BLOCK_SIZE) * stride_ct + head_offset)[:, None] + dims[None, :]
-        if MASKED:
-            k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
-            v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
-        else:
-            k = tl.load(k_cache_ptr + offsets).to(q.dtype)
-            v = tl.load(v_cache_ptr + offsets).to(q.dtype)
-        if SINK:
-            sink = block < num_sink_blocks
-            if MASKED:
-                sink = sink & valid
-            k, v = _with_sinks(k, v, k_sink_ptr, v_sink_ptr, offsets, sink)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if MASKED:
-            visible = valid[None, :]
-            if CAUSAL:
-                visible = visible & (pos[None, :] <= q_pos[:, None])
-            scores = tl.where(visible, scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        probs = tl.math.exp2(scores - new_max[:, None])
-        alpha = tl.math.exp2(running_max - new_max)
-        running_sum = running_sum * alpha + tl.sum(probs, axis=1)
-        acc = acc * alpha[:, None] + _dot_probs(probs, v, PRECISION, SPLIT_P)
-        running_max = new_max
-    return acc, running_max, running_sum
+            sink = sink & valid
+        k, v = _with_sinks(k, v, k_sink_ptr, v_sink_ptr, offsets, sink)
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        visible = valid[None, :]
+        if CAUSAL:
+            visible = visible & (pos[None, :] <= q_pos[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+    new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+    probs = tl.math.exp2(scores - new_max[:, None])
+    alpha = tl.math.exp2(running_max - new_max)
+    running_sum = running_sum * alpha + tl.sum(probs, axis=1)
+    acc = acc * alpha[:, None] + _dot_probs(probs, v, PRECISION, SPLIT_P)
+    return acc, new_max, running_sum
 
 
 @triton.jit
@@ -177,21 +174,33 @@ def _attend_tiles(acc, running_max, running_sum, q, q_pos, lo, hi, valid_end,
                   stride_cb, stride_ct, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, SINK: tl.constexpr, PRECISION: tl.constexpr,
                   SPLIT_P: tl.constexpr):
-    """:func:`_attend_range` over ``lo:hi`` (``lo`` a multiple of ``BLOCK_N``), with the tiles that can hold
-    a sequence's first block (the only sink block) peeled into a loop of their own, so that the main
-    loop has no branch: FP8 decode steps with sink blocks 6.75 -> 6.33 ms on the H200 (bench.py; 4.91
-    ms without sink blocks)."""
+    """:func:`_attend_tile` over the tiles from ``lo`` (a multiple of ``BLOCK_N``) below ``hi``.
+
+    With ``SINK`` the tokens of a sequence's first block (the only sink block) run first, in a loop of
+    their own with 16-token tiles and no software pipelining, so that the main loop has no
+    branch: pipelined ``BLOCK_N`` tiles there gave the FP8 decode kernel 107 KB of shared memory
+    against 41 KB without sinks, two programs per SM instead of five (FP8 decode steps with sink
+    blocks 6.34 against 4.91 ms without, on the H200). The main loop then starts mid-tile, so it masks."""
     if SINK:
+        SINK_N: tl.constexpr = 16  # tl.dot's smallest N; with 8-token blocks the tile's second block is no sink
         sink_hi = tl.minimum(hi, tl.maximum(lo, BLOCK_SIZE))
-        acc, running_max, running_sum = _attend_range(
-            acc, running_max, running_sum, q, q_pos, lo, sink_hi, valid_end, k_cache_ptr, v_cache_ptr, k_sink_ptr,
-            v_sink_ptr, num_sink_blocks, table, head_offset, qk_scale, stride_cb, stride_ct, HEAD_DIM, BLOCK_SIZE,
-            BLOCK_N, MASKED, CAUSAL, True, PRECISION, SPLIT_P)
-        lo = lo + tl.cdiv(sink_hi - lo, BLOCK_N) * BLOCK_N
-    return _attend_range(
-        acc, running_max, running_sum, q, q_pos, lo, hi, valid_end, k_cache_ptr, v_cache_ptr, k_sink_ptr, v_sink_ptr,
-        num_sink_blocks, table, head_offset, qk_scale, stride_cb, stride_ct, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
-        MASKED, CAUSAL, False, PRECISION, SPLIT_P)
+        for tile in tl.range(lo, sink_hi, SINK_N, num_stages=1):
+            acc, running_max, running_sum = _attend_tile(
+                acc, running_max, running_sum, q, q_pos, tile, valid_end, k_cache_ptr, v_cache_ptr, k_sink_ptr,
+                v_sink_ptr, num_sink_blocks, table, head_offset, qk_scale, stride_cb, stride_ct, HEAD_DIM,
+                BLOCK_SIZE, SINK_N, True, CAUSAL, True, PRECISION, SPLIT_P)
+        for tile in range(lo + tl.cdiv(sink_hi - lo, SINK_N) * SINK_N, hi, BLOCK_N):
+            acc, running_max, running_sum = _attend_tile(
+                acc, running_max, running_sum, q, q_pos, tile, tl.minimum(valid_end, hi), k_cache_ptr, v_cache_ptr,
+                k_sink_ptr, v_sink_ptr, num_sink_blocks, table, head_offset, qk_scale, stride_cb, stride_ct,
+                HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, CAUSAL, False, PRECISION, SPLIT_P)
+    else:
+        for tile in range(lo, hi, BLOCK_N):
+            acc, running_max, running_sum = _attend_tile(
+                acc, running_max, running_sum, q, q_pos, tile, valid_end, k_cache_ptr, v_cache_ptr, k_sink_ptr,
+                v_sink_ptr, num_sink_blocks, table, head_offset, qk_scale, stride_cb, stride_ct, HEAD_DIM,
+                BLOCK_SIZE, BLOCK_N, MASKED, CAUSAL, False, PRECISION, SPLIT_P)
+    return acc, running_max, running_sum
 
 
 @triton.jit

@@ -71,9 +71,10 @@ def test_decode_fp8_cache_matches_dequantized_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_reads_first_blocks_from_float16_sinks(dtype):
+@pytest.mark.parametrize("block", [16, 64])  # 64: the first block spans four of the sink loop's 16-token tiles
+def test_decode_reads_first_blocks_from_float16_sinks(dtype, block):
     torch.manual_seed(6)
-    case = PagedKV([3, 40, 100, 0], 2, 64, 16, dtype, DEVICE, fp8=True, sinks=True)
+    case = PagedKV([3, 40, 100, 0], 2, 64, block, dtype, DEVICE, fp8=True, sinks=True)
     query = torch.randn(4, 8, 64, device=DEVICE).to(dtype)
     ref = reference(case, query)
     for num_partitions in (1, 2):

@@ -69,10 +69,11 @@ def test_prefill_fp8_cache_matches_dequantized_reference():
     assert rel_err(run(case, query, qsl, q_lens), reference(case, query, qsl)) < 2e-3  # float16 dots
 
 
-def test_prefill_reads_first_blocks_from_float16_sinks():
+@pytest.mark.parametrize("block", [16, 64])  # 64: the first block spans four of the sink loop's 16-token tiles
+def test_prefill_reads_first_blocks_from_float16_sinks(block):
     torch.manual_seed(2)
     q_lens, seq_lens = LENS[1]
-    case, query, qsl = prefill_case(q_lens, seq_lens, 8, 2, 64, 16, torch.float32, fp8=True, sinks=True)
+    case, query, qsl = prefill_case(q_lens, seq_lens, 8, 2, 64, block, torch.float32, fp8=True, sinks=True)
     ref = reference(case, query, qsl)
     assert rel_err(run(case, query, qsl, q_lens), ref) < 2e-3
     assert rel_err(run(case, query, qsl, q_lens, sinks=False), ref) > 5e-3  # their FP8 copies differ
