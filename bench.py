@@ -38,6 +38,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--attention-backend", default="auto", choices=BACKENDS)
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
+    p.add_argument("--fp8-sink-blocks", action="store_true", help="with --kv-cache-dtype fp8: first blocks in float16 too")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--device", default="auto")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs (ranks) the model is split over")
@@ -174,7 +175,7 @@ def main() -> None:
     llm = LLM(args.model, load_format="dummy" if args.model.startswith(PRESET_PREFIX) else "auto",
               max_model_len=args.max_model_len, kvcache_block_size=args.block_size,
               attention_backend=args.attention_backend, kv_cache_dtype=args.kv_cache_dtype,
-              enforce_eager=args.enforce_eager, device=args.device,
+              fp8_sink_blocks=args.fp8_sink_blocks, enforce_eager=args.enforce_eager, device=args.device,
               skip_tokenizer_init=args.workload != "repeat", seed=args.seed,
               speculative_config=speculative_config(args), tensor_parallel_size=args.tensor_parallel_size,
               disable_custom_all_reduce=args.disable_custom_all_reduce)

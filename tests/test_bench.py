@@ -39,3 +39,15 @@ def test_bench_cli_with_kv_report(tiny_model, tmp_path):
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["runs"] == 2 and result["output_tokens"] >= 16 and result["kv_blocks_used"] == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_bench_cli_fp8_with_sink_blocks(tiny_model):
+    path, _ = tiny_model("qwen3")
+    cmd = [sys.executable, "bench.py", "--model", path, "--device", "cpu", "--num-seqs", "3", "--min-input-len", "8",
+           "--max-input-len", "30", "--min-output-len", "4", "--max-output-len", "12", "--max-model-len", "128",
+           "--warmup", "0", "--kv-cache-dtype", "fp8", "--fp8-sink-blocks"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1])["output_tokens"] >= 12
+    bad = subprocess.run(cmd[:-3] + ["--fp8-sink-blocks"], cwd=ROOT, capture_output=True, text=True, timeout=300)  # no fp8: refused
+    assert bad.returncode != 0 and "fp8_sink_blocks=True needs kv_cache_dtype='fp8'" in bad.stderr
