@@ -88,6 +88,9 @@ from nanovllm.utils.pdl import pdl_launch_dependents, pdl_wait, use_pdl
 
 BLOCK_N = 64  # tokens per K/V tile
 FP8_BLOCK_N = 128  # the same bytes per tile from an FP8 cache
+# Warps per program with an FP8 cache. Compiled for sm90 (v2, GQA 2, head dim 128), 4 warps take 205
+# registers per thread and 2,096 instructions, 8 warps 128 and 1,280; their speed is not yet compared.
+FP8_NUM_WARPS = 4
 LOG2E = 1.4426950408889634
 
 
@@ -414,7 +417,7 @@ def paged_attention(
         FP8=fp8, SINK=num_sink_blocks > 0, SINGLE=single, MULTI=multi,
         PRECISION="ieee" if query.dtype == torch.float32 and not fp8 else "tf32",
         SPLIT_P=query.dtype == torch.bfloat16 and not fp8,
-        PDL=pdl, num_warps=4, num_stages=2, launch_pdl=pdl,
+        PDL=pdl, num_warps=FP8_NUM_WARPS if fp8 else 4, num_stages=2, launch_pdl=pdl,
     )
     if not single:
         parts_pad = triton.next_power_of_2(num_partitions)
