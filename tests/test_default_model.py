@@ -146,7 +146,7 @@ def teacher_forced_logprobs(llm: LLM, token_ids: list[int]) -> torch.Tensor:
 
 
 def fp8_agreement(model_dir: str, device: str, dtype: str, backend: str, max_tokens: int,
-                  questions: list[str]) -> tuple[float, float, int]:
+                  questions: list[str], sink_blocks: bool = False) -> tuple[float, float, int]:
     """Greedy completions with the model-dtype cache, then both caches teacher-forced on them:
     (top-1 agreement of the FP8 cache with the reference, mean |Δ logprob| of the chosen token, positions)."""
     args = dict(device=device, dtype=dtype, attention_backend=backend, enable_prefix_caching=False)
@@ -155,7 +155,7 @@ def fp8_agreement(model_dir: str, device: str, dtype: str, backend: str, max_tok
                                                tokenize=False) for q in questions]
     outputs = ref.generate(texts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
                            use_tqdm=False)
-    fp8 = LLM(model_dir, kv_cache_dtype="fp8", **args)
+    fp8 = LLM(model_dir, kv_cache_dtype="fp8", fp8_sink_blocks=sink_blocks, **args)
     agree = total = 0
     gaps = []
     for out in outputs:
@@ -179,11 +179,14 @@ def test_fp8_kv_cache_accuracy_cpu(model_dir: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fp8_kv_cache_accuracy_gpu(model_dir: str) -> None:
-    """Triton FP8 vs Triton bf16 caches, >= 2,000 positions (32 chat prompts x 96 tokens)."""
+@pytest.mark.parametrize("sink_blocks", [False, True], ids=["plain", "sink_blocks"])
+def test_fp8_kv_cache_accuracy_gpu(model_dir: str, sink_blocks: bool) -> None:
+    """Triton FP8 vs Triton bf16 caches, >= 2,000 positions (32 chat prompts x 96 tokens), with and
+    without the opt-in float16 sink blocks."""
     questions = [f"{q} (variant {i})" for i in range(4) for q in FP8_QUESTIONS]
-    top1, gap, positions = fp8_agreement(model_dir, "cuda", "bfloat16", "triton", 96, questions)
-    print(f"fp8 vs bf16 KV on GPU: top-1 agreement {top1:.4f}, mean |Δ logprob| {gap:.4f} over {positions}")
+    top1, gap, positions = fp8_agreement(model_dir, "cuda", "bfloat16", "triton", 96, questions, sink_blocks)
+    print(f"fp8 ({'sink blocks' if sink_blocks else 'plain'}) vs bf16 KV on GPU: top-1 agreement {top1:.4f}, "
+          f"mean |Δ logprob| {gap:.4f} over {positions}")
     assert positions >= 2000 and top1 >= FP8_MIN_TOP1 and gap <= FP8_MAX_GAP
 
 
