@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.utils.pdl import pdl_launch_dependents, pdl_wait, use_pdl
+from nanovllm.utils.pdl import pdl_start, use_pdl
 
 
 TILE = 2048  # elements per program: rows of a short dim share one, so a 16k-token prefill is not
@@ -34,8 +34,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_xt, str
     t, h = rows // heads, rows % heads
     cols = tl.arange(0, BLOCK)
     mask = (rows < num_rows)[:, None] & (cols < D)[None, :]
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_start(PDL)
     x = tl.load(x_ptr + (t * stride_xt + h * stride_xh)[:, None] + cols[None, :], mask=mask, other=0.0)
     out_offsets = rows[:, None] * D + cols[None, :]
     if ADD:  # HF adds in the model dtype
@@ -85,8 +84,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_xt, I: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_start(PDL)
     mask = cols < I
     gate = tl.load(x_ptr + t * stride_xt + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + t * stride_xt + I + cols, mask=mask, other=0.0)
@@ -112,8 +110,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr, stride_qt, stride_qh, stride_kt,
                    stride_kh, stride_cache, num_rows, q_heads, k_heads,
                    HALF: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_start(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # row = token * (q_heads + k_heads) + head
     t, h = rows // (q_heads + k_heads), rows % (q_heads + k_heads)
     is_q = h < q_heads

@@ -54,3 +54,10 @@ def pdl_wait(PDL: tl.constexpr):
     """Wait for the previous kernel to complete and its writes to be visible."""
     if PDL:
         tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def pdl_start(PDL: tl.constexpr):
+    """Both, for a kernel with nothing to read before its predecessor's data."""
+    pdl_launch_dependents(PDL)
+    pdl_wait(PDL)

@@ -84,7 +84,7 @@ from nanovllm.attention.ops.paged_cache_checks import (
     check_scales,
     check_sinks,
 )
-from nanovllm.utils.pdl import pdl_launch_dependents, pdl_wait, use_pdl
+from nanovllm.utils.pdl import pdl_start, use_pdl
 
 BLOCK_N = 64  # tokens per K/V tile
 FP8_BLOCK_N = 128  # the same bytes per tile from an FP8 cache
@@ -217,8 +217,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr, FP8: tl.constexpr, SINK: tl.constexpr, SINGLE: tl.constexpr, MULTI: tl.constexpr,
     PRECISION: tl.constexpr, SPLIT_P: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_start(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
@@ -277,8 +276,7 @@ def _reduce_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PARTS_PAD: tl.constexpr, CHUNK: tl.constexpr, FP8: tl.constexpr,
     MULTI: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_start(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_row = seq

@@ -27,7 +27,7 @@ from nanovllm.attention.ops.paged_cache_checks import (
     check_sinks,
 )
 from nanovllm.attention.ops.triton_decode import LOG2E, _attend_tiles, _scaled_query
-from nanovllm.utils.pdl import pdl_launch_dependents, pdl_wait, use_pdl
+from nanovllm.utils.pdl import pdl_start, use_pdl
 
 BLOCK_N = 64  # K/V tokens per tile
 
@@ -41,8 +41,7 @@ def _prefill_kernel(
     TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, SINK: tl.constexpr, PRECISION: tl.constexpr,
     SPLIT_P: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_start(PDL)
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
     kv_head = tl.program_id(2)

@@ -13,7 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from nanovllm.attention.ops.paged_cache_checks import FP8_MAX, check_cache, check_scales, check_sinks
-from nanovllm.utils.pdl import pdl_launch_dependents, pdl_wait, use_pdl
+from nanovllm.utils.pdl import pdl_start, use_pdl
 
 
 @triton.jit
@@ -23,8 +23,7 @@ def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_s
                      num_kv_heads, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr,
                      FP8: tl.constexpr, K_OFFSET: tl.constexpr, SINK: tl.constexpr, FP8_MAX: tl.constexpr,
                      PDL: tl.constexpr):
-    pdl_launch_dependents(PDL)
-    pdl_wait(PDL)
+    pdl_start(PDL)
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token)
     if slot < 0:  # padding token of a CUDA-graph batch
