@@ -14,6 +14,14 @@ def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch
     return KV_CACHE_DTYPES[kv_cache_dtype] or model_dtype
 
 
+def dim_major(blocks: torch.Tensor) -> torch.Tensor:
+    """Contiguous blocks ``[num_blocks, block_size, num_kv_heads, head_dim]`` reinterpreted as each
+    block's ``[num_kv_heads, head_dim, block_size]``, shown in the same logical order: a value cache
+    whose tokens are adjacent for each head and dim (see `KVCache`)."""
+    num_blocks, block_size, heads, dim = blocks.shape
+    return blocks.view(num_blocks, heads, dim, block_size).permute(0, 3, 1, 2)
+
+
 @dataclass
 class LayerKVCache:
     """One layer's keys and values, in the layout of its backend (blocks first).
@@ -42,19 +50,26 @@ class LayerKVCache:
 
 class KVCache:
     """All layers' caches in one allocation `[num_layers, 2, *layer_shape]`, blocks first in each;
-    with `num_sink_blocks` S, float16 copies of blocks 0..S-1 beside it (see `LayerKVCache`)."""
+    with `num_sink_blocks` S, float16 copies of blocks 0..S-1 beside it (see `LayerKVCache`).
+
+    With `value_dim_major` (an FP8 cache) each value block is stored as `[num_kv_heads, head_dim,
+    block_size]`, seen through `dim_major` in the usual logical order: attention's P @ V wants a
+    tile's tokens adjacent for each dim, which 16-bit caches get from a transposing ldmatrix and
+    8-bit ones do not (compiled for sm90, the FP8 decode loop spent 128 scalar shared-memory loads
+    per tile regrouping V's bytes). Whole-block copies are the same either way."""
 
     def __init__(self, num_layers: int, layer_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                 num_sink_blocks: int = 0):
+                 num_sink_blocks: int = 0, value_dim_major: bool = False):
         self.data = torch.zeros((num_layers, 2, *layer_shape), dtype=dtype, device=device)
         self.num_sink_blocks = num_sink_blocks
         # one more block: where copy_blocks sends the pairs that are not sink blocks
         self.sinks = torch.zeros((num_layers, 2, num_sink_blocks + 1, *layer_shape[1:]), dtype=torch.float16,
                                  device=device) if num_sink_blocks else None
-        self.layers = [LayerKVCache(self.data[i, 0], self.data[i, 1]) for i in range(num_layers)]
+        values = dim_major if value_dim_major else (lambda blocks: blocks)
+        self.layers = [LayerKVCache(self.data[i, 0], values(self.data[i, 1])) for i in range(num_layers)]
         if self.sinks is not None:
-            for layer, sink in zip(self.layers, self.sinks[:, :, :num_sink_blocks]):
-                layer.k_sink, layer.v_sink = sink[0], sink[1]
+            for layer, sink in zip(self.layers, self.sinks):
+                layer.k_sink, layer.v_sink = sink[0, :num_sink_blocks], values(sink[1])[:num_sink_blocks]
 
     @property
     def num_bytes(self) -> int:

@@ -207,8 +207,9 @@ class ModelRunner:
 
     def _new_kv_cache(self, num_blocks: int, dtype: torch.dtype | None = None, num_sink_blocks: int = 0) -> KVCache:
         """A cache of num_blocks bound to every attention layer (FP8 with its scales and sink blocks)."""
-        kv_cache = KVCache(len(self.attention_layers), self._layer_shape(num_blocks), dtype or self.kv_dtype,
-                           self.device, num_sink_blocks)
+        dtype = dtype or self.kv_dtype
+        kv_cache = KVCache(len(self.attention_layers), self._layer_shape(num_blocks), dtype, self.device,
+                           num_sink_blocks, value_dim_major=dtype == torch.float8_e4m3fn)
         if kv_cache.data.dtype == torch.float8_e4m3fn:
             kv_cache.set_scales(self.fp8.k_scales, self.fp8.v_scales, self.fp8.k_offsets)
         for attn, layer_cache in zip(self.attention_layers, kv_cache.layers):

@@ -36,16 +36,19 @@ class TorchRefBackend(AttentionBackend):
         if keep is not None:
             key, value = key[keep], value[keep]
         key = key.float() - cache.k_offset if cache.k_offset is not None else key
-        in_sink = slots < cache.k_sink.shape[0] * cache.key.shape[1] if cache.k_sink is not None else None
+        block_size = cache.key.shape[1]
+        blocks, offsets = slots // block_size, slots % block_size  # (the value cache may be a dim-major view)
+        in_sink = blocks < cache.k_sink.shape[0] if cache.k_sink is not None else None
+        if cache.v_scale is not None:  # as the Triton store: no NaN in an FP8 value cache
+            value = torch.nan_to_num(value.float(), nan=0.0, posinf=float("inf"), neginf=float("-inf"))
         for x, target, scale, sink in ((key, cache.key, cache.k_scale, cache.k_sink),
                                        (value, cache.value, cache.v_scale, cache.v_sink)):
             new = quantize(x, target.dtype, scale)
-            if scale is not None:  # torch has no index_copy for float8: copy the bytes
+            if scale is not None:  # torch cannot index_put float8: copy the bytes
                 target, new = target.view(torch.uint8), new.view(torch.uint8)
-            target.view(-1, *target.shape[2:]).index_copy_(0, slots, new)
+            target[blocks, offsets] = new
             if in_sink is not None:  # a sequence's first tokens: float16 as well, unsaturated
-                scaled = (x[in_sink].float() / scale[:, None]).half()
-                sink.view(-1, *sink.shape[2:]).index_copy_(0, slots[in_sink], scaled)
+                sink[blocks[in_sink], offsets[in_sink]] = (x[in_sink].float() / scale[:, None]).half()
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -79,10 +79,10 @@ def paged_attention_sdpa(
 def _gather(cache: Tensor, gather: DecodeGather, scale: Tensor | None, sink: Tensor | None) -> Tensor:
     """Float32 [seqs, context, kv_heads, head_dim] of the gathered slots (of the sink blocks for
     slots in blocks below ``sink.shape[0]``)."""
-    entries = cache.view(-1, *cache.shape[2:])[gather.slots]
+    block_size = cache.shape[1]
+    blocks, offsets = gather.slots // block_size, gather.slots % block_size  # (a value cache may be dim-major)
+    entries = cache[blocks, offsets]
     if sink is not None:
-        limit = sink.shape[0] * cache.shape[1]
-        in_sink = (gather.slots < limit)[..., None, None]
-        entries = torch.where(in_sink, sink.view(-1, *sink.shape[2:])[gather.slots.clamp(max=limit - 1)].float(),
-                              entries.float())
+        in_sink = (blocks < sink.shape[0])[..., None, None]
+        entries = torch.where(in_sink, sink[blocks.clamp(max=sink.shape[0] - 1), offsets].float(), entries.float())
     return dequantize(entries, scale).float()

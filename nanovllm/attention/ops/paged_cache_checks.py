@@ -14,17 +14,21 @@ HEAD_DIMS = (64, 128)
 QUERY_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def check_cache(key_cache: Tensor, value_cache: Tensor, block_size: int | None = None) -> None:
-    """``[num_blocks, block_size, num_kv_heads, head_dim]`` caches with a supported block size and head dim."""
+def check_cache(key_cache: Tensor, value_cache: Tensor, block_size: int | None = None) -> bool:
+    """``[num_blocks, block_size, num_kv_heads, head_dim]`` caches with a supported block size and head dim.
+    Returns whether the value cache stores each block dim-major (`kv_cache.dim_major`); otherwise it
+    has the key cache's strides."""
     if key_cache.dim() != 4 or key_cache.shape != value_cache.shape or key_cache.dtype != value_cache.dtype:
         raise ValueError(
             "key_cache and value_cache must both be [num_blocks, block_size, num_kv_heads, head_dim] of one "
             f"dtype, got {key_cache.dtype} {tuple(key_cache.shape)} and {value_cache.dtype} {tuple(value_cache.shape)}"
         )
-    if key_cache.stride() != value_cache.stride() or key_cache.stride(-1) != 1:
+    block, heads, dim = key_cache.shape[1:]
+    v_dim_major = value_cache.stride()[1:] == (1, dim * block, block)
+    if key_cache.stride(-1) != 1 or not (value_cache.stride() == key_cache.stride() or v_dim_major):
         raise ValueError(
-            f"key_cache and value_cache need equal strides with a contiguous head_dim, "
-            f"got {key_cache.stride()} and {value_cache.stride()}"
+            f"key_cache needs a contiguous head_dim, and value_cache its strides or dim-major blocks "
+            f"([num_kv_heads, head_dim, block_size] each), got {key_cache.stride()} and {value_cache.stride()}"
         )
     if key_cache.dtype not in (*QUERY_DTYPES, FP8_DTYPE):
         raise ValueError(f"cache dtype must be one of {(*QUERY_DTYPES, FP8_DTYPE)}, got {key_cache.dtype}")
@@ -35,6 +39,7 @@ def check_cache(key_cache: Tensor, value_cache: Tensor, block_size: int | None =
         raise ValueError(f"block_size ({block_size}) != the cache's block size ({cache_block})")
     if key_cache.shape[3] not in HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {key_cache.shape[3]}")
+    return v_dim_major
 
 
 def check_scales(key_cache: Tensor, k_scale: Tensor | None, v_scale: Tensor | None) -> bool:
@@ -88,16 +93,16 @@ def check_block_tables(block_tables: Tensor, num_seqs: int) -> None:
                          f"got {block_tables.dtype} {tuple(block_tables.shape)}")
 
 
-def check_sinks(key_cache: Tensor, k_sink: Tensor | None, v_sink: Tensor | None) -> int:
-    """float16 copies of an FP8 cache's first blocks (`LayerKVCache.k_sink`), laid out as the cache
+def check_sinks(key_cache: Tensor, value_cache: Tensor, k_sink: Tensor | None, v_sink: Tensor | None) -> int:
+    """float16 copies of an FP8 cache's first blocks (`LayerKVCache.k_sink`), each laid out as its cache
     is (one offset addresses both); returns how many blocks they hold (0 without them)."""
     if k_sink is None and v_sink is None:
         return 0
     if k_sink is None or v_sink is None or key_cache.dtype != FP8_DTYPE:
         raise ValueError("k_sink and v_sink go together, with an fp8 cache")
-    for name, sink in (("k_sink", k_sink), ("v_sink", v_sink)):
-        if (sink.dtype != torch.float16 or sink.shape[1:] != key_cache.shape[1:] or sink.stride() != key_cache.stride()
-                or not 0 < sink.shape[0] <= key_cache.shape[0] or sink.device != key_cache.device):
+    for name, sink, cache in (("k_sink", k_sink, key_cache), ("v_sink", v_sink, value_cache)):
+        if (sink.dtype != torch.float16 or sink.shape[1:] != cache.shape[1:] or sink.stride() != cache.stride()
+                or not 0 < sink.shape[0] <= cache.shape[0] or sink.device != cache.device):
             raise ValueError(f"{name} must be float16 [num_sink_blocks, *cache.shape[1:]] with the cache's strides "
-                             f"{key_cache.stride()}, got {sink.dtype} {tuple(sink.shape)} strides {sink.stride()}")
+                             f"{cache.stride()}, got {sink.dtype} {tuple(sink.shape)} strides {sink.stride()}")
     return k_sink.shape[0]

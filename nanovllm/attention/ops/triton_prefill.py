@@ -36,9 +36,11 @@ BLOCK_N = 64  # K/V tokens per tile
 def _prefill_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
     k_scale_ptr, v_scale_ptr, k_sink_ptr, v_sink_ptr, num_sink_blocks, scale_log2,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ct, stride_ch, stride_bt,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ct, stride_ch, stride_bt, stride_vb, stride_vh,
+    stride_vd,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-    TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, SINK: tl.constexpr, PRECISION: tl.constexpr,
+    TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, SINK: tl.constexpr, V_DIM_MAJOR: tl.constexpr,
+    PRECISION: tl.constexpr,
     SPLIT_P: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_start(PDL)
@@ -70,14 +72,15 @@ def _prefill_kernel(
     running_sum = tl.zeros([BLOCK_M], tl.float32)
     full_end = (context_start + first + 1) // BLOCK_N * BLOCK_N  # tiles every row sees entirely
     kv_end = context_start + tl.minimum(first + TOKENS, q_len)  # one past the last row's position
+    v_head_offset = kv_head * stride_vh
     acc, running_max, running_sum = _attend_tiles(
         acc, running_max, running_sum, q, q_pos, 0, full_end, full_end, k_cache_ptr, v_cache_ptr, k_sink_ptr,
-        v_sink_ptr, num_sink_blocks, table, head_offset, qk_scale, stride_cb, stride_ct, HEAD_DIM, BLOCK_SIZE,
-        BLOCK_N, False, False, SINK, PRECISION, SPLIT_P)
+        v_sink_ptr, num_sink_blocks, table, head_offset, v_head_offset, qk_scale, stride_cb, stride_ct, stride_vb,
+        stride_vd, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, False, SINK, V_DIM_MAJOR, PRECISION, SPLIT_P)
     acc, running_max, running_sum = _attend_tiles(
         acc, running_max, running_sum, q, q_pos, full_end, kv_end, kv_end, k_cache_ptr, v_cache_ptr, k_sink_ptr,
-        v_sink_ptr, num_sink_blocks, table, head_offset, qk_scale, stride_cb, stride_ct, HEAD_DIM, BLOCK_SIZE,
-        BLOCK_N, True, True, SINK, PRECISION, SPLIT_P)
+        v_sink_ptr, num_sink_blocks, table, head_offset, v_head_offset, qk_scale, stride_cb, stride_ct, stride_vb,
+        stride_vd, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, True, SINK, V_DIM_MAJOR, PRECISION, SPLIT_P)
 
     out = acc / running_sum[:, None]  # every row saw position 0: running_sum >= 1
     if FP8:
@@ -108,9 +111,9 @@ def paged_prefill_attention(
     cached tokens. Rows past ``query_start_loc[-1]`` (padding) come out as zeros. Returns the
     query's shape and dtype. ``k_sink``/``v_sink``: as for ``triton_decode.paged_attention``.
     """
-    check_cache(key_cache, value_cache)
+    v_dim_major = check_cache(key_cache, value_cache)
     fp8 = check_scales(key_cache, k_scale, v_scale)
-    num_sink_blocks = check_sinks(key_cache, k_sink, v_sink)
+    num_sink_blocks = check_sinks(key_cache, value_cache, k_sink, v_sink)
     group = check_query(query, key_cache)
     num_seqs = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
     check_int_vector("seq_lens", seq_lens, num_seqs)
@@ -133,9 +136,9 @@ def paged_prefill_attention(
     _prefill_kernel[grid](
         out, query, key_cache, value_cache, block_tables, query_start_loc, seq_lens, k_scale, v_scale,
         k_sink, v_sink, num_sink_blocks, scale * LOG2E, query.stride(0), query.stride(1), out.stride(0), out.stride(1), *key_cache.stride()[:3],
-        block_tables.stride(0),
+        block_tables.stride(0), value_cache.stride(0), value_cache.stride(2), value_cache.stride(3),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, TOKENS=tokens_per_program, BLOCK_N=BLOCK_N, FP8=fp8,
-        SINK=num_sink_blocks > 0,
+        SINK=num_sink_blocks > 0, V_DIM_MAJOR=v_dim_major,
         PRECISION="ieee" if query.dtype == torch.float32 and not fp8 else "tf32",
         SPLIT_P=query.dtype == torch.bfloat16 and not fp8,
         PDL=pdl, num_warps=8 if block_m >= 128 else 4, num_stages=2, launch_pdl=pdl,

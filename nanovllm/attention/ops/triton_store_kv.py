@@ -20,6 +20,7 @@ from nanovllm.utils.pdl import pdl_start, use_pdl
 def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr, k_offset_ptr,
                      k_sink_ptr, v_sink_ptr, num_sink_blocks,
                      stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ct, stride_ch,
+                     stride_vcb, stride_vct, stride_vch, stride_vcd,
                      num_kv_heads, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr,
                      FP8: tl.constexpr, K_OFFSET: tl.constexpr, SINK: tl.constexpr, FP8_MAX: tl.constexpr,
                      PDL: tl.constexpr):
@@ -35,6 +36,8 @@ def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_s
     v = tl.load(value_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask)
     cache_offsets = ((slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct
                      + heads[:, None] * stride_ch + dims[None, :])
+    v_offsets = ((slot // BLOCK_SIZE) * stride_vcb + (slot % BLOCK_SIZE) * stride_vct
+                 + heads[:, None] * stride_vch + dims[None, :] * stride_vcd)  # dim-major or as the keys
     if FP8:
         k_scale = tl.load(k_scale_ptr + heads, mask=heads < num_kv_heads, other=1.0)
         v_scale = tl.load(v_scale_ptr + heads, mask=heads < num_kv_heads, other=1.0)
@@ -43,14 +46,17 @@ def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_s
             k = k - tl.load(k_offset_ptr + heads[:, None] * HEAD_DIM + dims[None, :], mask=mask, other=0.0)
         k = k / k_scale[:, None]
         v = v.to(tl.float32) / v_scale[:, None]
+        # no NaN in an FP8 value cache: readers load whole blocks of values unmasked (probabilities of 0
+        # cover the entries past a length, and 0 x NaN would not)
+        v = tl.where(v == v, v, 0.0)
         if SINK:
             if slot // BLOCK_SIZE < num_sink_blocks:  # a sequence's first tokens: float16 as well
                 tl.store(k_sink_ptr + cache_offsets, k.to(tl.float16), mask=mask)
-                tl.store(v_sink_ptr + cache_offsets, v.to(tl.float16), mask=mask)
+                tl.store(v_sink_ptr + v_offsets, v.to(tl.float16), mask=mask)
         k = tl.clamp(k, -FP8_MAX, FP8_MAX)
         v = tl.clamp(v, -FP8_MAX, FP8_MAX)
     tl.store(k_cache_ptr + cache_offsets, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + cache_offsets, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + v_offsets, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def store_kv(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor, slot_mapping: Tensor,
@@ -66,7 +72,7 @@ def store_kv(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
     """
     check_cache(key_cache, value_cache)
     fp8 = check_scales(key_cache, k_scale, v_scale)
-    num_sink_blocks = check_sinks(key_cache, k_sink, v_sink)
+    num_sink_blocks = check_sinks(key_cache, value_cache, k_sink, v_sink)
     num_tokens, (num_kv_heads, head_dim) = key.shape[0], key_cache.shape[2:]
     expected = (num_tokens, num_kv_heads, head_dim)
     if key.shape != value.shape or tuple(key.shape) != expected or key.stride(-1) != 1 or value.stride(-1) != 1:
@@ -85,7 +91,7 @@ def store_kv(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
     pdl = use_pdl(key.device)
     _store_kv_kernel[(num_tokens,)](
         key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, k_offset, k_sink, v_sink, num_sink_blocks,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1), *key_cache.stride()[:3],
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1), *key_cache.stride()[:3], *value_cache.stride(),
         num_kv_heads, BLOCK_SIZE=key_cache.shape[1], HEAD_DIM=head_dim,
         HEADS_PAD=triton.next_power_of_2(num_kv_heads), FP8=fp8, K_OFFSET=k_offset is not None,
         SINK=num_sink_blocks > 0, FP8_MAX=FP8_MAX, PDL=pdl, launch_pdl=pdl,

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import torch
 
+from nanovllm.attention.kv_cache import dim_major
 from nanovllm.attention.ops.paged_attention_ref import dequantize
 
 
 class PagedKV:
     """Random K/V for sequences of ``lens`` tokens scattered into randomly permuted physical blocks.
 
-    Slots no sequence owns hold NaN and block-table entries past a sequence's last block point at
-    other sequences' blocks, so a kernel that reads past a length poisons its output. With
+    Slots no sequence owns hold NaN (FP8 values: 448, their largest entry) and block-table entries
+    past a sequence's last block point at other sequences' blocks, so a kernel that reads past a
+    length, or gives such an entry weight, spoils its output. With
     ``fp8`` the cache is quantized with random per-KV-head scales (``k_scale``/``v_scale``); with
     ``sinks`` too, every sequence's first block is one of the first ``num_sink_blocks`` blocks,
     whose entries are also kept unquantized in float16 (``k_sink``/``v_sink``, see ``LayerKVCache``).
@@ -53,7 +55,13 @@ class PagedKV:
         else:
             keys, values = keys.to(dtype), values.to(dtype)
         keys.view(torch.uint8 if fp8 else keys.dtype)[dead] = 0x7F if fp8 else float("nan")  # 0x7F: fp8 NaN
-        values.view(torch.uint8 if fp8 else values.dtype)[dead] = 0x7F if fp8 else float("nan")
+        # FP8 values: the largest finite entry, not NaN. Kernels read a dim-major FP8 value cache's blocks
+        # whole (the stores never write NaN), so dead entries there must weigh 0, not be skipped.
+        values.view(torch.uint8 if fp8 else values.dtype)[dead] = 0x7E if fp8 else float("nan")
+        if fp8:  # values dim-major in each block, as the engine's FP8 cache keeps them (`kv_cache.dim_major`)
+            values = dim_major(values.permute(0, 2, 3, 1).contiguous().view(values.shape))
+            if sinks:
+                self.v_sink = dim_major(self.v_sink.permute(0, 2, 3, 1).contiguous().view(self.v_sink.shape))
         self.key_cache, self.value_cache = keys, values
         self.lens = torch.tensor(lens, dtype=torch.int32, device=device)
         self.block_size = block_size

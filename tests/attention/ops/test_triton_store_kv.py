@@ -5,6 +5,7 @@ import pytest
 import torch
 import triton_cpu  # noqa: F401  (before the kernels: interpreter on CPU)
 
+from nanovllm.attention.kv_cache import dim_major
 from nanovllm.attention.ops.triton_store_kv import store_kv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,6 +64,24 @@ def test_store_kv_strided_cache_and_input():
     want_k, want_v = expected_cache(key_cache, key, slots), expected_cache(value_cache, value, slots)
     store_kv(key, value, key_cache, value_cache, slots)
     assert torch.equal(key_cache, want_k) and torch.equal(value_cache, want_v)
+
+
+def test_store_kv_into_dim_major_fp8_values_writes_no_nan():
+    """An FP8 value cache stored dim-major in each block (`kv_cache.dim_major`, the engine's FP8 layout):
+    the same logical entries as indexing writes, and a NaN value stored as 0 (readers load its
+    blocks whole and weigh entries past a length by 0, which a NaN would defeat)."""
+    torch.manual_seed(2)
+    shape = (4, 16, 2, 64)
+    key_cache = torch.zeros(shape, device=DEVICE).to(FP8)
+    value_cache = dim_major(torch.zeros(shape, device=DEVICE).to(FP8))
+    key, value = (torch.randn(3, 2, 64, device=DEVICE) * 4 for _ in range(2))
+    value[1, 0, 5] = float("nan")
+    slots = torch.tensor([0, 17, 63], device=DEVICE)
+    scales = dict(k_scale=torch.full((2,), 0.02, device=DEVICE), v_scale=torch.full((2,), 0.03, device=DEVICE))
+    want_v = expected_cache(value_cache.contiguous(), torch.nan_to_num(value, nan=0.0), slots, scales["v_scale"])
+    store_kv(key, value, key_cache, value_cache, slots, **scales)
+    assert value_cache.stride()[1:] == (1, 64 * 16, 16) and same_bits(value_cache.contiguous(), want_v)
+    assert not torch.isnan(value_cache.float()).any()
 
 
 def test_store_kv_rejects_bad_input():
