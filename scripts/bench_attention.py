@@ -16,6 +16,7 @@ import torch
 import triton
 from triton.testing import do_bench_cudagraph
 
+from nanovllm.attention.kv_cache import dim_major
 from nanovllm.attention.ops import triton_decode
 from nanovllm.attention.ops.triton_decode import BLOCK_N, choose_num_partitions, paged_attention
 
@@ -27,7 +28,8 @@ MAX_TOKENS = max(BATCHES) * max(CONTEXTS)
 
 @dataclass
 class Caches:
-    """One bf16 and one fp8 cache big enough for the largest case; flash-attn views the bf16 one as 256-token blocks."""
+    """One bf16 and one fp8 cache big enough for the largest case; flash-attn views the bf16 one as 256-token blocks.
+    The fp8 values are dim-major in each block, as the engine stores them (see `KVCache`)."""
 
     key: torch.Tensor
     value: torch.Tensor
@@ -40,7 +42,7 @@ class Caches:
         shape = (MAX_TOKENS // 16, 16, NUM_KV_HEADS, HEAD_DIM)
         key = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
         value = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
-        return cls(key, value, key.to(torch.float8_e4m3fn), value.to(torch.float8_e4m3fn),
+        return cls(key, value, key.to(torch.float8_e4m3fn), dim_major(value.to(torch.float8_e4m3fn)),
                    torch.ones(NUM_KV_HEADS, device="cuda"))
 
 
