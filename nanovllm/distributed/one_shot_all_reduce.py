@@ -20,6 +20,10 @@ Every rank sums the ranks in the same order, so every rank gets the same bits. T
 (the plain sum, and the sum fused with the residual add and RMSNorm that follow o_proj and
 down_proj) share the epochs and flags: any sequence of calls of either keeps them in step.
 
+A rank that waits longer than `wait_timeout_s` (120 s) for a peer's signal traps, which fails
+the kernel with a CUDA error on that rank: a peer that died mid-step then ends in an error that
+`WorkerPool.watch` names, as NCCL's timeout would, instead of a spin that never ends.
+
 Larger messages (prefill) still go through NCCL, whose ring moves fewer bytes per rank.
 """
 from __future__ import annotations
@@ -39,6 +43,7 @@ PROGRAMS = 64
 # bytes in flight (PROGRAMS x BLOCK x 2 for bf16: 1 MB) bound the rate; torch's kernel read 2 MB at
 # ~93 GB/s.
 BLOCK = 8192
+WAIT_TIMEOUT_S = 120.0  # a peer's signal later than this: the peer is gone (a cold compile takes seconds)
 
 
 @triton.jit
@@ -50,9 +55,14 @@ def _next_epoch(epochs_ptr, pid, half_elems):
 
 
 @triton.jit
-def _exchange(flags_ptr, pid, epoch, RANK: tl.constexpr, WORLD: tl.constexpr):
+def _trap():
+    tl.inline_asm_elementwise("trap; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _exchange(flags_ptr, pid, epoch, timeout_ns, RANK: tl.constexpr, WORLD: tl.constexpr):
     """Tell program `pid` of every other rank that this program's share is staged, then wait until
-    each has said the same."""
+    each has said the same; trap after `timeout_ns` of waiting for one."""
     tl.debug_barrier()  # the whole program's share is written before the signal is released
     for r in tl.static_range(WORLD):
         if r != RANK:
@@ -64,8 +74,12 @@ def _exchange(flags_ptr, pid, epoch, RANK: tl.constexpr, WORLD: tl.constexpr):
         if r != RANK:
             # (a CAS, as Triton turned an atomic add of 0 into a load that the loop did not repeat)
             seen = tl.atomic_cas(my_flags + pid * WORLD + r, never, never, sem="acquire", scope="sys")
-            while seen < epoch:
-                seen = tl.atomic_cas(my_flags + pid * WORLD + r, never, never, sem="acquire", scope="sys")
+            if seen < epoch:  # (the clock is read only when waiting: the interpreter has no globaltimer)
+                deadline = tl.extra.cuda.globaltimer() + timeout_ns
+                while seen < epoch:
+                    seen = tl.atomic_cas(my_flags + pid * WORLD + r, never, never, sem="acquire", scope="sys")
+                    if tl.extra.cuda.globaltimer() > deadline:
+                        _trap()
     tl.debug_barrier()
 
 
@@ -80,7 +94,7 @@ def _sum_ranks(buffers_ptr, half, offsets, mask, dtype, WORLD: tl.constexpr):
 
 
 @triton.jit
-def _one_shot_all_reduce_kernel(x_ptr, out_ptr, buffers_ptr, flags_ptr, epochs_ptr, n, half_elems,
+def _one_shot_all_reduce_kernel(x_ptr, out_ptr, buffers_ptr, flags_ptr, epochs_ptr, timeout_ns, n, half_elems,
                                 RANK: tl.constexpr, WORLD: tl.constexpr, PROGRAMS: tl.constexpr,
                                 BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -92,7 +106,7 @@ def _one_shot_all_reduce_kernel(x_ptr, out_ptr, buffers_ptr, flags_ptr, epochs_p
     for start in range(pid * BLOCK, n, step):
         idx = start + offsets
         tl.store(mine + idx, tl.load(x_ptr + idx, mask=idx < n), mask=idx < n)
-    _exchange(flags_ptr, pid, epoch, RANK, WORLD)
+    _exchange(flags_ptr, pid, epoch, timeout_ns, RANK, WORLD)
     for start in range(pid * BLOCK, n, step):
         idx = start + offsets
         tl.store(out_ptr + idx, _sum_ranks(buffers_ptr, half, idx, idx < n, dtype, WORLD).to(dtype), mask=idx < n)
@@ -100,7 +114,7 @@ def _one_shot_all_reduce_kernel(x_ptr, out_ptr, buffers_ptr, flags_ptr, epochs_p
 
 @triton.jit
 def _one_shot_add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, buffers_ptr, flags_ptr, epochs_ptr,
-                                  num_rows, half_elems, eps, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                                  timeout_ns, num_rows, half_elems, eps, D: tl.constexpr, BLOCK_D: tl.constexpr,
                                   ROWS: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
                                   PROGRAMS: tl.constexpr):
     """The all-reduce of x [rows, D] by whole rows, then `layernorm.add_rms_norm` of the sum and the
@@ -116,7 +130,7 @@ def _one_shot_add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, b
         mask = (rows < num_rows)[:, None] & (cols < D)[None, :]
         offsets = rows[:, None] * D + cols[None, :]
         tl.store(mine + offsets, tl.load(x_ptr + offsets, mask=mask), mask=mask)
-    _exchange(flags_ptr, pid, epoch, RANK, WORLD)
+    _exchange(flags_ptr, pid, epoch, timeout_ns, RANK, WORLD)
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
     for first in range(pid * ROWS, num_rows, step):
         rows = first + tl.arange(0, ROWS)
@@ -134,10 +148,11 @@ def _one_shot_add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, b
 
 class OneShotAllReduce:
     def __init__(self, group: dist.ProcessGroup, device: torch.device, max_bytes: int = MAX_BYTES,
-                 programs: int = PROGRAMS, block: int = BLOCK):
+                 programs: int = PROGRAMS, block: int = BLOCK, wait_timeout_s: float = WAIT_TIMEOUT_S):
         import torch.distributed._symmetric_memory as symm_mem
 
         self.max_bytes, self.programs, self.block = max_bytes, programs, block
+        self.timeout_ns = int(wait_timeout_s * 1e9)
         self.rank, self.world = group.rank(), group.size()
         self.staging = symm_mem.empty(2 * max_bytes, dtype=torch.uint8, device=device)  # two halves
         self.flags = symm_mem.empty(programs * self.world, dtype=torch.int64, device=device)
@@ -170,7 +185,8 @@ class OneShotAllReduce:
         """The sum of every rank's x, as a new tensor (x is left as it was)."""
         out = torch.empty_like(x)
         _one_shot_all_reduce_kernel[(self.programs,)](
-            x, out, self.buffer_ptrs, self.flag_ptrs, self.epochs, x.numel(), self.max_bytes // x.element_size(),
+            x, out, self.buffer_ptrs, self.flag_ptrs, self.epochs, self.timeout_ns, x.numel(),
+            self.max_bytes // x.element_size(),
             RANK=self.rank, WORLD=self.world, PROGRAMS=self.programs, BLOCK=self.block, num_warps=8)
         return out
 
@@ -183,7 +199,8 @@ class OneShotAllReduce:
         d = x.shape[1]
         block_d = triton.next_power_of_2(d)
         _one_shot_add_rms_norm_kernel[(self.programs,)](
-            x, residual, weight, out, new_residual, self.buffer_ptrs, self.flag_ptrs, self.epochs, x.shape[0],
+            x, residual, weight, out, new_residual, self.buffer_ptrs, self.flag_ptrs, self.epochs, self.timeout_ns,
+            x.shape[0],
             self.max_bytes // x.element_size(), eps, D=d, BLOCK_D=block_d, ROWS=max(1, self.block // block_d),
             RANK=self.rank, WORLD=self.world, PROGRAMS=self.programs, num_warps=8)
         return out, new_residual

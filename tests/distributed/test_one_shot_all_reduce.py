@@ -8,6 +8,8 @@ graph with new inputs each time.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from nanovllm.distributed.parallel_state import init_tensor_parallel, leave_tens
 from nanovllm.layers.layernorm import add_rms_norm
 
 PROGRAMS, BLOCK = 4, 64
+TIMEOUT_NS = 60 * 10**9
 
 
 def exchange_buffers(world: int, programs: int, half_bytes: int, device: str = "cpu"):
@@ -44,7 +47,7 @@ def test_kernel_stages_signals_and_sums_in_alternating_halves(dtype):
         staging[1].view(dtype)[used] = peer  # rank 1's share, then its signal to every program of ours
         flags[0].view(PROGRAMS, world)[:, 1] = call
         out = torch.empty_like(x)
-        _one_shot_all_reduce_kernel[(PROGRAMS,)](x, out, *pointers, epochs, n, half, RANK=0, WORLD=world,
+        _one_shot_all_reduce_kernel[(PROGRAMS,)](x, out, *pointers, epochs, TIMEOUT_NS, n, half, RANK=0, WORLD=world,
                                                  PROGRAMS=PROGRAMS, BLOCK=BLOCK)
         assert torch.equal(staging[0].view(dtype)[used], x)  # our share, staged in this call's half
         assert flags[1].view(PROGRAMS, world)[:, 0].tolist() == [call] * PROGRAMS  # signalled rank 1
@@ -67,8 +70,8 @@ def test_add_rms_norm_kernel_sums_adds_and_normalises_whole_rows(dtype):
         staging[1].view(dtype)[used] = peer.flatten()
         flags[0].view(PROGRAMS, world)[:, 1] = call
         out, new_residual = torch.empty_like(x), torch.empty_like(x)
-        _one_shot_add_rms_norm_kernel[(PROGRAMS,)](x, residual, weight, out, new_residual, *pointers, epochs, rows,
-                                                   half, eps, D=d, BLOCK_D=64, ROWS=2, RANK=0, WORLD=world,
+        _one_shot_add_rms_norm_kernel[(PROGRAMS,)](x, residual, weight, out, new_residual, *pointers, epochs,
+                                                   TIMEOUT_NS, rows, half, eps, D=d, BLOCK_D=64, ROWS=2, RANK=0, WORLD=world,
                                                    PROGRAMS=PROGRAMS)
         assert torch.equal(staging[0].view(dtype)[used], x.flatten())
         assert flags[1].view(PROGRAMS, world)[:, 0].tolist() == [call] * PROGRAMS
@@ -101,15 +104,15 @@ def test_two_ranks_on_one_gpu_over_many_calls():
         if call % 2:
             out, new_residual = torch.empty_like(x), torch.empty_like(x)
             _one_shot_add_rms_norm_kernel[(programs,)](x, residuals[call], weight, out, new_residual, *pointers,
-                                                       epochs[rank], x.shape[0], half_bytes // 2, eps, D=d,
-                                                       BLOCK_D=d, ROWS=2, RANK=rank, WORLD=world, PROGRAMS=programs,
-                                                       num_warps=8)
+                                                       epochs[rank], TIMEOUT_NS, x.shape[0], half_bytes // 2, eps,
+                                                       D=d, BLOCK_D=d, ROWS=2, RANK=rank, WORLD=world,
+                                                       PROGRAMS=programs, num_warps=8)
             outs[rank][call] = (out, new_residual)
         else:
             out = torch.empty_like(x)
-            _one_shot_all_reduce_kernel[(programs,)](x, out, *pointers, epochs[rank], x.numel(), half_bytes // 2,
-                                                     RANK=rank, WORLD=world, PROGRAMS=programs, BLOCK=2048,
-                                                     num_warps=8)
+            _one_shot_all_reduce_kernel[(programs,)](x, out, *pointers, epochs[rank], TIMEOUT_NS, x.numel(),
+                                                     half_bytes // 2, RANK=rank, WORLD=world, PROGRAMS=programs,
+                                                     BLOCK=2048, num_warps=8)
             outs[rank][call] = out
 
     # Each rank's kernels run once alone first, the peer's signal faked: loading a kernel waits for
@@ -188,6 +191,34 @@ def _check_rank(rank: int, port: int) -> None:
         dist.barrier()
     finally:
         leave_tensor_parallel(clean=True)
+
+
+DEAD_PEER = """
+import time, torch
+from nanovllm.distributed.one_shot_all_reduce import _one_shot_all_reduce_kernel
+programs, world, half = 4, 2, 1 << 12
+staging = [torch.zeros(4 * half, dtype=torch.uint8, device="cuda") for _ in range(world)]
+flags = [torch.zeros(programs * world, dtype=torch.int64, device="cuda") for _ in range(world)]
+pointers = [torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64, device="cuda") for ts in (staging, flags)]
+x = torch.randn(1000, device="cuda")
+start = time.perf_counter()
+try:  # rank 1 never signals: rank 0 must give up after its 0.5 s
+    _one_shot_all_reduce_kernel[(programs,)](x, torch.empty_like(x), *pointers, torch.zeros(programs, dtype=torch.int64,
+        device="cuda"), 500_000_000, x.numel(), half, RANK=0, WORLD=world, PROGRAMS=programs, BLOCK=256)
+    torch.cuda.synchronize()
+except RuntimeError as e:
+    print(f"trapped after {time.perf_counter() - start:.1f} s: {e}")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_peer_that_never_signals_fails_the_kernel_instead_of_hanging():
+    """A worker that died mid-step leaves its peers' kernels waiting for its signal: they trap after
+    their timeout, a CUDA error on the host (in a process of its own: the error ends its CUDA context)."""
+    run = subprocess.run([sys.executable, "-c", DEAD_PEER], capture_output=True, text=True, timeout=120)
+    assert "trapped after" in run.stdout, run.stdout + run.stderr[-2000:]
+    assert float(run.stdout.split("trapped after ")[1].split(" s")[0]) < 30
 
 
 @pytest.mark.gpu
