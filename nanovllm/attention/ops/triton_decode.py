@@ -63,9 +63,10 @@ Scoring by elementwise multiply-reduce instead of ``tl.dot`` (group padded to 16
 FP8: the first version widened FP8 to bfloat16 and ran at only 0.85-0.9x flash-attn bf16's time
 (bound by the conversion, not memory). Widening to float16 (native ``cvt.rn.f16x2.e4m3x2``, checked
 in the sm90 PTX) with 128-token tiles replaced it. On the H200 (``bench_attention.py``, the bench's
-mix of 256 sequences of 200-2,048 tokens) it takes 276 us per call against 285 us with 64-token
-tiles, 310 us for bf16 and 326 us for flash-attn bf16: 0.85x flash-attn, still far from the 0.5x
-that half the bytes would allow, at 2.1 TB/s of FP8 KV.
+mix of 256 sequences of 200-2,048 tokens) it took 276 us per call against 285 us with 64-token
+tiles, 310 us for bf16 and 326 us for flash-attn bf16: 0.85x flash-attn, at 2.1 TB/s of FP8 KV.
+Storing FP8 values dim-major in each block (see `_load_v_dim_major`) brought it to 189 us, 0.58x
+flash-attn's 327 us in the same run (3.1 TB/s of FP8 KV); 64-token tiles took 199 us.
 """
 from __future__ import annotations
 
@@ -88,8 +89,8 @@ from nanovllm.utils.pdl import pdl_start, use_pdl
 
 BLOCK_N = 64  # tokens per K/V tile
 FP8_BLOCK_N = 128  # the same bytes per tile from an FP8 cache
-# Warps per program with an FP8 cache. Compiled for sm90 (v2, GQA 2, head dim 128), 4 warps take 205
-# registers per thread and 2,096 instructions, 8 warps 128 and 1,280; their speed is not yet compared.
+# Warps per program with an FP8 cache: on the H200 8 warps made the bench's decode step slower (4.75
+# against 3.91 ms per step with dim-major values; 294 against 275 us per call with token-major ones).
 FP8_NUM_WARPS = 4
 LOG2E = 1.4426950408889634
 
