@@ -5,6 +5,7 @@ head dim 128), one layer, every backend that loads: Triton bf16 and FP8 (block 1
 
     python scripts/bench_attention.py            # batch x context table, plus the bench-like mixed batch
     python scripts/bench_attention.py --sweep    # v1 vs v2 partition sizes: the data behind the heuristic
+    python scripts/bench_attention.py --sweep --fp8   # the same over the FP8 cache
 """
 from __future__ import annotations
 
@@ -117,38 +118,46 @@ def main_table(caches: Caches, batches: list[int], contexts: list[int]) -> None:
             query = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
             parts = choose_num_partitions(batch, NUM_KV_HEADS, context, query.device)
             report(f"batch {batch:3d} ctx {context:4d} (P={parts})", [context] * batch, query, caches, context)
-    rng = random.Random(0)
-    lens = [rng.randint(100, 1024) + rng.randint(100, 1024) for _ in range(256)]
+    lens = bench_mix()
     query = torch.randn(256, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
     report("bench mix: 256 x 200-2048", lens, query, caches, max(lens))
     report("  same, graph max_len 8192", lens, query, caches, 8192)
 
 
-def sweep(caches: Caches, batches: list[int]) -> None:
-    """us per call of v1 (P=1) and v2 at several partition sizes, per batch and context;
-    ``maxlen`` rows pass a CUDA graph's max_context_len (8192) over shorter real contexts."""
+def bench_mix() -> list[int]:
+    """The bench's contexts at its busiest: 256 sequences of 100-1,024 prompt + 100-1,024 output tokens."""
+    rng = random.Random(0)
+    return [rng.randint(100, 1024) + rng.randint(100, 1024) for _ in range(256)]
+
+
+def sweep(caches: Caches, batches: list[int], fp8: bool) -> None:
+    """us per call of v1 (P=1) and v2 at several partition sizes, per batch and context, then the
+    bench's mix; ``maxlen`` rows pass a CUDA graph's max_context_len (8192) over shorter real contexts."""
     sizes = (64, 128, 256, 512, 1024, 2048)
-    print("sweep (us): batch ctx maxlen | v1 | " + " | ".join(f"v2 ps={s}" for s in sizes)
-          + " | heuristic P", flush=True)
+    print(f"sweep ({'FP8' if fp8 else 'bf16'} cache, us): batch ctx maxlen | v1 | "
+          + " | ".join(f"v2 ps={s}" for s in sizes) + " | heuristic P", flush=True)
     scale = HEAD_DIM**-0.5
-    for batch in batches:
-        for context, max_len in ((512, 512), (2048, 2048), (8192, 8192), (2048, 8192)):
-            if batch * max_len > MAX_TOKENS:
-                continue
-            lens = [context] * batch
-            ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
-            table = block_table(batch, max_len, 16)
-            query = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    key, value = (caches.key_fp8, caches.value_fp8) if fp8 else (caches.key, caches.value)
+    scales = (caches.scale, caches.scale) if fp8 else (None, None)
+    cases = [([context] * batch, max_len) for batch in batches
+             for context, max_len in ((512, 512), (2048, 2048), (8192, 8192), (2048, 8192))
+             if batch * max_len <= MAX_TOKENS]
+    cases += [(bench_mix(), 2048), (bench_mix(), 8192)]
+    for lens, max_len in cases:
+        ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        table = block_table(len(lens), max_len, 16)
+        query = torch.randn(len(lens), NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
 
-            def run(parts):
-                return lambda: paged_attention(query, caches.key, caches.value, table, ctx, 16, max_len, scale,
-                                               num_partitions=parts)
+        def run(parts):
+            return lambda: paged_attention(query, key, value, table, ctx, 16, max_len, scale, *scales,
+                                           num_partitions=parts)
 
-            cells = [timed(run(1))]
-            cells += [timed(run(triton.cdiv(max_len, s))) if s < max_len else float("nan") for s in sizes]
-            print(f"sweep {batch:3d} {context:4d} {max_len:4d} | " + " | ".join(f"{c * 1e3:7.1f}" for c in cells)
-                  + f" | {choose_num_partitions(batch, NUM_KV_HEADS, max_len, query.device)}", flush=True)
-    print(f"(tile BLOCK_N={BLOCK_N})")
+        cells = [timed(run(1))]
+        cells += [timed(run(triton.cdiv(max_len, s))) if s < max_len else float("nan") for s in sizes]
+        context = "mix" if len(set(lens)) > 1 else f"{lens[0]:4d}"
+        print(f"sweep {len(lens):3d} {context:>4} {max_len:4d} | " + " | ".join(f"{c * 1e3:7.1f}" for c in cells)
+              + f" | {choose_num_partitions(len(lens), NUM_KV_HEADS, max_len, query.device)}", flush=True)
+    print(f"(tile BLOCK_N={triton_decode.FP8_BLOCK_N if fp8 else BLOCK_N})")
 
 
 def main() -> None:
@@ -156,11 +165,12 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="v1/v2 partition sweep instead of the table")
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default: each mode's own)")
     parser.add_argument("--contexts", type=int, nargs="+", default=CONTEXTS, help="context lengths of the table")
+    parser.add_argument("--fp8", action="store_true", help="sweep the FP8 cache instead of bf16")
     args = parser.parse_args()
     torch.manual_seed(0)
     caches = Caches.allocate()
     if args.sweep:
-        sweep(caches, args.batches or [1, 4, 16, 32, 64, 128, 256])
+        sweep(caches, args.batches or [1, 4, 16, 32, 64, 128, 256], args.fp8)
     else:
         main_table(caches, args.batches or BATCHES, args.contexts)
 
