@@ -9,12 +9,14 @@ class NgramIndex:
 
     `lookup` first indexes the n-grams that end at the positions it has not seen, up to the
     one before the last token (an earlier occurrence never ends at the last token itself), then
-    finds the last n tokens in one dict probe per n. A 2k-token prompt is indexed once; after
-    that a step costs a few microseconds for the few new tokens, where searching the whole
-    context again (one numpy pass per step and sequence) measured ~0.15 ms per sequence per step
-    on the device's host, serial with every speculative step. The tokens only grow between
-    lookups: rejected proposals are rolled back before the next one and were never indexed;
-    a sequence that is preempted or finishes is released and indexed afresh.
+    finds the last n tokens in one dict probe per n. A 2k-token prompt is indexed once, by zip
+    and dict.update per n (0.9 against 2.4 ms for a loop per position on a 2-core CPU; a batch of
+    16 such prompts pays it in its first speculative step). After that a step costs a few
+    microseconds for the few new tokens, where searching the whole context again (one numpy pass
+    per step and sequence) measured ~0.15 ms per sequence per step on the device's host, serial
+    with every speculative step. The tokens only grow between lookups: rejected proposals are
+    rolled back before the next one and were never indexed; a sequence that is preempted or
+    finishes is released and indexed afresh.
     """
 
     def __init__(self, n_min: int, n_max: int):
@@ -27,9 +29,10 @@ class NgramIndex:
         longest n first (vLLM's prompt lookup, preferring the most recent match)."""
         end = len(tokens) - 1
         assert end >= self.indexed, "tokens only grow between lookups"
-        for e in range(self.indexed, end):
-            for n in range(self.n_min, min(self.n_max, e + 1) + 1):
-                self.latest[tuple(tokens[e - n + 1 : e + 1])] = e
+        for n in range(self.n_min, self.n_max + 1):  # the n-grams ending at indexed..end-1, in C loops
+            first = max(self.indexed, n - 1)  # the first of those positions that ends a whole n-gram
+            grams = zip(*(tokens[first - n + 1 + i : end - n + 1 + i] for i in range(n)))
+            self.latest.update(zip(grams, range(first, end)))  # in order: the latest position wins
         self.indexed = end
         for n in range(min(self.n_max, end), self.n_min - 1, -1):
             e = self.latest.get(tuple(tokens[-n:]))
