@@ -158,7 +158,7 @@ def sweep(caches: Caches, batches: list[int], fp8: bool) -> None:
         cells += [timed(run(triton.cdiv(max_len, s))) if s < max_len else float("nan") for s in sizes]
         context = "mix" if len(set(lens)) > 1 else f"{lens[0]:4d}"
         print(f"sweep {len(lens):3d} {context:>4} {max_len:4d} | " + " | ".join(f"{c * 1e3:7.1f}" for c in cells)
-              + f" | {choose_num_partitions(len(lens), NUM_KV_HEADS, max_len, query.device)}", flush=True)
+              + f" | {choose_num_partitions(len(lens), NUM_KV_HEADS, max_len, query.device, fp8)}", flush=True)
     print(f"(tile BLOCK_N={triton_decode.FP8_BLOCK_N if fp8 else BLOCK_N})")
 
 

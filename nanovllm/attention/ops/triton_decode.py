@@ -23,8 +23,8 @@ the output.
 
 Heuristic (:func:`choose_num_partitions`): with few sequences (``num_seqs * num_kv_heads`` programs
 per partition < 1.5 x SMs) the shortest partitions of 64, 128 or 256 tokens that keep the grid within
-2 x SMs programs; otherwise 512 tokens below 3 x SMs programs per partition, else 1024. v1 whenever
-``max_context_len`` fits in one partition. Measured on an H100 (132 SMs), bf16, 8 KV heads, head dim
+2 x SMs programs; otherwise 512 tokens below 3 x SMs programs per partition, else 1024 (FP8: v1, see
+below). v1 whenever ``max_context_len`` fits in one partition. Measured on an H100 (132 SMs), bf16, 8 KV heads, head dim
 128, block 16, us per call in a CUDA graph (``scripts/bench_attention.py --sweep``; * = the
 heuristic's pick; the first rows' short partitions were measured on an H200, the same column
 otherwise within 1 us):
@@ -67,6 +67,25 @@ mix of 256 sequences of 200-2,048 tokens) it took 276 us per call against 285 us
 tiles, 310 us for bf16 and 326 us for flash-attn bf16: 0.85x flash-attn, at 2.1 TB/s of FP8 KV.
 Storing FP8 values dim-major in each block (see `_load_v_dim_major`) brought it to 189 us, 0.58x
 flash-attn's 327 us in the same run (3.1 TB/s of FP8 KV); 64-token tiles took 199 us.
+
+FP8 reads half the bytes per token, so a partition's fixed costs (its partial writes, the reduce
+kernel) weigh twice as much: from 3 x SMs programs per partition the FP8 kernel runs v1. On the H200
+at the bench's graph ``max_context_len`` of 4096 over the first n of the bench's mix (call S, us;
+ps = partition size, * = the pick):
+
+=====  ========  ======  ======  ======  ======
+batch  cache     v1      ps=512  ps=1024 ps=2048
+=====  ========  ======  ======  ======  ======
+48     FP8       53.3    50.5*   54.1    57.3
+64     FP8       56.8*   62.7    64.5    63.7
+64     bf16      108.7   94.2    96.3*   113.4
+128    FP8       96.5*   104.5   102.0   101.1
+256    FP8       173.4*  198.8   188.4   181.1
+256    bf16      310.2   317.2   317.8*  319.0
+=====  ========  ======  ======  ======  ======
+
+``bench.py --kv-cache-dtype fp8`` (same call) went from 3.93 to 3.80 ms per decode step; bf16 was
+unchanged with v1 there (5.30 ms either way), so it keeps its 1024-token partitions.
 """
 from __future__ import annotations
 
@@ -350,11 +369,14 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def choose_num_partitions(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
+def choose_num_partitions(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device,
+                          fp8: bool = False) -> int:
     """Partition count for decode (1 = v1); see the table in the module docstring."""
     num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 132
     programs = num_seqs * num_kv_heads  # per partition
+    if fp8 and programs >= 3 * num_sms:
+        return 1
     if 2 * programs < 3 * num_sms:
         for size in (64, 128):
             if programs * triton.cdiv(max_context_len, size) <= 2 * num_sms:
@@ -427,7 +449,7 @@ def paged_attention(
     if num_seqs == 0:
         return out
     if num_partitions is None:
-        num_partitions = choose_num_partitions(num_seqs, num_kv_heads, max_context_len, query.device)
+        num_partitions = choose_num_partitions(num_seqs, num_kv_heads, max_context_len, query.device, fp8)
     block_n = FP8_BLOCK_N if fp8 else BLOCK_N
     partition_size = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_partitions), block_n) * block_n
     num_partitions = triton.cdiv(max(max_context_len, 1), partition_size)

@@ -153,6 +153,9 @@ def test_partition_heuristic():
     assert choose_num_partitions(1, 8, 8192, cpu) == 32  # few programs: short partitions
     assert choose_num_partitions(1, 8, 200, cpu) == 4  # 64-token partitions while the grid stays small
     assert choose_num_partitions(4, 8, 2048, cpu) == 8  # 64 or 128 tokens would be > 2 x SMs programs
+    assert choose_num_partitions(64, 8, 4096, cpu, fp8=True) == 1  # FP8 from 3 x SMs programs: v1
+    assert choose_num_partitions(48, 8, 4096, cpu, fp8=True) == 8  # below: as bf16
+    assert choose_num_partitions(64, 8, 4096, cpu) == 4
 
 
 def test_decode_rejects_bad_input():
