@@ -11,8 +11,11 @@ W (N x K)       F.linear  this GEMV
 1024 x 3072     6.4       4.2
 ==============  ========  ==========
 
-Qwen3-0.6B's four projections per layer go from 28 to 14 us. With several rows cuBLAS wins
-(this kernel reads W once per row block but reduces each row on its own), so only one row takes it.
+Qwen3-0.6B's four projections per layer go from 28 to 14 us. Up to `MAX_ROWS` rows (decode at small
+batches, a verify step of k + 1 tokens at batch 1) a program reads its W tile once and reduces each
+row from it in turn: compiled for sm90 each row adds ~200 instructions per thread (no spills; 96
+registers at 5-8 rows), against cuBLAS's 5-12 us per projection at 4 rows, which read the weights at
+a fraction of the bandwidth. Not yet measured on a GPU beyond one row.
 
 With PDL (`nanovllm/utils/pdl.py`, sm90+) a program reads its whole W tile before it waits for x,
 while the kernel before it still runs. Tiles of 8,192 weights (a row of up to 4,096, so 2-8 output
@@ -31,26 +34,35 @@ from nanovllm.utils.pdl import pdl_launch_dependents, pdl_wait, use_pdl
 TILE = 8192  # weight elements a program reads per iteration with PDL (16 KB of bf16)
 
 
+MAX_ROWS = 8  # rows a GEMV takes; more go to cuBLAS
+
+
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, stride_wn, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, stride_wn, stride_xm, stride_om, K: tl.constexpr,
+                 ROWS: tl.constexpr, ROWS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 PDL: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
+    rows = tl.arange(0, ROWS_PAD)
     pdl_launch_dependents(PDL)
     # the first tile of W (all of it when K <= BLOCK_K) is read before x exists: with PDL while the
     # kernel that writes x still runs
     w = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
     pdl_wait(PDL)
-    acc = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([ROWS_PAD, BLOCK_N], tl.float32)
     for k0 in tl.static_range(0, K, BLOCK_K):
         if k0 > 0:
             w = tl.load(w_ptr + n[:, None] * stride_wn + (k0 + k)[None, :],
                         mask=(n[:, None] < N) & ((k0 + k)[None, :] < K), other=0.0)
-        x = tl.load(x_ptr + k0 + k, mask=k0 + k < K, other=0.0)
-        acc += tl.sum(w.to(tl.float32) * x[None, :].to(tl.float32), axis=1)
+        w32 = w.to(tl.float32)
+        for r in tl.static_range(ROWS):  # each row reduced on its own, from the W tile read once
+            x = tl.load(x_ptr + r * stride_xm + k0 + k, mask=k0 + k < K, other=0.0)
+            row = tl.sum(w32 * x[None, :].to(tl.float32), axis=1)
+            acc = tl.where(rows[:, None] == r, acc + row[None, :], acc)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)
-    tl.store(out_ptr + n, acc.to(out_ptr.dtype.element_ty), mask=n < N)
+        acc += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rows[:, None] < ROWS) & (n[None, :] < N))
 
 
 def _config(k: int, pdl: bool) -> tuple[int, int, int]:
@@ -65,17 +77,18 @@ def _config(k: int, pdl: bool) -> tuple[int, int, int]:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` for x [1, K] (contiguous) and weight [N, K] with unit stride along K.
+    """`F.linear(x, weight, bias)` for x [M, K] (1 <= M <= MAX_ROWS, unit stride along K) and weight
+    [N, K] with unit stride along K: each program reads its W tile once for all M rows.
 
     With PDL the kernel reads ``weight`` before it waits for the kernel launched just before it, so
     that kernel must not be the one that writes ``weight`` (a model's weights are written at load)."""
-    assert x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous() and weight.stride(1) == 1
+    assert x.dim() == 2 and 1 <= x.shape[0] <= MAX_ROWS and x.stride(1) == 1 and weight.stride(1) == 1
     n, k = weight.shape
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     pdl = use_pdl(x.device)
     block_n, block_k, num_warps = _config(k, pdl)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, n, weight.stride(0),
-        K=k, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, PDL=pdl, num_warps=num_warps,
-        launch_pdl=pdl)
+        x, weight, bias if bias is not None else weight, out, n, weight.stride(0), x.stride(0), out.stride(0),
+        K=k, ROWS=x.shape[0], ROWS_PAD=triton.next_power_of_2(x.shape[0]), BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, PDL=pdl,
+        num_warps=num_warps, launch_pdl=pdl)
     return out

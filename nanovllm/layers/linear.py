@@ -21,14 +21,16 @@ from nanovllm.layers.weight_slice import Loaded, copy_slice
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, except a single bf16/fp16 row on CUDA (decode at batch 1): the Triton GEMV of
-    `gemv_kernel`, since cuBLAS reads the weights at a fraction of the bandwidth there. Eager, its
-    Python launch costs a little more host time than cuBLAS's; decode runs in CUDA graphs, whose
-    warm-up (eager, before capture) is also where the kernel gets compiled."""
-    if x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous():
-        from nanovllm.layers.gemv_kernel import gemv
+    """`F.linear`, except up to `gemv_kernel.MAX_ROWS` bf16/fp16 rows on CUDA (decode at small
+    batches, a verify step at batch 1): the Triton GEMV of `gemv_kernel`, since cuBLAS reads the
+    weights at a fraction of the bandwidth there. Eager, its Python launch costs a little more host
+    time than cuBLAS's; decode runs in CUDA graphs, whose warm-up (eager, before capture) is also
+    where the kernel gets compiled (once per row count)."""
+    if x.is_cuda and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous():
+        from nanovllm.layers.gemv_kernel import MAX_ROWS, gemv
 
-        return gemv(x, weight, bias)
+        if x.shape[0] <= MAX_ROWS:
+            return gemv(x, weight, bias)
     return F.linear(x, weight, bias)
 
 

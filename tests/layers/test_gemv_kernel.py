@@ -1,4 +1,4 @@
-"""The one-row Triton GEMV against a float64 matmul (Triton's interpreter on CPU), and the dispatch."""
+"""The Triton GEMV (1 to MAX_ROWS rows) against a float64 matmul (Triton's interpreter on CPU), and the dispatch."""
 from __future__ import annotations
 
 import pytest
@@ -19,16 +19,17 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
 @pytest.mark.parametrize("n,k", [(40, 96), (16, 300), (33, 2048), (6, 5000)])  # partial blocks of N and K, K over two tiles
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("pdl_tiles", [False, True])  # the tiles PDL launches take (whole rows), without PDL
-def test_gemv_matches_matmul(n, k, with_bias, pdl_tiles, monkeypatch):
+@pytest.mark.parametrize("rows", [1, 3, gemv_kernel.MAX_ROWS])  # one, a padded row block, the most
+def test_gemv_matches_matmul(n, k, with_bias, pdl_tiles, rows, monkeypatch):
     if pdl_tiles:
         monkeypatch.setattr(gemv_kernel, "_config", lambda k, pdl, config=gemv_kernel._config: config(k, True))
     torch.manual_seed(n + k)
     dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
     weight = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
     bias = torch.randn(n, device=DEVICE).to(dtype) if with_bias else None
-    x = torch.randn(1, k, device=DEVICE).to(dtype)  # last: with PDL the GEMV reads W before its wait
+    x = torch.randn(rows, k, device=DEVICE).to(dtype)  # last: with PDL the GEMV reads W before its wait
     out = gemv(x, weight, bias)
-    assert out.shape == (1, n) and out.dtype == dtype
+    assert out.shape == (rows, n) and out.dtype == dtype
     ref = reference(x, weight, bias)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's rounding
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
@@ -38,10 +39,11 @@ def test_gemv_matches_matmul(n, k, with_bias, pdl_tiles, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)])  # Qwen3-0.6B's layers
-def test_linear_takes_gemv_for_one_row(dtype, n, k):
+def test_linear_takes_gemv_up_to_max_rows(dtype, n, k):
     torch.manual_seed(0)
     weight = (torch.randn(n, k, device="cuda") / k**0.5).to(dtype)
-    one, rows = torch.randn(1, k, device="cuda").to(dtype), torch.randn(5, k, device="cuda").to(dtype)
-    torch.testing.assert_close(linear(one, weight), gemv(one, weight), rtol=0, atol=0)
-    for x in (one, rows):
+    for rows in (1, 5, gemv_kernel.MAX_ROWS, gemv_kernel.MAX_ROWS + 1):
+        x = torch.randn(rows, k, device="cuda").to(dtype)
+        if rows <= gemv_kernel.MAX_ROWS:
+            torch.testing.assert_close(linear(x, weight), gemv(x, weight), rtol=0, atol=0)
         torch.testing.assert_close(linear(x, weight).double(), reference(x, weight, None), rtol=2e-2, atol=2e-2)

@@ -1,0 +1,61 @@
+"""Linear layers of a small decode batch (1-8 rows) on CUDA: cuBLAS (`F.linear`) against the Triton
+GEMV of `layers/gemv_kernel.py`, in CUDA graphs as decode runs them.
+
+    python scripts/bench_small_gemm.py [--rows 1 2 4 5 8]
+
+Shapes: Qwen3-0.6B's four projections (the bench model) and SmolLM2-135M's (the default model).
+Prints us per call. Each call here follows the previous one directly, so PDL overlaps only a
+kernel with its own predecessor; in a decode step the GEMM's weight read overlaps a norm or an
+attention kernel instead (`bench.py --num-seqs N` measures that).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from nanovllm.layers.gemv_kernel import MAX_ROWS, gemv
+
+SHAPES = {  # name: (N, K) of W
+    "qwen3-0.6b qkv": (4096, 1024), "qwen3-0.6b o": (1024, 2048),
+    "qwen3-0.6b gate_up": (6144, 1024), "qwen3-0.6b down": (1024, 3072),
+    "smollm2 qkv": (960, 576), "smollm2 o": (576, 576), "smollm2 gate_up": (3072, 576), "smollm2 down": (576, 1536),
+}
+CALLS = 50
+
+
+def time_us(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / (10 * CALLS)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 5, 8], choices=range(1, MAX_ROWS + 1))
+    args = p.parse_args()
+    print(f"{'shape':<20} {'rows':>4} {'cuBLAS':>7} {'Triton':>7}")
+    for name, (n, k) in SHAPES.items():
+        weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+        for m in args.rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            torch.testing.assert_close(gemv(x, weight).float(), F.linear(x, weight).float(), rtol=2e-2, atol=2e-2)
+            print(f"{name:<20} {m:>4} {time_us(lambda: F.linear(x, weight)):>7.1f} "
+                  f"{time_us(lambda: gemv(x, weight)):>7.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
