@@ -76,15 +76,17 @@ def _config(k: int, pdl: bool) -> tuple[int, int, int]:
     return 16, block_k, 8 if block_k >= 1024 else 4
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for x [M, K] (1 <= M <= MAX_ROWS, unit stride along K) and weight
-    [N, K] with unit stride along K: each program reads its W tile once for all M rows.
+    [N, K] with unit stride along K: each program reads its W tile once for all M rows. The float32
+    sums are rounded to `out_dtype` (default x's: float32 for the LM head's logits).
 
     With PDL the kernel reads ``weight`` before it waits for the kernel launched just before it, so
     that kernel must not be the one that writes ``weight`` (a model's weights are written at load)."""
     assert x.dim() == 2 and 1 <= x.shape[0] <= MAX_ROWS and x.stride(1) == 1 and weight.stride(1) == 1
     n, k = weight.shape
-    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    out = torch.empty(x.shape[0], n, dtype=out_dtype or x.dtype, device=x.device)
     pdl = use_pdl(x.device)
     block_n, block_k, num_warps = _config(k, pdl)
     _gemv_kernel[(triton.cdiv(n, block_n),)](

@@ -35,6 +35,15 @@ def test_gemv_matches_matmul(n, k, with_bias, pdl_tiles, rows, monkeypatch):
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
 
 
+def test_gemv_float32_out_from_half_inputs():
+    """The LM head's use: half-precision operands, float32 sums kept as float32."""
+    torch.manual_seed(0)
+    weight, x = torch.randn(300, 96, device=DEVICE).half(), torch.randn(3, 96, device=DEVICE).half()
+    out = gemv(x, weight, out_dtype=torch.float32)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), reference(x, weight, None), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -47,3 +56,17 @@ def test_linear_takes_gemv_up_to_max_rows(dtype, n, k):
         if rows <= gemv_kernel.MAX_ROWS:
             torch.testing.assert_close(linear(x, weight), gemv(x, weight), rtol=0, atol=0)
         torch.testing.assert_close(linear(x, weight).double(), reference(x, weight, None), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lm_head_logits_take_gemv_up_to_max_rows():
+    from nanovllm.layers.embed_head import float32_logits
+
+    torch.manual_seed(0)
+    weight = (torch.randn(49152, 576, device="cuda") / 24).bfloat16()
+    for rows in (1, gemv_kernel.MAX_ROWS, gemv_kernel.MAX_ROWS + 1):
+        hidden = torch.randn(rows, 576, device="cuda").bfloat16()
+        logits = float32_logits(hidden, weight)
+        assert logits.dtype == torch.float32
+        torch.testing.assert_close(logits.double(), reference(hidden, weight, None), rtol=1e-4, atol=1e-4)
