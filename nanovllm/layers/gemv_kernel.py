@@ -12,10 +12,13 @@ W (N x K)       F.linear  this GEMV
 ==============  ========  ==========
 
 Qwen3-0.6B's four projections per layer go from 28 to 14 us. Up to `MAX_ROWS` rows (decode at small
-batches, a verify step of k + 1 tokens at batch 1) a program reads its W tile once and reduces each
+batches, a verify step of k + 1 <= 4 tokens at batch 1) a program reads its W tile once and reduces each
 row from it in turn: compiled for sm90 each row adds ~200 instructions per thread (no spills; 96
 registers at 5-8 rows), against cuBLAS's 5-12 us per projection at 4 rows, which read the weights at
-a fraction of the bandwidth. Not yet measured on a GPU beyond one row.
+a fraction of the bandwidth. `bench.py --num-seqs n` (128-token prompts, 1,024 tokens out) on the H200,
+ms per decode step, cuBLAS against this GEMV (`MAX_ROWS` 8) in one call (S): batch 4 1.58 -> 1.42 and
+1.58 -> 1.46, batch 1 0.92 -> 0.91 (the LM head's GEMV too), but batch 8 1.62 -> 2.04, so `MAX_ROWS`
+is 4. With 4, in call U: batch 2 1.61 -> 1.30, batch 4 1.58 -> 1.44, batch 8 1.63 -> 1.62 (cuBLAS).
 
 With PDL (`nanovllm/utils/pdl.py`, sm90+) a program reads its whole W tile before it waits for x,
 while the kernel before it still runs. Tiles of 8,192 weights (a row of up to 4,096, so 2-8 output
@@ -34,7 +37,7 @@ from nanovllm.utils.pdl import pdl_launch_dependents, pdl_wait, use_pdl
 TILE = 8192  # weight elements a program reads per iteration with PDL (16 KB of bf16)
 
 
-MAX_ROWS = 8  # rows a GEMV takes; more go to cuBLAS
+MAX_ROWS = 4  # rows a GEMV takes; more go to cuBLAS (8 rows measured slower)
 
 
 @triton.jit

@@ -51,7 +51,7 @@ def test_gemv_float32_out_from_half_inputs():
 def test_linear_takes_gemv_up_to_max_rows(dtype, n, k):
     torch.manual_seed(0)
     weight = (torch.randn(n, k, device="cuda") / k**0.5).to(dtype)
-    for rows in (1, 5, gemv_kernel.MAX_ROWS, gemv_kernel.MAX_ROWS + 1):
+    for rows in (1, 3, gemv_kernel.MAX_ROWS, gemv_kernel.MAX_ROWS + 1):
         x = torch.randn(rows, k, device="cuda").to(dtype)
         if rows <= gemv_kernel.MAX_ROWS:
             torch.testing.assert_close(linear(x, weight), gemv(x, weight), rtol=0, atol=0)
