@@ -17,13 +17,13 @@ def config(path: str, spec: dict) -> SpeculativeConfig:
 def test_ngram_defaults_follow_vllm(tiny_model):
     path, _ = tiny_model("qwen3")
     spec = config(path, {"method": "ngram", "num_speculative_tokens": 3})
-    assert (spec.prompt_lookup_min, spec.prompt_lookup_max, spec.disable_by_batch_size) == (5, 5, 32)
+    assert (spec.prompt_lookup_min, spec.prompt_lookup_max, spec.disable_by_batch_size) == (5, 5, 8)
     spec = config(path, {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4})
     assert (spec.prompt_lookup_min, spec.prompt_lookup_max) == (4, 4)
     spec = config(path, {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2,
-                         "prompt_lookup_max": 5, "disable_by_batch_size": 8})
+                         "prompt_lookup_max": 5, "disable_by_batch_size": 16})
     assert (spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max) == (3, 2, 5)
-    assert spec.disable_by_batch_size == 8
+    assert spec.disable_by_batch_size == 16
 
 
 @pytest.mark.parametrize("spec, match", [
