@@ -116,8 +116,10 @@ def test_tensor_parallel_greedy_equals_one_rank(model_dir: str) -> None:
 # -- FP8 KV cache accuracy on the real model --------------------------------------------------------
 
 # The FP8 issue's bounds. Static per-head scales alone reached 96.25 % / 0.049 on CPU and 96.1 % /
-# 0.052 on the H200; storing keys less their calibrated mean (kv_calibration) gives 97.5 % / 0.047
-# on CPU. For scale: bf16 KV itself agrees 97.8 % with HF float32.
+# 0.052 on the H200; storing keys less their calibrated mean (kv_calibration) gave 97.5 % / 0.047 on
+# CPU over 320 positions, but 96.0 % / 0.043 over 1,536; q and k Hadamard-rotated after RoPE
+# (`RotaryEmbedding.mix_for_fp8`) give 97.0 % / 0.036 over 1,536 and 97.2 % / 0.034 over 2,048, the
+# positions the CPU test now scores. For scale: bf16 KV itself agrees 97.8 % with HF float32.
 FP8_MIN_TOP1, FP8_MAX_GAP = 0.97, 0.05
 
 FP8_QUESTIONS = QUESTIONS + [
@@ -171,10 +173,11 @@ def fp8_agreement(model_dir: str, device: str, dtype: str, backend: str, max_tok
 
 
 def test_fp8_kv_cache_accuracy_cpu(model_dir: str) -> None:
-    """FP8 cache vs float32 through the torch reference: the same numerics as on the GPU."""
-    top1, gap, positions = fp8_agreement(model_dir, "cpu", "float32", "torch", 40, FP8_QUESTIONS)
+    """FP8 cache vs float32 through the torch reference: the same numerics as on the GPU, over the
+    GPU test's >= 2,000 positions (320 had put a 96.0 % cache at 97.5 %)."""
+    top1, gap, positions = fp8_agreement(model_dir, "cpu", "float32", "torch", 256, FP8_QUESTIONS)
     print(f"fp8 vs fp32 KV on CPU: top-1 agreement {top1:.4f}, mean |Δ logprob| {gap:.4f} over {positions}")
-    assert positions >= 300 and top1 >= FP8_MIN_TOP1 and gap <= FP8_MAX_GAP
+    assert positions >= 2000 and top1 >= FP8_MIN_TOP1 and gap <= FP8_MAX_GAP
 
 
 @pytest.mark.gpu

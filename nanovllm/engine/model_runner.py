@@ -23,6 +23,7 @@ from nanovllm.engine.sequence import PLACEHOLDER, Sequence
 from nanovllm.engine.step_inputs import StepInputs
 from nanovllm.engine.uploader import Uploader
 from nanovllm.layers.attention import Attention
+from nanovllm.layers.rotary_embedding import RotaryEmbedding
 from nanovllm.layers.sampler import (Sampler, SamplerOutput, SamplingArrays, SamplingRow, SamplingTensors,
                                      best_of_shards, sample_vocab_shard)
 from nanovllm.models import model_class
@@ -218,8 +219,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _calibrate_fp8(self, token_ids: list[int] | None) -> FP8Calibration:
-        """FP8: per-layer, per-KV-head scales and key offsets from one forward over calibration
-        tokens (see kv_calibration)."""
+        """FP8: q and k Hadamard-rotated after RoPE from now on (see `RotaryEmbedding`; head dims that
+        are powers of two), then per-layer, per-KV-head scales and key offsets from one forward over
+        calibration tokens (see kv_calibration)."""
+        for rope in self.model.modules():  # keys stored rotated: calibrate on what the cache will hold
+            if isinstance(rope, RotaryEmbedding):
+                rope.mix_for_fp8()
         if token_ids is None:
             token_ids = calibration_token_ids(None, self.hf_config.vocab_size, self.config.seed)
         token_ids = token_ids[: min(len(token_ids), self.config.max_model_len, self.config.max_num_batched_tokens)]

@@ -107,9 +107,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr, stride_qt, stride_qh, stride_kt,
+def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr, mix_ptr, stride_qt, stride_qh, stride_kt,
                    stride_kh, stride_cache, num_rows, q_heads, k_heads,
-                   HALF: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
+                   HALF: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, MIX: tl.constexpr, PRECISION: tl.constexpr,
+                   PDL: tl.constexpr):
     pdl_start(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # row = token * (q_heads + k_heads) + head
     t, h = rows // (q_heads + k_heads), rows % (q_heads + k_heads)
@@ -130,28 +131,34 @@ def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr, str
     cos = tl.load(cos_sin_ptr + cs, mask=live[:, None] & col_mask, other=0.0)
     sin = tl.load(cos_sin_ptr + stride_cache + cs, mask=live[:, None] & col_mask, other=0.0)
     x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    y1, y2 = (x1f * cos - x2f * sin).to(x1.dtype), (x2f * cos + x1f * sin).to(x1.dtype)
+    y1, y2 = x1f * cos - x2f * sin, x2f * cos + x1f * sin
+    if MIX:  # [y1 | y2] @ H(2 HALF) = [(y1 + y2) @ B | (y1 - y2) @ B], B = H's top-left block (H(HALF) / sqrt 2)
+        block = tl.load(mix_ptr + cols[:, None] * (2 * HALF) + cols[None, :])
+        y1, y2 = tl.dot(y1 + y2, block, input_precision=PRECISION), tl.dot(y1 - y2, block, input_precision=PRECISION)
+    y1, y2 = y1.to(x1.dtype), y2.to(x1.dtype)
     tl.store(q_dst, y1, mask=in_q)
     tl.store(q_dst + HALF, y2, mask=in_q)
     tl.store(k_dst, y1, mask=in_k)
     tl.store(k_dst + HALF, y2, mask=in_k)
 
 
-def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                 cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+                 mix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`rotary_embedding.apply_rotary` (neox layout): q [tokens, heads, D], k [tokens, kv_heads, D];
-    `cos_sin_cache` [2, max_position, D] float32, contiguous."""
+    `cos_sin_cache` [2, max_position, D] float32, contiguous; `mix`: None or `hadamard(D)`, D a power of two."""
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos_sin_cache.is_contiguous() and q.shape[-1] % 2 == 0
+    assert mix is None or (mix.is_contiguous() and mix.dtype == torch.float32 and q.shape[-1] & (q.shape[-1] - 1) == 0)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     num_tokens, q_heads, d = q.shape
     if num_tokens:
         block = triton.next_power_of_2(d // 2)
-        per_program = _rows_per_program(block)
+        per_program = 16 if mix is not None else _rows_per_program(block)  # tl.dot's least M; fewer registers
         num_rows = num_tokens * (q_heads + k.shape[1])
         pdl = use_pdl(q.device)
         _rotary_kernel[(triton.cdiv(num_rows, per_program),)](
-            q, k, q_out, k_out, positions, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            cos_sin_cache.stride(0), num_rows, q_heads, k.shape[1], HALF=d // 2, BLOCK=block, ROWS=per_program,
-            PDL=pdl, launch_pdl=pdl)
+            q, k, q_out, k_out, positions, cos_sin_cache, cos_sin_cache if mix is None else mix, q.stride(0),
+            q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0), num_rows, q_heads, k.shape[1], HALF=d // 2,
+            BLOCK=block, ROWS=per_program, MIX=mix is not None,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl, launch_pdl=pdl)  # tf32: below bf16's rounding
     return q_out, k_out

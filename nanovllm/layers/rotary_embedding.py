@@ -44,27 +44,56 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def hadamard(n: int) -> torch.Tensor:
+    """The orthonormal Walsh-Hadamard matrix of order n (a power of two), float32: symmetric, its own inverse."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard matrix needs a power-of-two order, got {n}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h / n**0.5
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mix: torch.Tensor | None) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    out = x.float() * cos + rotated.float() * sin
+    return (out if mix is None else out @ mix).to(x.dtype)
 
 
 @on_cuda_use(fused_kernels.apply_rotary)
-def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                 cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+                 mix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on q and k; then, with `mix` (`hadamard(head_dim)`), both times that orthonormal matrix."""
     cos, sin = cos_sin_cache[:, positions].unsqueeze(-2)
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    return _rotate(q, cos, sin, mix), _rotate(k, cos, sin, mix)
 
 
 class RotaryEmbedding(nn.Module):
+    """RoPE, and for an FP8 KV cache (`mix_for_fp8`) a Hadamard rotation of q and k after it.
+
+    The rotation leaves every q . k as it is (the matrix is orthonormal), and so attention, but it
+    spreads a key's few outsized channels (the attention sinks' above all) over all of its dims,
+    where e4m3's relative rounding errors average out in the dot product instead of scaling the
+    largest term. HF float32 with fake-quantized K/V (`scripts/fp8_kv_schemes.py`, 1,536 positions):
+    top-1 agreement 96.5 -> 97.1 %, mean |Δ logprob| 0.045 -> 0.035; with the first token's K/V
+    exact too 97.9 % / 0.028. Values are not rotated: that measured no better."""
+
     def __init__(self, head_dim: int, max_position: int, params: dict):
         super().__init__()
         inv_freq = _inv_freq(head_dim, params)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos_sin_cache", torch.stack((emb.cos(), emb.sin())), persistent=False)
+        self.mix: torch.Tensor | None = None
+
+    def mix_for_fp8(self) -> None:
+        """Rotate q and k by `hadamard(head_dim)` from now on; a head_dim that is no power of two
+        (none of the supported models') has no Hadamard matrix and stays unrotated."""
+        head_dim = self.cos_sin_cache.shape[-1]
+        if head_dim & (head_dim - 1) == 0:
+            self.mix = hadamard(head_dim).to(self.cos_sin_cache.device)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]."""
-        return apply_rotary(positions, q, k, self.cos_sin_cache)
+        return apply_rotary(positions, q, k, self.cos_sin_cache, self.mix)

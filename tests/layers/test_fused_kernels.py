@@ -9,7 +9,7 @@ import torch
 from nanovllm.layers import fused_kernels
 from nanovllm.layers.activation import silu_and_mul
 from nanovllm.layers.layernorm import add_rms_norm, rms_norm
-from nanovllm.layers.rotary_embedding import apply_rotary
+from nanovllm.layers.rotary_embedding import apply_rotary, hadamard
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16]
@@ -75,6 +75,36 @@ def test_rotary_on_strided_q_and_k(dtype, tokens, head_dim):
     want_q, want_k = apply_rotary.__wrapped__(positions, q, k, cache)
     close(got_q, want_q)
     close(got_k, want_k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,head_dim", [(1, 64), (11, 128)])
+def test_rotary_with_hadamard_mix(dtype, tokens, head_dim):
+    """The FP8 cache's rotation after RoPE: the kernel as the torch definition, and q . k unchanged."""
+    torch.manual_seed(tokens + head_dim)
+    q, k = qkv_views(tokens, 4, 2, head_dim, dtype)
+    freqs = torch.outer(torch.arange(64, dtype=torch.float32), torch.rand(head_dim // 2))
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cache = torch.stack((emb.cos(), emb.sin())).to(DEVICE)
+    positions = torch.randint(0, 64, (tokens,), device=DEVICE)
+    mix = hadamard(head_dim).to(DEVICE)
+    got_q, got_k = fused_kernels.apply_rotary(positions, q, k, cache, mix)
+    want_q, want_k = apply_rotary.__wrapped__(positions, q, k, cache, mix)
+    close(got_q, want_q)
+    close(got_k, want_k)
+    plain_q, plain_k = apply_rotary.__wrapped__(positions, q.float(), k.float(), cache)
+    mixed_q, mixed_k = apply_rotary.__wrapped__(positions, q.float(), k.float(), cache, mix)
+    scores = torch.einsum("thd,tkd->thk", plain_q, plain_k)
+    assert not torch.allclose(mixed_k, plain_k)
+    torch.testing.assert_close(torch.einsum("thd,tkd->thk", mixed_q, mixed_k), scores, rtol=1e-4, atol=1e-4)
+
+
+def test_hadamard_is_orthonormal_and_wants_a_power_of_two():
+    h = hadamard(64)
+    torch.testing.assert_close(h @ h.T, torch.eye(64), rtol=0, atol=1e-6)
+    torch.testing.assert_close(h, h.T)
+    with pytest.raises(ValueError, match="power-of-two order, got 80"):
+        hadamard(80)
 
 
 def test_torch_definitions_run_off_cuda():
