@@ -35,15 +35,8 @@ from test_default_model import FP8_QUESTIONS  # noqa: E402
 
 from nanovllm.attention.kv_cache import FP8_MAX  # noqa: E402
 from nanovllm.engine.kv_calibration import HEADROOM, calibration_token_ids  # noqa: E402
+from nanovllm.layers.rotary_embedding import hadamard  # noqa: E402
 from nanovllm.utils.model_source import resolve_model  # noqa: E402
-
-
-def hadamard(n: int) -> torch.Tensor:
-    """The orthonormal Walsh-Hadamard matrix of size n (a power of two)."""
-    h = torch.ones(1, 1)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
-    return h / n**0.5
 
 
 class FakeQuant:
