@@ -70,7 +70,8 @@ def run(rank: int, world: int, port: int, hidden: int, configs: list[tuple[int, 
     def torch_one_shot(x: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(x)
         staged = torch_staging.view(x.dtype)[: x.numel()]
-        return torch.ops.symm_mem.one_shot_all_reduce_copy_out(staged, x.view(-1), "sum", group, out.view(-1))
+        torch.ops.symm_mem.one_shot_all_reduce_copy_out(staged, x.view(-1), "sum", group, out.view(-1))
+        return out
 
     names = [f"{p}x{b}" for p, b in configs] + ["torch"]
     if rank == 0:
