@@ -6,9 +6,9 @@ TP=2 rank's device time). Here every rank has mapped every other rank's staging 
 symmetric memory), and one kernel does the whole all-reduce: each program copies its share of
 the input into its rank's buffer, tells the same program on every other rank that its share is
 there, waits until they have told it the same, then sums its share of every rank's buffer over
-the peer links into the output. torch's own `one_shot_all_reduce` works the same way and took
-21.5 us for 2 MB on two H200s (~93 GB/s), against NCCL's 31.6 (`scripts/bench_all_reduce.py`
-compares the three).
+the peer links into the output, 16 bytes per access. On two H200s it all-reduces 2 MB in 12.2 us,
+against NCCL's 31.3 and torch's own `one_shot_all_reduce` (which works the same way) 21.4
+(call Y; `scripts/bench_all_reduce.py` compares the three).
 
 Synchronization, without a second barrier and without host involvement (so it replays inside
 CUDA graphs): program p keeps a call counter, the epoch, and signals a peer by writing the epoch
@@ -38,11 +38,11 @@ import triton.language as tl
 log = logging.getLogger(__name__)
 
 MAX_BYTES = 8 << 20  # larger messages go through NCCL (scripts/bench_all_reduce.py measures where)
-PROGRAMS = 64
-# Elements per program per iteration: a peer's data arrives after a round trip over NVLink, so the
-# bytes in flight (PROGRAMS x BLOCK x 2 for bf16: 1 MB) bound the rate; torch's kernel read 2 MB at
-# ~93 GB/s.
-BLOCK = 8192
+# Programs x elements per program per iteration. Call Y (2xH200, scripts/bench_all_reduce.py, us per
+# bf16 all-reduce of 0.5 / 2 / 4 / 8 MB): 128 x 4096 took 7.3 / 12.2 / 19.0 / 33.6, 64 x 8192
+# 8.6 / 13.8 / 22.9 / 41.0, NCCL 14.9 / 31.3 / 36.1 / 49.5, torch's one-shot 10.8 / 21.4 / 35.2 / 61.8.
+PROGRAMS = 128
+BLOCK = 4096
 WAIT_TIMEOUT_S = 120.0  # a peer's signal later than this: the peer is gone (a cold compile takes seconds)
 
 
@@ -84,12 +84,27 @@ def _exchange(flags_ptr, pid, epoch, timeout_ns, RANK: tl.constexpr, WORLD: tl.c
 
 
 @triton.jit
+def _staging(buffers_ptr, rank, half, offsets, dtype):
+    """Pointers to `offsets` in rank `rank`'s staging half. The hint that every run of 16 bytes
+    starts 16-byte aligned (symmetric memory is, halves and blocks of rows are multiples of 16
+    bytes) lets Triton move 16 bytes per access: a pointer loaded from memory is otherwise taken as
+    unaligned, and every peer read over NVLink went 2 bytes at a time (call X, 2xH200: 56.8 us per
+    2 MB all-reduce against torch's one-shot at 21.7)."""
+    ptrs = tl.load(buffers_ptr + rank).to(tl.pointer_type(dtype)) + half + offsets
+    if tl.constexpr(len(offsets.shape) == 1):
+        ptrs = tl.multiple_of(ptrs, 16)
+    else:
+        ptrs = tl.multiple_of(ptrs, [1, 16])  # along rows: runs of 16 bytes start aligned
+    return ptrs
+
+
+@triton.jit
 def _sum_ranks(buffers_ptr, half, offsets, mask, dtype, WORLD: tl.constexpr):
     """Every rank's staged values at `offsets`, summed in rank order in float32."""
     acc = tl.zeros(offsets.shape, dtype=tl.float32)
     for r in tl.static_range(WORLD):
-        buffer = tl.load(buffers_ptr + r).to(tl.pointer_type(dtype)) + half
-        acc += tl.load(buffer + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+        acc += tl.load(_staging(buffers_ptr, r, half, offsets, dtype), mask=mask, other=0.0,
+                       cache_modifier=".cg").to(tl.float32)
     return acc
 
 
@@ -102,10 +117,9 @@ def _one_shot_all_reduce_kernel(x_ptr, out_ptr, buffers_ptr, flags_ptr, epochs_p
     offsets = tl.arange(0, BLOCK)
     dtype = x_ptr.dtype.element_ty
     epoch, half = _next_epoch(epochs_ptr, pid, half_elems)
-    mine = tl.load(buffers_ptr + RANK).to(tl.pointer_type(dtype)) + half
     for start in range(pid * BLOCK, n, step):
         idx = start + offsets
-        tl.store(mine + idx, tl.load(x_ptr + idx, mask=idx < n), mask=idx < n)
+        tl.store(_staging(buffers_ptr, RANK, half, idx, dtype), tl.load(x_ptr + idx, mask=idx < n), mask=idx < n)
     _exchange(flags_ptr, pid, epoch, timeout_ns, RANK, WORLD)
     for start in range(pid * BLOCK, n, step):
         idx = start + offsets
@@ -124,12 +138,11 @@ def _one_shot_add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, b
     dtype = x_ptr.dtype.element_ty
     cols = tl.arange(0, BLOCK_D)
     epoch, half = _next_epoch(epochs_ptr, pid, half_elems)
-    mine = tl.load(buffers_ptr + RANK).to(tl.pointer_type(dtype)) + half
     for first in range(pid * ROWS, num_rows, step):
         rows = first + tl.arange(0, ROWS)
         mask = (rows < num_rows)[:, None] & (cols < D)[None, :]
         offsets = rows[:, None] * D + cols[None, :]
-        tl.store(mine + offsets, tl.load(x_ptr + offsets, mask=mask), mask=mask)
+        tl.store(_staging(buffers_ptr, RANK, half, offsets, dtype), tl.load(x_ptr + offsets, mask=mask), mask=mask)
     _exchange(flags_ptr, pid, epoch, timeout_ns, RANK, WORLD)
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
     for first in range(pid * ROWS, num_rows, step):
@@ -151,6 +164,7 @@ class OneShotAllReduce:
                  programs: int = PROGRAMS, block: int = BLOCK, wait_timeout_s: float = WAIT_TIMEOUT_S):
         import torch.distributed._symmetric_memory as symm_mem
 
+        assert max_bytes % 16 == 0, "each staging half starts 16-byte aligned"
         self.max_bytes, self.programs, self.block = max_bytes, programs, block
         self.timeout_ns = int(wait_timeout_s * 1e9)
         self.rank, self.world = group.rank(), group.size()
@@ -181,6 +195,12 @@ class OneShotAllReduce:
     def fits(self, x: torch.Tensor) -> bool:
         return x.is_contiguous() and x.numel() * x.element_size() <= self.max_bytes
 
+    def fits_rows(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
+        """Whether `add_rms_norm` takes x and residual: rows whose bytes are a multiple of 16 (the
+        kernel reads and writes the staged rows 16 bytes at a time)."""
+        return (self.fits(x) and x.dim() == 2 and residual.is_contiguous() and residual.shape == x.shape
+                and x.shape[1] * x.element_size() % 16 == 0)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The sum of every rank's x, as a new tensor (x is left as it was)."""
         out = torch.empty_like(x)
@@ -193,8 +213,8 @@ class OneShotAllReduce:
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """`layernorm.add_rms_norm(sum of every rank's x, residual, weight, eps)` in the same kernel as
-        the all-reduce, for x and residual [tokens, D], contiguous (x must `fit`)."""
-        assert x.dim() == 2 and x.is_contiguous() and residual.is_contiguous() and residual.shape == x.shape
+        the all-reduce, for x and residual [tokens, D] that `fits_rows`."""
+        assert self.fits_rows(x, residual)
         out, new_residual = torch.empty_like(x), torch.empty_like(x)
         d = x.shape[1]
         block_d = triton.next_power_of_2(d)

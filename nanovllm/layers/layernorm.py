@@ -47,7 +47,7 @@ class RMSNorm(nn.Module):
             return rms_norm(x, self.weight, self.eps)
         if self.tp.size > 1:
             one_shot = self.tp.one_shot
-            if one_shot is not None and one_shot.fits(x) and x.dim() == 2 and residual.is_contiguous():
+            if one_shot is not None and one_shot.fits_rows(x, residual):
                 return one_shot.add_rms_norm(x, residual, self.weight, self.eps)
             x = self.tp.all_reduce(x)
         return add_rms_norm(x, residual, self.weight, self.eps)

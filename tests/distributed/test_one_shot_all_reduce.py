@@ -7,6 +7,8 @@ graph with new inputs each time.
 """
 from __future__ import annotations
 
+import ast
+import os
 import socket
 import subprocess
 import sys
@@ -31,6 +33,46 @@ def exchange_buffers(world: int, programs: int, half_bytes: int, device: str = "
     flags = [torch.zeros(programs * world, dtype=torch.int64, device=device) for _ in range(world)]
     pointers = [torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64, device=device) for ts in (staging, flags)]
     return staging, flags, pointers
+
+
+SM90_ACCESSES = """
+import collections, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from nanovllm.distributed import one_shot_all_reduce as m
+
+def accesses(fn, signature, constexprs):
+    aligned = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
+               if kind.startswith("*") or name in ("n", "half_elems")}  # as Triton specializes them
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    return sorted(set(re.findall(r"\\b(?:ld|st)\\.global[.\\w]*", kernel.asm["ptx"])))
+
+common = {"buffers_ptr": "*i64", "flags_ptr": "*i64", "epochs_ptr": "*i64", "timeout_ns": "i64"}
+print(accesses(m._one_shot_all_reduce_kernel,
+               {"x_ptr": "*bf16", "out_ptr": "*bf16", **common, "n": "i32", "half_elems": "i32"},
+               {"RANK": 0, "WORLD": 2, "PROGRAMS": m.PROGRAMS, "BLOCK": m.BLOCK}))
+print(accesses(m._one_shot_add_rms_norm_kernel,
+               {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_out_ptr": "*bf16",
+                **common, "num_rows": "i32", "half_elems": "i32", "eps": "fp32"},
+               {"D": 4096, "BLOCK_D": 4096, "ROWS": 1, "RANK": 0, "WORLD": 2, "PROGRAMS": m.PROGRAMS}))
+"""
+
+
+def test_sm90_build_moves_16_bytes_per_access():
+    """Compiled for sm90 (no GPU needed), every access to the bf16 data, the staging buffers that
+    peers read over NVLink included, moves 16 bytes: addresses loaded from the pointer table carry
+    no alignment, and without the kernels' hint each went 2 bytes at a time (2 MB all-reduced in
+    56.8 us on two H200s instead of 12.2). The 8-byte accesses are the pointer table and epochs."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", SM90_ACCESSES], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for kernel in run.stdout.split("\n")[:2]:
+        found = set(ast.literal_eval(kernel))
+        assert found <= {"ld.global.b64", "st.global.b64", "ld.global.v4.b32", "st.global.v4.b32",
+                         "ld.global.cg.v4.b32"}, found
+        assert "ld.global.cg.v4.b32" in found  # the peers' staged data
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs on CPU")
@@ -154,11 +196,12 @@ def _check_rank(rank: int, port: int) -> None:
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             for shape in [(1, 4096), (7, 1000), (256, 4096), (3, 5), (1000, 4099)]:
                 x = torch.randn(shape, dtype=dtype, device="cuda", generator=gen)
-                before = x.clone()
-                got = tp.all_reduce(x)
-                torch.testing.assert_close(x, before, rtol=0, atol=0)  # the input is left as it was
                 want = x.clone()
                 dist.all_reduce(want)
+                before = x.clone()
+                got = tp.all_reduce(x)  # one-shot where the message fits, else NCCL's in place
+                if one_shot.fits(x):
+                    torch.testing.assert_close(x, before, rtol=0, atol=0)  # the input is left as it was
                 torch.testing.assert_close(got, want, rtol=0, atol=0)  # two addends: one rounding
         weight = torch.randn(4096, dtype=torch.bfloat16, device="cuda", generator=gen)
         for tokens in (1, 7, 256):
