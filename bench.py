@@ -25,7 +25,7 @@ from nanovllm.attention.selector import BACKENDS
 from nanovllm.config import PRESET_PREFIX
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="preset:qwen3-0.6b", help="a model directory or preset:NAME (dummy weights)")
     p.add_argument("--num-seqs", type=int, default=256)
@@ -52,19 +52,21 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--draft-model", default=None, help="the draft model's directory (draft_model)")
     p.add_argument("--prompt-lookup-min", type=int, default=2)
     p.add_argument("--prompt-lookup-max", type=int, default=5)
-    p.add_argument("--disable-by-batch-size", type=int, default=32)
+    p.add_argument("--disable-by-batch-size", type=int, default=None,
+                   help="no speculation while more sequences than this run (default: the engine's, 8)")
     p.add_argument("--profile", action="store_true",
                    help="after the timed runs, one more under torch.profiler: where the device time goes")
     p.add_argument("--kv-report", metavar="PNG", default=None,
                    help="draw the first timed run's KV use per step (matplotlib: the [plot] extra)")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def speculative_config(args: argparse.Namespace) -> dict | None:
     if args.speculative_method is None:
         return None
-    spec = {"method": args.speculative_method, "num_speculative_tokens": args.num_speculative_tokens,
-            "disable_by_batch_size": args.disable_by_batch_size}
+    spec = {"method": args.speculative_method, "num_speculative_tokens": args.num_speculative_tokens}
+    if args.disable_by_batch_size is not None:
+        spec["disable_by_batch_size"] = args.disable_by_batch_size
     if args.speculative_method == "ngram":
         spec.update(prompt_lookup_min=args.prompt_lookup_min, prompt_lookup_max=args.prompt_lookup_max)
     else:

@@ -1,6 +1,7 @@
 """bench.py end to end on CPU with a tiny model: its JSON line, the KV report's timeline and PNG, the profile."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -51,3 +52,14 @@ def test_bench_cli_fp8_with_sink_blocks(tiny_model):
     assert json.loads(run.stdout.strip().splitlines()[-1])["output_tokens"] >= 12
     bad = subprocess.run(cmd[:-3] + ["--fp8-sink-blocks"], cwd=ROOT, capture_output=True, text=True, timeout=300)  # no fp8: refused
     assert bad.returncode != 0 and "fp8_sink_blocks=True needs kv_cache_dtype='fp8'" in bad.stderr
+
+
+def test_speculation_keeps_the_engine_defaults_unless_given():
+    spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.speculative_config(bench.parse_args([])) is None
+    config = bench.speculative_config(bench.parse_args(["--speculative-method", "ngram"]))
+    assert "disable_by_batch_size" not in config  # the engine's default (8) applies
+    config = bench.speculative_config(bench.parse_args(["--speculative-method", "ngram", "--disable-by-batch-size", "16"]))
+    assert config["disable_by_batch_size"] == 16
