@@ -1,4 +1,4 @@
-"""Prompt-lookup proposals: what followed the sequence's last n tokens the latest time they occurred."""
+"""Prompt-lookup proposals: what followed the sequence's last n tokens where they occurred before."""
 from __future__ import annotations
 
 from nanovllm.engine.sequence import Sequence
@@ -23,10 +23,39 @@ class NgramIndex:
         self.n_min, self.n_max = n_min, n_max
         self.latest: dict[tuple[int, ...], int] = {}
         self.indexed = 0  # n-grams ending before this position are in `latest`
+        self.match: tuple[int, int] | None = None  # (where the last proposal's match ended, len(tokens) then)
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        """Up to k tokens: the continuation of the last proposal's match where the tokens since
+        then followed it (its last n_min tokens agree, which after a rejection they cannot: the
+        target's token there differs from the proposal's), else `lookup`'s.
+
+        A sequence that copies a text, or repeats itself, keeps one alignment with its earlier
+        tokens; the latest occurrence of its last n-gram is often elsewhere when that n-gram
+        recurs with other continuations. On the default model's `bench.py --workload repeat`
+        outputs (greedy, 4 prompts x 500 tokens, replayed without the model) this took k=4 from
+        2.92 to 3.27 tokens per verify step (68 to 85 % of proposals accepted), k=8 from 4.07 to
+        4.36. The bench itself on CPU (batch 1, k=4, 300 tokens, seeds 1 and 2): 109 -> 97 and
+        117 -> 98 decode steps, 64 -> 78 % and 56 -> 79 % accepted.
+        """
+        e = None
+        if self.match is not None:
+            aligned = self.match[0] + len(tokens) - self.match[1]
+            if aligned < len(tokens) - 1 and tokens[aligned - self.n_min + 1 : aligned + 1] == tokens[-self.n_min:]:
+                e = aligned
+        if e is None:
+            e = self._latest_match(tokens)
+        self.match = None if e is None else (e, len(tokens))
+        return [] if e is None else tokens[e + 1 : e + 1 + k]
 
     def lookup(self, tokens: list[int], k: int) -> list[int]:
         """Up to k tokens that followed the latest earlier occurrence of the last n tokens, the
         longest n first (vLLM's prompt lookup, preferring the most recent match)."""
+        e = self._latest_match(tokens)
+        return [] if e is None else tokens[e + 1 : e + 1 + k]
+
+    def _latest_match(self, tokens: list[int]) -> int | None:
+        """Where the latest earlier occurrence of the last n tokens ends, the longest n first."""
         end = len(tokens) - 1
         assert end >= self.indexed, "tokens only grow between lookups"
         for n in range(self.n_min, self.n_max + 1):  # the n-grams ending at indexed..end-1, in C loops
@@ -37,8 +66,8 @@ class NgramIndex:
         for n in range(min(self.n_max, end), self.n_min - 1, -1):
             e = self.latest.get(tuple(tokens[-n:]))
             if e is not None:
-                return tokens[e + 1 : e + 1 + k]
-        return []
+                return e
+        return None
 
 
 class NgramProposer:
@@ -51,7 +80,7 @@ class NgramProposer:
         for seq, k in zip(seqs, max_lens):
             if k and seq.seq_id not in self.indexes:
                 self.indexes[seq.seq_id] = NgramIndex(self.n_min, self.n_max)
-            proposals.append(self.indexes[seq.seq_id].lookup(seq.token_ids, k) if k else [])
+            proposals.append(self.indexes[seq.seq_id].propose(seq.token_ids, k) if k else [])
         return proposals
 
     def release(self, seq: Sequence) -> None:

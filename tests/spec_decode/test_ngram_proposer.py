@@ -1,5 +1,6 @@
 """Prompt lookup: the longest n first, the latest earlier occurrence, at most k tokens; the index
-grown step by step gives what a search of the whole context would."""
+grown step by step gives what a search of the whole context would. Proposals keep following the
+last match while the sequence does."""
 from __future__ import annotations
 
 import numpy as np
@@ -48,6 +49,40 @@ def test_growing_index_equals_the_definition_on_random_texts():
             expected = sliding_window_lookup(tokens[:length], n_min, n_max, k)
             assert index.lookup(tokens[:length].tolist(), k) == expected, (tokens[:length].tolist(), n_min, n_max, k)
             length += int(rng.integers(1, 4))  # a step commits one token or several accepted ones
+
+
+def test_proposals_follow_the_last_match_while_the_tokens_do():
+    tokens = [1, 2, 3, 4, 5, 6, 0, 2, 3, 4, 7, 0, 8, 1, 2]
+    index = NgramIndex(2, 3)
+    assert index.propose(tokens, 1) == [3]  # "1 2" ended at position 1
+    tokens += [3, 4]  # accepted, then the bonus token: still the text at positions 2-3
+    assert lookup(tokens, 2, 3, 2) == [7, 0]  # the latest "2 3 4" is the later one
+    assert index.propose(tokens, 2) == [5, 6]  # where the sequence has been copying from
+    tokens += [5, 9]  # 5 accepted, the bonus token leaves the text: back to the latest match
+    assert index.propose(tokens, 2) == lookup(tokens, 2, 3, 2) == []
+    tokens += [0, 2]
+    assert index.propose(tokens, 3) == lookup(tokens, 2, 3, 3) == [3, 4, 7]
+
+
+def test_every_proposal_continues_an_earlier_occurrence_of_the_last_tokens():
+    """Random texts and acceptances: a proposal is what followed an earlier occurrence of the last
+    n_min tokens (as many tokens as followed it, up to k), and there is one whenever lookup has one."""
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        n_min = int(rng.integers(1, 4))
+        index = NgramIndex(n_min, n_min + int(rng.integers(0, 3)))
+        tokens = rng.integers(0, 4, int(rng.integers(1, 30))).tolist()
+        for _ in range(20):
+            k = int(rng.integers(1, 6))
+            expected = NgramIndex(index.n_min, index.n_max).lookup(tokens, k)
+            proposal = index.propose(tokens, k)
+            assert bool(proposal) == bool(expected), (tokens, proposal, expected)
+            if proposal:
+                suffix = tokens[-n_min:]
+                assert any(tokens[e - n_min + 1 : e + 1] == suffix and tokens[e + 1 : e + 1 + k] == proposal
+                           for e in range(n_min - 1, len(tokens) - 1)), (tokens, proposal)
+            accepted = proposal[: int(rng.integers(0, len(proposal) + 1))]
+            tokens = tokens + accepted + [int(rng.integers(0, 4))]
 
 
 def test_proposer_keeps_an_index_per_sequence_until_released():
