@@ -7,9 +7,9 @@ from nanovllm.engine.sequence import Sequence
 class NgramIndex:
     """One sequence's n-grams (n_min <= n <= n_max) mapped to the position where each ended last.
 
-    `lookup` first indexes the n-grams that end at the positions it has not seen, up to the
-    one before the last token (an earlier occurrence never ends at the last token itself), then
-    finds the last n tokens in one dict probe per n. A 2k-token prompt is indexed once, by zip
+    A search for the latest match first indexes the n-grams that end at the positions it has not
+    seen, up to the one before the last token (an earlier occurrence never ends at the last token
+    itself), then finds the last n tokens in one dict probe per n. A 2k-token prompt is indexed once, by zip
     and dict.update per n (0.9 against 2.4 ms for a loop per position on a 2-core CPU; a batch of
     16 such prompts pays it in its first speculative step). After that a step costs a few
     microseconds for the few new tokens, where searching the whole context again (one numpy pass
