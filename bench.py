@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--attention-backend", default="auto", choices=BACKENDS)
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
-    p.add_argument("--fp8-sink-blocks", action="store_true", help="with --kv-cache-dtype fp8: first blocks in float16 too")
+    p.add_argument("--fp8-sink-blocks", action="store_true",
+                   help="with --kv-cache-dtype fp8: first blocks in float16 too")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--device", default="auto")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs (ranks) the model is split over")

@@ -50,7 +50,8 @@ def test_bench_cli_fp8_with_sink_blocks(tiny_model):
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout.strip().splitlines()[-1])["output_tokens"] >= 12
-    bad = subprocess.run(cmd[:-3] + ["--fp8-sink-blocks"], cwd=ROOT, capture_output=True, text=True, timeout=300)  # no fp8: refused
+    # no fp8: refused
+    bad = subprocess.run(cmd[:-3] + ["--fp8-sink-blocks"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "fp8_sink_blocks=True needs kv_cache_dtype='fp8'" in bad.stderr
 
 
@@ -61,5 +62,6 @@ def test_speculation_keeps_the_engine_defaults_unless_given():
     assert bench.speculative_config(bench.parse_args([])) is None
     config = bench.speculative_config(bench.parse_args(["--speculative-method", "ngram"]))
     assert "disable_by_batch_size" not in config  # the engine's default (8) applies
-    config = bench.speculative_config(bench.parse_args(["--speculative-method", "ngram", "--disable-by-batch-size", "16"]))
+    args = bench.parse_args(["--speculative-method", "ngram", "--disable-by-batch-size", "16"])
+    config = bench.speculative_config(args)
     assert config["disable_by_batch_size"] == 16

@@ -107,10 +107,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr, mix_ptr, stride_qt, stride_qh, stride_kt,
-                   stride_kh, stride_cache, num_rows, q_heads, k_heads,
-                   HALF: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, MIX: tl.constexpr, PRECISION: tl.constexpr,
-                   PDL: tl.constexpr):
+def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr, mix_ptr, stride_qt, stride_qh,
+                   stride_kt, stride_kh, stride_cache, num_rows, q_heads, k_heads,
+                   HALF: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, MIX: tl.constexpr,
+                   PRECISION: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # row = token * (q_heads + k_heads) + head
     t, h = rows // (q_heads + k_heads), rows % (q_heads + k_heads)
@@ -160,5 +160,6 @@ def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_
             q, k, q_out, k_out, positions, cos_sin_cache, cos_sin_cache if mix is None else mix, q.stride(0),
             q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0), num_rows, q_heads, k.shape[1], HALF=d // 2,
             BLOCK=block, ROWS=per_program, MIX=mix is not None,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl, launch_pdl=pdl)  # tf32: below bf16's rounding
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32: below bf16's rounding
+            PDL=pdl, launch_pdl=pdl)
     return q_out, k_out

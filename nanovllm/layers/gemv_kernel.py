@@ -35,15 +35,13 @@ import triton.language as tl
 from nanovllm.utils.pdl import pdl_launch_dependents, pdl_wait, use_pdl
 
 TILE = 8192  # weight elements a program reads per iteration with PDL (16 KB of bf16)
-
-
 MAX_ROWS = 4  # rows a GEMV takes; more go to cuBLAS (8 rows measured slower)
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, stride_wn, stride_xm, stride_om, K: tl.constexpr,
-                 ROWS: tl.constexpr, ROWS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 PDL: tl.constexpr):
+                 ROWS: tl.constexpr, ROWS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
     rows = tl.arange(0, ROWS_PAD)
@@ -94,6 +92,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     block_n, block_k, num_warps = _config(k, pdl)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, n, weight.stride(0), x.stride(0), out.stride(0),
-        K=k, ROWS=x.shape[0], ROWS_PAD=triton.next_power_of_2(x.shape[0]), BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, PDL=pdl,
-        num_warps=num_warps, launch_pdl=pdl)
+        K=k, ROWS=x.shape[0], ROWS_PAD=triton.next_power_of_2(x.shape[0]), BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_BIAS=bias is not None, PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
     return out

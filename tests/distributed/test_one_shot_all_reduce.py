@@ -113,8 +113,8 @@ def test_add_rms_norm_kernel_sums_adds_and_normalises_whole_rows(dtype):
         flags[0].view(PROGRAMS, world)[:, 1] = call
         out, new_residual = torch.empty_like(x), torch.empty_like(x)
         _one_shot_add_rms_norm_kernel[(PROGRAMS,)](x, residual, weight, out, new_residual, *pointers, epochs,
-                                                   TIMEOUT_NS, rows, half, eps, D=d, BLOCK_D=64, ROWS=2, RANK=0, WORLD=world,
-                                                   PROGRAMS=PROGRAMS)
+                                                   TIMEOUT_NS, rows, half, eps, D=d, BLOCK_D=64, ROWS=2, RANK=0,
+                                                   WORLD=world, PROGRAMS=PROGRAMS)
         assert torch.equal(staging[0].view(dtype)[used], x.flatten())
         assert flags[1].view(PROGRAMS, world)[:, 0].tolist() == [call] * PROGRAMS
         total = (x.float() + peer.float()).to(dtype)  # the all-reduce's output, in the model dtype

@@ -16,7 +16,8 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     return F.linear(x.double(), weight.double(), None if bias is None else bias.double())
 
 
-@pytest.mark.parametrize("n,k", [(40, 96), (16, 300), (33, 2048), (6, 5000)])  # partial blocks of N and K, K over two tiles
+# partial blocks of N and K, K over two tiles
+@pytest.mark.parametrize("n,k", [(40, 96), (16, 300), (33, 2048), (6, 5000)])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("pdl_tiles", [False, True])  # the tiles PDL launches take (whole rows), without PDL
 @pytest.mark.parametrize("rows", [1, 3, gemv_kernel.MAX_ROWS])  # one, a padded row block, the most
