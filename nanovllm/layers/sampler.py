@@ -12,8 +12,10 @@ The filters keep exactly the tokens HF's TopK, TopP then MinP warpers keep
 Triton kernels find tau without sorting the vocabulary: one read gives the row's max, its
 softmax normaliser and per-lane maxima; the maxima bound the top-k / top-p thresholds from
 below, the few entries above that bound are gathered and sorted, and a last read samples.
-Rows where the bound would gather too much (a nucleus of thousands of tokens) fall back to a
-full sort of those rows. On CPU, and for small batches on CUDA, the same semantics run in plain
+Rows where the bound would gather too much (a nucleus of thousands of tokens) are drawn by
+rejection when only top-p (and min-p) filter them: the draw over the whole row is checked against
+the mass above it, and redrawn above it if outside the nucleus (`sampling_kernels.nucleus_sample`);
+rows that also have a wide top-k, or ask for top logprobs, fall back to a full sort. On CPU, and for small batches on CUDA, the same semantics run in plain
 torch.
 
 Logprobs are those of the raw logits (before penalties and temperature), vLLM's default,
@@ -544,11 +546,38 @@ def _forward_triton(raw: Tensor, x: Tensor, keys: Tensor, t: SamplingTensors) ->
         if top_from_buffer:
             top_values, order = values.topk(min(t.max_num_logprobs, CANDIDATES), dim=1)
             top = (top_values, ids.gather(1, order))
-        if not bool(ok.all()):  # rare: a nucleus or top-k wider than the buffer; sort those rows
-            tau, top = _full_sort_rows(x, m, total, t, ~ok, tau, top)
+        if not bool(ok.all()):  # a nucleus or top-k wider than the buffer (a flat distribution)
+            return _forward_wide_rows(raw, x, keys, t, ~ok, m, total, stats, tau, top, top_from_buffer)
     else:
         tau, _ = thresholds_from_sorted(None, m, total, t)
     tokens, _, _, _ = kernels.row_pass(x, raw, inv_t, t.greedy, keys, tau, sample=True, stats=False, raw_stats=False)
+    return _logprobs(raw, tokens, t, stats[:, 3] if t.want_logprobs else None, top)
+
+
+def _forward_wide_rows(raw: Tensor, x: Tensor, keys: Tensor, t: SamplingTensors, wide: Tensor, m: Tensor,
+                       total: Tensor, stats: Tensor, tau: Tensor, top: tuple[Tensor, Tensor] | None,
+                       top_from_buffer: bool) -> SamplerOutput:
+    """`_forward_triton` where some rows' sets did not fit the candidate buffer. Rows with top-p and
+    no top-k are drawn by `kernels.nucleus_sample`, unless top logprobs come from the buffer; the
+    others are sorted in full."""
+    from nanovllm.layers import sampling_kernels as kernels
+
+    nucleus = wide & (t.top_ps < 1.0) & (not top_from_buffer)
+    if t.do_top_k:
+        nucleus &= t.top_ks >= t.vocab_size
+    if bool((wide & ~nucleus).any()):
+        tau, top = _full_sort_rows(x, m, total, t, wide & ~nucleus, tau, top)
+    rows = nucleus.nonzero().squeeze(1)
+    if len(rows):  # first draws over the min-p set, a superset of the nucleus
+        floor = torch.full_like(m, float("-inf"))
+        if t.do_min_p:
+            floor = torch.where(t.min_ps > 0, m + torch.log(t.min_ps), floor)
+        tau = torch.where(nucleus, floor, tau)
+    tokens, _, _, _ = kernels.row_pass(x, raw, t.inv_temperatures, t.greedy, keys, tau, sample=True, stats=False,
+                                       raw_stats=False)
+    if len(rows):
+        tokens = tokens.index_copy(0, rows, kernels.nucleus_sample(x, t.inv_temperatures, keys, m, total, t.top_ps,
+                                                                   rows, tokens[rows]))
     return _logprobs(raw, tokens, t, stats[:, 3] if t.want_logprobs else None, top)
 
 

@@ -283,3 +283,60 @@ def select_thresholds(values: torch.Tensor, inv_t: torch.Tensor, m: torch.Tensor
     _select_kernel[(batch,)](values, inv_t, m, total, top_k, top_p, min_p, tau, covered, vocab_size, CAP=cap,
                              DO_TOP_K=do_top_k, DO_TOP_P=do_top_p, DO_MIN_P=do_min_p, num_warps=8)
     return tau, covered.bool()
+
+
+@triton.jit
+def _nucleus_round_kernel(x_ptr, x_stride, V: tl.constexpr, rows_ptr, inv_t_ptr, key_ptr, m_ptr, total_ptr,
+                          top_p_ptr, token_ptr, done_ptr, BLOCK: tl.constexpr):
+    """One round of `nucleus_sample` for one row: accept the candidate token if the mass strictly above
+    its scaled logit is below top_p of the row's mass (so it is in the nucleus), else take the
+    Gumbel-max draw over the entries strictly above it as the next candidate."""
+    i = tl.program_id(0)
+    if tl.load(done_ptr + i) == 0:
+        row64 = tl.load(rows_ptr + i)
+        inv_t = tl.load(inv_t_ptr + row64)
+        key = tl.load(key_ptr + 2 * row64).to(tl.uint32)
+        key2 = tl.load(key_ptr + 2 * row64 + 1).to(tl.uint32)
+        m = tl.load(m_ptr + row64)
+        z_token = tl.load(x_ptr + row64 * x_stride + tl.load(token_ptr + i)).to(tl.float32) * inv_t
+        lane = tl.arange(0, BLOCK)
+        neg_inf = float("-inf")
+        mass = tl.zeros([BLOCK], tl.float32)
+        best = tl.full([BLOCK], neg_inf, tl.float32)
+        best_idx = tl.zeros([BLOCK], tl.int32)
+        for start in range(0, V, BLOCK):
+            idx = start + lane
+            z = tl.load(x_ptr + row64 * x_stride + idx, mask=idx < V, other=neg_inf).to(tl.float32) * inv_t
+            above = z > z_token
+            mass += tl.where(above, tl.exp(z - m), 0.0)
+            score = tl.where(above, z + _gumbel(idx, key, key2), neg_inf)
+            better = score > best
+            best = tl.where(better, score, best)
+            best_idx = tl.where(better, idx, best_idx)
+        if tl.sum(mass, 0) < tl.load(top_p_ptr + row64).to(tl.float32) * tl.load(total_ptr + row64):
+            tl.store(done_ptr + i, 1)
+        else:  # (something is above a token outside the nucleus: the nucleus is never empty)
+            top = tl.max(best, 0)
+            tl.store(token_ptr + i, tl.min(tl.where(best == top, best_idx, 2147483647), 0).to(tl.int64))
+
+
+def nucleus_sample(x: torch.Tensor, inv_t: torch.Tensor, keys: torch.Tensor, m: torch.Tensor, total: torch.Tensor,
+                   top_p: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The Gumbel-max draw over each row's top-p nucleus (and min-p set), without finding the nucleus.
+
+    `tokens` [R] are the draws of `rows` over the entries at or above their min-p threshold (-inf
+    where min-p is off): the argmax of scaled logit + Gumbel noise over a superset of the nucleus.
+    Such a draw is in the nucleus, and then also its argmax, when the mass strictly above its
+    scaled logit is below top_p of the row's (HF keeps a token while the mass ranked above it is
+    below top_p). Otherwise every entry at or below it is outside the nucleus too, and the next
+    candidate is the argmax over the entries strictly above it. The draw lands outside the
+    nucleus with probability about 1 - top_p, so most rows finish in the first round; each round
+    reads the unfinished rows once, where sorting them read and wrote each many times.
+    For rows with top-k off (top-k's set would change the mass that top-p counts)."""
+    tokens = tokens.clone()
+    done = torch.zeros(len(rows), dtype=torch.int8, device=x.device)
+    while True:
+        _nucleus_round_kernel[(len(rows),)](x, x.stride(0), x.shape[1], rows, inv_t, keys, m.contiguous(),
+                                            total.contiguous(), top_p, tokens, done, BLOCK=LANES, num_warps=8)
+        if bool(done.all()):
+            return tokens

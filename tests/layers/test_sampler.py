@@ -437,6 +437,34 @@ for cap in (2048, 8):  # 8: the buffer overflows and rows fall back to a full so
     torch.testing.assert_close(ours.logprobs, ref.logprobs)
     torch.testing.assert_close(ours.top_logprobs, ref.top_logprobs)
     assert torch.equal(ours.top_token_ids, ref.top_token_ids)
+# wide nuclei without logprobs: top-p rows are drawn by rejection rounds, only the top-k row is sorted
+from nanovllm.layers import sampling_kernels as K
+S.CANDIDATES = 8
+sorted_rows, rounds = [], []
+full_sort, nucleus_sample, round_kernel = S._full_sort_rows, K.nucleus_sample, K._nucleus_round_kernel
+S._full_sort_rows = lambda x, m, total, t, bad, *a: sorted_rows.append(bad.nonzero().squeeze(1).tolist()) or \
+    full_sort(x, m, total, t, bad, *a)
+class CountingRounds:
+    def __getitem__(self, grid):
+        rounds.append(grid[0])
+        return round_kernel[grid]
+K._nucleus_round_kernel = CountingRounds()
+wide = [dict(top_p=0.9), dict(top_p=0.5, temperature=2.0), dict(top_p=0.7, min_p=0.01), dict(top_k=40, top_p=0.8),
+        dict(temperature=0.7), dict(temperature=0), dict(top_p=0.2, temperature=0.5)]
+for seed in range(12):
+    wide_seqs = [Sequence(i, [1, 2, 3], SamplingParams(**c)) for i, c in enumerate(wide)]
+    for i, seq in enumerate(wide_seqs):
+        seq.sample_seed = 100 * seed + i
+    x = torch.randn(len(wide), V) * (0.5 + seed % 3)
+    t = S.SamplingTensors.from_rows(wide_seqs, V, [0], "cpu")
+    keys = S.row_keys(t.seeds, t.positions)
+    ours = S._forward_triton(x, x, keys, t)
+    ref = S._forward_torch(x, x, S.gumbel_noise(keys, torch.arange(V)), t)
+    assert torch.equal(ours.token_ids, ref.token_ids), (seed, ours.token_ids, ref.token_ids)
+assert all(rows == [3] for rows in sorted_rows) and len(sorted_rows) == 12, sorted_rows
+assert len(rounds) > 12, rounds  # some first draws fell outside the nucleus and took another round
+S._full_sort_rows, K._nucleus_round_kernel = full_sort, round_kernel
+S.CANDIDATES = 2048
 # thresholds without sorting the candidates equal those from the sorted candidates, ties included
 from nanovllm.layers import sampling_kernels as K
 rows = [Sequence(i, [1], SamplingParams(top_k=k, top_p=p, min_p=mp, temperature=0.8))
