@@ -107,10 +107,28 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr, mix_ptr, stride_qt, stride_qh,
-                   stride_kt, stride_kh, stride_cache, num_rows, q_heads, k_heads,
-                   HALF: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, MIX: tl.constexpr,
-                   PRECISION: tl.constexpr, PDL: tl.constexpr):
+def _norm_halves(x1, x2, is_q, cols, col_mask, q_weight_ptr, k_weight_ptr, eps, HALF: tl.constexpr):
+    """RMSNorm of rows held as their two halves [rows, BLOCK] (columns past HALF are 0), q rows with
+    q's weight and k rows with k's."""
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    inv_rms = tl.rsqrt((tl.sum(x1f * x1f, axis=1) + tl.sum(x2f * x2f, axis=1)) / (2 * HALF) + eps)[:, None]
+    w_mask = cols[None, :] < HALF
+    q_w = tl.load(q_weight_ptr + cols[None, :], mask=w_mask, other=0.0).to(tl.float32)
+    k_w = tl.load(k_weight_ptr + cols[None, :], mask=w_mask, other=0.0).to(tl.float32)
+    q_w2 = tl.load(q_weight_ptr + HALF + cols[None, :], mask=w_mask, other=0.0).to(tl.float32)
+    k_w2 = tl.load(k_weight_ptr + HALF + cols[None, :], mask=w_mask, other=0.0).to(tl.float32)
+    w1 = tl.where(is_q[:, None], q_w, k_w)
+    w2 = tl.where(is_q[:, None], q_w2, k_w2)
+    y1 = w1 * (x1f * inv_rms).to(x1.dtype).to(tl.float32)
+    y2 = w2 * (x2f * inv_rms).to(x2.dtype).to(tl.float32)
+    return y1.to(x1.dtype), y2.to(x2.dtype)
+
+
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr, mix_ptr, q_weight_ptr, k_weight_ptr,
+                   eps, stride_qt, stride_qh, stride_kt, stride_kh, stride_cache, num_rows, q_heads, k_heads,
+                   HALF: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, NORM: tl.constexpr,
+                   MIX: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # row = token * (q_heads + k_heads) + head
     t, h = rows // (q_heads + k_heads), rows % (q_heads + k_heads)
@@ -126,6 +144,8 @@ def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr, mix
     x1 = tl.where(is_q[:, None], tl.load(q_src, mask=in_q, other=0.0), tl.load(k_src, mask=in_k, other=0.0))
     x2 = tl.where(is_q[:, None], tl.load(q_src + HALF, mask=in_q, other=0.0),
                   tl.load(k_src + HALF, mask=in_k, other=0.0))
+    if NORM:  # Qwen3's per-head RMSNorm before RoPE, with `_rms_norm_kernel`'s roundings
+        x1, x2 = _norm_halves(x1, x2, is_q, cols, col_mask, q_weight_ptr, k_weight_ptr, eps, HALF)
     pos = tl.load(pos_ptr + t, mask=live, other=0)
     cs = (pos * 2 * HALF)[:, None] + cols[None, :]  # both halves of a row hold the same cos (sin)
     cos = tl.load(cos_sin_ptr + cs, mask=live[:, None] & col_mask, other=0.0)
@@ -143,9 +163,11 @@ def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr, mix
 
 
 def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
-                 mix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 mix: torch.Tensor | None = None,
+                 norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`rotary_embedding.apply_rotary` (neox layout): q [tokens, heads, D], k [tokens, kv_heads, D];
-    `cos_sin_cache` [2, max_position, D] float32, contiguous; `mix`: None or `hadamard(D)`, D a power of two."""
+    `cos_sin_cache` [2, max_position, D] float32, contiguous; `mix`: None or `hadamard(D)`, D a power of two;
+    `norm`: None or (q's weight [D], k's weight [D], eps) of a per-head RMSNorm before RoPE."""
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos_sin_cache.is_contiguous() and q.shape[-1] % 2 == 0
     assert mix is None or (mix.is_contiguous() and mix.dtype == torch.float32 and q.shape[-1] & (q.shape[-1] - 1) == 0)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -157,9 +179,10 @@ def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_
         num_rows = num_tokens * (q_heads + k.shape[1])
         pdl = use_pdl(q.device)
         _rotary_kernel[(triton.cdiv(num_rows, per_program),)](
-            q, k, q_out, k_out, positions, cos_sin_cache, cos_sin_cache if mix is None else mix, q.stride(0),
-            q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0), num_rows, q_heads, k.shape[1], HALF=d // 2,
-            BLOCK=block, ROWS=per_program, MIX=mix is not None,
+            q, k, q_out, k_out, positions, cos_sin_cache, cos_sin_cache if mix is None else mix,
+            *(norm if norm is not None else (cos_sin_cache, cos_sin_cache, 0.0)), q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), cos_sin_cache.stride(0), num_rows, q_heads, k.shape[1], HALF=d // 2,
+            BLOCK=block, ROWS=per_program, NORM=norm is not None, MIX=mix is not None,
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32: below bf16's rounding
             PDL=pdl, launch_pdl=pdl)
     return q_out, k_out

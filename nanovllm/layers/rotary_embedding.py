@@ -8,6 +8,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from nanovllm.layers import fused_kernels
+from nanovllm.layers.layernorm import rms_norm
 from nanovllm.utils.fusion import on_cuda_use
 
 
@@ -63,8 +64,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mix: torch.Te
 
 @on_cuda_use(fused_kernels.apply_rotary)
 def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
-                 mix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE on q and k; then, with `mix` (`hadamard(head_dim)`), both times that orthonormal matrix."""
+                 mix: torch.Tensor | None = None,
+                 norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on q and k; then, with `mix` (`hadamard(head_dim)`), both times that orthonormal matrix.
+    With `norm` = (q's weight, k's weight, eps), q and k go through a per-head RMSNorm first (Qwen3),
+    in the same kernel on CUDA."""
+    if norm is not None:
+        q, k = rms_norm(q, norm[0], norm[2]), rms_norm(k, norm[1], norm[2])
     cos, sin = cos_sin_cache[:, positions].unsqueeze(-2)
     return _rotate(q, cos, sin, mix), _rotate(k, cos, sin, mix)
 
@@ -94,6 +100,7 @@ class RotaryEmbedding(nn.Module):
         if head_dim & (head_dim - 1) == 0:
             self.mix = hadamard(head_dim).to(self.cos_sin_cache.device)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]."""
-        return apply_rotary(positions, q, k, self.cos_sin_cache, self.mix)
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]; `norm`: see `apply_rotary`."""
+        return apply_rotary(positions, q, k, self.cos_sin_cache, self.mix, norm)

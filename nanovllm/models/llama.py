@@ -39,7 +39,7 @@ class LlamaAttention(nn.Module):
                                         getattr(config, "attention_bias", False), tp, reduce_results=False)
         self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, rope_parameters(config))
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads)
-        if qk_norm:
+        if qk_norm:  # applied by rotary_emb, in its kernel on CUDA
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = qk_norm
@@ -49,9 +49,8 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
+        norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else None
+        q, k = self.rotary_emb(positions, q, k, norm)  # on CUDA one kernel for the norms and RoPE
         out = self.attn(q, k, v, meta)
         return self.o_proj(out.flatten(1, -1))
 

@@ -99,6 +99,28 @@ def test_rotary_with_hadamard_mix(dtype, tokens, head_dim):
     torch.testing.assert_close(torch.einsum("thd,tkd->thk", mixed_q, mixed_k), scores, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,head_dim,mixed", [(1, 64, False), (11, 80, False), (5, 64, True)])
+def test_rotary_with_qk_norm(dtype, tokens, head_dim, mixed):
+    """Qwen3's per-head RMSNorm of q and k (each its own weight) in the rotary kernel: as the torch
+    definition, which is the norm and then RoPE."""
+    torch.manual_seed(tokens + head_dim)
+    q, k = qkv_views(tokens, 4, 2, head_dim, dtype)
+    q, k = 3 * q, k / 3  # unit-free rows, so that a norm that is skipped or swapped shows
+    freqs = torch.outer(torch.arange(64, dtype=torch.float32), torch.rand(head_dim // 2))
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cache = torch.stack((emb.cos(), emb.sin())).to(DEVICE)
+    positions = torch.randint(0, 64, (tokens,), device=DEVICE)
+    mix = hadamard(head_dim).to(DEVICE) if mixed else None
+    norm = tuple((1 + 0.3 * torch.randn(head_dim, device=DEVICE)).to(dtype) for _ in range(2)) + (1e-6,)
+    got_q, got_k = fused_kernels.apply_rotary(positions, q, k, cache, mix, norm)
+    want_q, want_k = apply_rotary.__wrapped__(positions, q, k, cache, mix, norm)
+    close(got_q, want_q)
+    close(got_k, want_k)
+    normed = rms_norm.__wrapped__(q, norm[0], 1e-6), rms_norm.__wrapped__(k, norm[1], 1e-6)
+    close(want_q, apply_rotary.__wrapped__(positions, normed[0], normed[1], cache, mix)[0])
+
+
 def test_hadamard_is_orthonormal_and_wants_a_power_of_two():
     h = hadamard(64)
     torch.testing.assert_close(h @ h.T, torch.eye(64), rtol=0, atol=1e-6)
