@@ -7,7 +7,6 @@ from transformers import PretrainedConfig
 
 from nanovllm.attention.metadata import AttentionMetadata
 from nanovllm.distributed.parallel_state import SINGLE, TensorParallel
-from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
@@ -65,10 +64,9 @@ class LlamaMLP(nn.Module):
                                            reduce_results=False)
         if config.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; supported: silu")
-        self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x, gated=True))  # silu(gate) * up: in the GEMV where it runs
 
 
 class LlamaDecoderLayer(nn.Module):
