@@ -41,25 +41,19 @@ MAX_ROWS = 4  # rows a GEMV takes; more go to cuBLAS (8 rows measured slower)
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, stride_wn, stride_xm, stride_om, K: tl.constexpr,
                  ROWS: tl.constexpr, ROWS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):
-    if GATED:  # features interleaved (gate j, up j): W's rows j and N + j, out column j
-        f = tl.arange(0, BLOCK_N)
-        n = tl.program_id(0) * (BLOCK_N // 2) + f // 2
-        w_row = n + (f % 2) * N
-    else:
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        w_row = n
+                 HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
     rows = tl.arange(0, ROWS_PAD)
     pdl_launch_dependents(PDL)
     # the first tile of W (all of it when K <= BLOCK_K) is read before x exists: with PDL while the
     # kernel that writes x still runs
-    w = tl.load(w_ptr + w_row[:, None] * stride_wn + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
+    w = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
     pdl_wait(PDL)
     acc = tl.zeros([ROWS_PAD, BLOCK_N], tl.float32)
     for k0 in tl.static_range(0, K, BLOCK_K):
         if k0 > 0:
-            w = tl.load(w_ptr + w_row[:, None] * stride_wn + (k0 + k)[None, :],
+            w = tl.load(w_ptr + n[:, None] * stride_wn + (k0 + k)[None, :],
                         mask=(n[:, None] < N) & ((k0 + k)[None, :] < K), other=0.0)
         w32 = w.to(tl.float32)
         for r in tl.static_range(ROWS):  # each row reduced on its own, from the W tile read once
@@ -67,17 +61,9 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, stride_wn, stride_xm, stride_o
             row = tl.sum(w32 * x[None, :].to(tl.float32), axis=1)
             acc = tl.where(rows[:, None] == r, acc + row[None, :], acc)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + w_row, mask=n < N, other=0.0).to(tl.float32)[None, :]
-    dtype = out_ptr.dtype.element_ty
-    if GATED:  # silu(gate) * up with the roundings of the unfused path (each projection, then silu_and_mul)
-        gate, up = tl.split(tl.reshape(acc.to(dtype).to(tl.float32), [ROWS_PAD, BLOCK_N // 2, 2]))
-        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        out_n = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        tl.store(out_ptr + rows[:, None] * stride_om + out_n[None, :], (silu * up).to(dtype),
-                 mask=(rows[:, None] < ROWS) & (out_n[None, :] < N))
-    else:
-        tl.store(out_ptr + rows[:, None] * stride_om + n[None, :], acc.to(dtype),
-                 mask=(rows[:, None] < ROWS) & (n[None, :] < N))
+        acc += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rows[:, None] < ROWS) & (n[None, :] < N))
 
 
 def _config(k: int, pdl: bool) -> tuple[int, int, int]:
@@ -92,25 +78,20 @@ def _config(k: int, pdl: bool) -> tuple[int, int, int]:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         out_dtype: torch.dtype | None = None, gated: bool = False) -> torch.Tensor:
+         out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for x [M, K] (1 <= M <= MAX_ROWS, unit stride along K) and weight
     [N, K] with unit stride along K: each program reads its W tile once for all M rows. The float32
-    sums are rounded to `out_dtype` (default x's: float32 for the LM head's logits). With `gated`,
-    weight is [gate; up] (N even) and the result [M, N / 2] is silu(gate) * up, the MLP's activation
-    in the gate_up projection's epilogue (one kernel fewer per layer at small batches).
+    sums are rounded to `out_dtype` (default x's: float32 for the LM head's logits).
 
     With PDL the kernel reads ``weight`` before it waits for the kernel launched just before it, so
     that kernel must not be the one that writes ``weight`` (a model's weights are written at load)."""
     assert x.dim() == 2 and 1 <= x.shape[0] <= MAX_ROWS and x.stride(1) == 1 and weight.stride(1) == 1
     n, k = weight.shape
-    assert not gated or n % 2 == 0
-    n_out = n // 2 if gated else n
-    out = torch.empty(x.shape[0], n_out, dtype=out_dtype or x.dtype, device=x.device)
+    out = torch.empty(x.shape[0], n, dtype=out_dtype or x.dtype, device=x.device)
     pdl = use_pdl(x.device)
     block_n, block_k, num_warps = _config(k, pdl)
-    block_n = max(block_n, 2) if gated else block_n  # a gate and an up feature at least
-    _gemv_kernel[(triton.cdiv(n_out, block_n // 2 if gated else block_n),)](
-        x, weight, bias if bias is not None else weight, out, n_out, weight.stride(0), x.stride(0), out.stride(0),
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, out, n, weight.stride(0), x.stride(0), out.stride(0),
         K=k, ROWS=x.shape[0], ROWS_PAD=triton.next_power_of_2(x.shape[0]), BLOCK_N=block_n, BLOCK_K=block_k,
-        HAS_BIAS=bias is not None, GATED=gated, PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
+        HAS_BIAS=bias is not None, PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
     return out

@@ -17,25 +17,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.distributed.parallel_state import SINGLE, TensorParallel
-from nanovllm.layers.activation import silu_and_mul
 from nanovllm.layers.weight_slice import Loaded, copy_slice
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           gated: bool = False) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear`, except up to `gemv_kernel.MAX_ROWS` bf16/fp16 rows on CUDA (decode at small
     batches, a verify step at batch 1): the Triton GEMV of `gemv_kernel`, since cuBLAS reads the
     weights at a fraction of the bandwidth there. Eager, its Python launch costs a little more host
     time than cuBLAS's; decode runs in CUDA graphs, whose warm-up (eager, before capture) is also
-    where the kernel gets compiled (once per row count). With `gated`, the output [gate | up] becomes
-    silu(gate) * up: in the GEMV's epilogue where it runs, else by `silu_and_mul`."""
+    where the kernel gets compiled (once per row count)."""
     if x.is_cuda and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous():
         from nanovllm.layers.gemv_kernel import MAX_ROWS, gemv
 
         if x.shape[0] <= MAX_ROWS:
-            return gemv(x, weight, bias, gated=gated)
-    out = F.linear(x, weight, bias)
-    return silu_and_mul(out) if gated else out
+            return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _parameters(module: nn.Module, input_size: int, output_size: int, bias: bool) -> None:
@@ -63,9 +59,8 @@ class MergedColumnParallelLinear(nn.Module):
         self.shard_names = shard_names
         _parameters(self, input_size, sum(self.local_sizes), bias)
 
-    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
-        """With `gated` (two projections, [gate | up]): silu(gate) * up, the MLP's activation."""
-        return linear(x, self.weight, self.bias, gated)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
     def shard_start(self, index: int) -> int:
         """Where this rank's rows of shard `index` start in the checkpoint tensor."""

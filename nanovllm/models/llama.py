@@ -7,6 +7,7 @@ from transformers import PretrainedConfig
 
 from nanovllm.attention.metadata import AttentionMetadata
 from nanovllm.distributed.parallel_state import SINGLE, TensorParallel
+from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
@@ -64,9 +65,10 @@ class LlamaMLP(nn.Module):
                                            reduce_results=False)
         if config.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; supported: silu")
+        self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj(x, gated=True))  # silu(gate) * up: in the GEMV where it runs
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

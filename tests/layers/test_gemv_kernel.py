@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from nanovllm.layers import gemv_kernel
-from nanovllm.layers.activation import silu_and_mul
 from nanovllm.layers.gemv_kernel import gemv
 from nanovllm.layers.linear import linear
 
@@ -46,26 +45,6 @@ def test_gemv_float32_out_from_half_inputs():
     torch.testing.assert_close(out.double(), reference(x, weight, None), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("n,k", [(40, 96), (6, 5000), (2, 64)])  # 2: one gate and one up feature
-@pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("pdl_tiles", [False, True])
-@pytest.mark.parametrize("rows", [1, gemv_kernel.MAX_ROWS])
-def test_gated_gemv_is_matmul_then_silu_and_mul(n, k, with_bias, pdl_tiles, rows, monkeypatch):
-    """The MLP's gate_up projection at small batches: weight [gate; up], the result silu(gate) * up."""
-    if pdl_tiles:
-        monkeypatch.setattr(gemv_kernel, "_config", lambda k, pdl, config=gemv_kernel._config: config(k, True))
-    torch.manual_seed(n * k)
-    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
-    weight = (2 * torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
-    bias = torch.randn(n, device=DEVICE).to(dtype) if with_bias else None
-    x = torch.randn(rows, k, device=DEVICE).to(dtype)
-    out = gemv(x, weight, bias, gated=True)
-    assert out.shape == (rows, n // 2) and out.dtype == dtype
-    gate, up = reference(x, weight, bias).chunk(2, -1)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the projections and silu * up rounded
-    torch.testing.assert_close(out.double(), F.silu(gate) * up, rtol=tol, atol=tol)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -78,9 +57,6 @@ def test_linear_takes_gemv_up_to_max_rows(dtype, n, k):
         if rows <= gemv_kernel.MAX_ROWS:
             torch.testing.assert_close(linear(x, weight), gemv(x, weight), rtol=0, atol=0)
         torch.testing.assert_close(linear(x, weight).double(), reference(x, weight, None), rtol=2e-2, atol=2e-2)
-        if rows <= gemv_kernel.MAX_ROWS:  # the gate_up projection's epilogue as silu_and_mul after it
-            torch.testing.assert_close(linear(x, weight, gated=True), silu_and_mul(gemv(x, weight)),
-                                       rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu
