@@ -15,8 +15,8 @@ below, the few entries above that bound are gathered and sorted, and a last read
 Rows where the bound would gather too much (a nucleus of thousands of tokens) are drawn by
 rejection when only top-p (and min-p) filter them: the draw over the whole row is checked against
 the mass above it, and redrawn above it if outside the nucleus (`sampling_kernels.nucleus_sample`);
-rows that also have a wide top-k, or ask for top logprobs, fall back to a full sort. On CPU, and for small batches on CUDA, the same semantics run in plain
-torch.
+rows that also have a wide top-k, or ask for top logprobs, fall back to a full sort. On CPU, and for
+small batches on CUDA, the same semantics run in plain torch.
 
 Logprobs are those of the raw logits (before penalties and temperature), vLLM's default,
 and are computed only when some row asked for them (`sampling_params.logprobs` not None);
