@@ -10,7 +10,8 @@
 # - serve: bench.py offline, then `nanovllm serve` and bench_serve.py on the same workload, and
 #   TTFT/ITL at 1, 16 and 64 concurrent streams;
 # - tests: every GPU test.
-# Each run's log lands in $OUT.
+# Logs land in $OUT in a few files (the device returns at most 8): bench.log (every bench.py run, one
+# after another under a "=====" header), attention.log, sampler.log, serve.log, gpu_tests.log.
 #
 # Prepare, on the developer machine (the device has no network and no git history):
 #   mkdir -p .whl && cp ../shared/flash-attn/*.whl ../shared/anchors/* .whl/
@@ -27,11 +28,16 @@ SMALL="--min-input-len 128 --max-input-len 128 --min-output-len 1024 --max-outpu
 SECTIONS=${*:-bench kernels nano spec serve tests}
 nvidia-smi --query-gpu=name,memory.total --format=csv
 
-bench() {  # bench NAME ARGS...: one bench.py run, its summary lines, the full log in $OUT
+keep() {  # keep LOG NAME FILE: append FILE to $OUT/LOG under a header naming the run
+    { echo "===== $2"; cat "$3"; } >> "$OUT/$1"
+}
+
+bench() {  # bench NAME ARGS...: one bench.py run, its summary lines, the full log in $OUT/bench.log
     local name=$1; shift
     echo "== $name"
-    timeout 150 python bench.py "$@" > "$OUT/bench_$name.log" 2>&1
-    grep -E "startup|output tokens|prefill:|KV blocks|speculation" "$OUT/bench_$name.log" | sed 's/^/   /'
+    timeout 150 python bench.py "$@" > "/tmp/bench_$name.log" 2>&1
+    keep bench.log "$name: bench.py $*" "/tmp/bench_$name.log"
+    grep -E "startup|output tokens|prefill:|KV blocks|speculation" "/tmp/bench_$name.log" | sed 's/^/   /'
 }
 
 section_bench() {
@@ -80,9 +86,9 @@ section_serve() {
     bench serve_offline
     echo "== serve"
     python -m nanovllm.serve preset:qwen3-0.6b --load-format dummy --skip-tokenizer-init --max-model-len 4096 \
-        --port 8000 > "$OUT/server.log" 2>&1 &
+        --port 8000 > /tmp/server.log 2>&1 &
     local server=$!
-    python - <<'PY' || { tail -20 "$OUT/server.log"; kill $server; return; }
+    python - <<'PY' || { tail -20 /tmp/server.log; kill $server; return; }
 import time, httpx
 for _ in range(240):
     try:
@@ -93,17 +99,20 @@ for _ in range(240):
     time.sleep(0.5)
 raise SystemExit("the server did not come up in 120 s")
 PY
-    grep -E "startup" "$OUT/server.log" | sed 's/^/   /'
-    timeout 150 python bench_serve.py 2>&1 | tee "$OUT/serve_256.log" | grep -E "throughput|ms:" | sed 's/^/   256 at once: /'
+    grep -E "startup" /tmp/server.log | sed 's/^/   /'
+    timeout 150 python bench_serve.py 2>&1 | tee /tmp/serve_256.log | grep -E "throughput|ms:" | sed 's/^/   256 at once: /'
     timeout 150 python bench_serve.py --client-processes 1 --warmup 0 2>&1 | grep -E "throughput" \
         | sed 's/^/   256 at once, one client process: /'
     local fixed="--min-input-len 512 --max-input-len 512 --min-output-len 128 --max-output-len 128 --warmup 0"
     for c in 1 16 64; do
         timeout 100 python bench_serve.py --num-prompts $((c * 4)) --max-concurrency $c $fixed \
-            > "$OUT/serve_c$c.log" 2>&1
-        grep -E "throughput|ms:" "$OUT/serve_c$c.log" | sed "s/^/   $c streams: /"
+            > "/tmp/serve_c$c.log" 2>&1
+        grep -E "throughput|ms:" "/tmp/serve_c$c.log" | sed "s/^/   $c streams: /"
     done
     kill -TERM $server; wait $server
+    keep serve.log "256 at once" /tmp/serve_256.log
+    for c in 1 16 64; do keep serve.log "$c streams" "/tmp/serve_c$c.log"; done
+    keep serve.log "server" /tmp/server.log
 }
 
 section_tests() {
