@@ -107,7 +107,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _norm_halves(x1, x2, is_q, cols, col_mask, q_weight_ptr, k_weight_ptr, eps, HALF: tl.constexpr):
+def _norm_halves(x1, x2, is_q, cols, q_weight_ptr, k_weight_ptr, eps, HALF: tl.constexpr):
     """RMSNorm of rows held as their two halves [rows, BLOCK] (columns past HALF are 0), q rows with
     q's weight and k rows with k's."""
     x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
@@ -145,7 +145,7 @@ def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr, mix
     x2 = tl.where(is_q[:, None], tl.load(q_src + HALF, mask=in_q, other=0.0),
                   tl.load(k_src + HALF, mask=in_k, other=0.0))
     if NORM:  # Qwen3's per-head RMSNorm before RoPE, with `_rms_norm_kernel`'s roundings
-        x1, x2 = _norm_halves(x1, x2, is_q, cols, col_mask, q_weight_ptr, k_weight_ptr, eps, HALF)
+        x1, x2 = _norm_halves(x1, x2, is_q, cols, q_weight_ptr, k_weight_ptr, eps, HALF)
     pos = tl.load(pos_ptr + t, mask=live, other=0)
     cs = (pos * 2 * HALF)[:, None] + cols[None, :]  # both halves of a row hold the same cos (sin)
     cos = tl.load(cos_sin_ptr + cs, mask=live[:, None] & col_mask, other=0.0)
