@@ -230,12 +230,13 @@ class ModelRunner:
         token_ids = token_ids[: min(len(token_ids), self.config.max_model_len, self.config.max_num_batched_tokens)]
         n, bs = len(token_ids), self.block_size
         scratch = self._new_kv_cache(-(-n // bs), dtype=self.dtype)
+        queries: dict[int, torch.Tensor] = {}
         keys: dict[int, torch.Tensor] = {}
         values: dict[int, torch.Tensor] = {}
 
         def record(layer: int):
             def hook(module, args):
-                _, keys[layer], values[layer], _ = args
+                queries[layer], keys[layer], values[layer], _ = args
             return hook
 
         handles = [attn.register_forward_pre_hook(record(i)) for i, attn in enumerate(self.attention_layers)]
@@ -248,7 +249,8 @@ class ModelRunner:
                 handle.remove()
         del scratch
         layers = range(len(self.attention_layers))
-        fp8 = calibrate([keys[i] for i in layers], [values[i] for i in layers])
+        fp8 = calibrate([queries[i] for i in layers], [keys[i] for i in layers], [values[i] for i in layers],
+                        self.attention_layers[0].scale)
         logger.info("FP8 KV scales from %d calibration tokens: key %.3g..%.3g, value %.3g..%.3g", n,
                     fp8.k_scales.min(), fp8.k_scales.max(), fp8.v_scales.min(), fp8.v_scales.max())
         return fp8
