@@ -100,7 +100,8 @@ for _ in range(240):
 raise SystemExit("the server did not come up in 120 s")
 PY
     grep -E "startup" /tmp/server.log | sed 's/^/   /'
-    timeout 150 python bench_serve.py 2>&1 | tee /tmp/serve_256.log | grep -E "throughput|ms:" | sed 's/^/   256 at once: /'
+    timeout 150 python bench_serve.py 2>&1 | tee /tmp/serve_256.log | grep -E "throughput|ms:" \
+        | sed 's/^/   256 at once: /'
     timeout 150 python bench_serve.py --client-processes 1 --warmup 0 2>&1 | grep -E "throughput" \
         | sed 's/^/   256 at once, one client process: /'
     local fixed="--min-input-len 512 --max-input-len 512 --min-output-len 128 --max-output-len 128 --warmup 0"

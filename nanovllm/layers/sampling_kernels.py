@@ -34,6 +34,14 @@ def _gumbel(index, key, key2):
 
 
 @triton.jit
+def _lowest_argmax(best, best_idx):
+    """(the largest of the lanes' best scores, the lowest index holding it): ties go to the lowest
+    token, as one argmax over the whole row gives them."""
+    top = tl.max(best, 0)
+    return top, tl.min(tl.where(best == top, best_idx, 2147483647), 0)
+
+
+@triton.jit
 def _row_pass_kernel(
     x_ptr, x_stride, raw_ptr, raw_stride, V: tl.constexpr,
     inv_t_ptr, greedy_ptr, key_ptr, tau_ptr,
@@ -86,8 +94,7 @@ def _row_pass_kernel(
             best = tl.where(better, score, best)
             best_idx = tl.where(better, idx, best_idx)
     if SAMPLE:
-        top = tl.max(best, 0)
-        token = tl.min(tl.where(best == top, best_idx, 2147483647), 0)
+        top, token = _lowest_argmax(best, best_idx)
         tl.store(token_ptr + row, token.to(tl.int64) + offset)
         tl.store(score_ptr + row, top)
     if STATS:
@@ -316,8 +323,7 @@ def _nucleus_round_kernel(x_ptr, x_stride, V: tl.constexpr, rows_ptr, inv_t_ptr,
         if tl.sum(mass, 0) < tl.load(top_p_ptr + row64).to(tl.float32) * tl.load(total_ptr + row64):
             tl.store(done_ptr + i, 1)
         else:  # (something is above a token outside the nucleus: the nucleus is never empty)
-            top = tl.max(best, 0)
-            tl.store(token_ptr + i, tl.min(tl.where(best == top, best_idx, 2147483647), 0).to(tl.int64))
+            tl.store(token_ptr + i, _lowest_argmax(best, best_idx)[1].to(tl.int64))
 
 
 def nucleus_sample(x: torch.Tensor, inv_t: torch.Tensor, keys: torch.Tensor, m: torch.Tensor, total: torch.Tensor,
@@ -335,8 +341,9 @@ def nucleus_sample(x: torch.Tensor, inv_t: torch.Tensor, keys: torch.Tensor, m: 
     For rows with top-k off (top-k's set would change the mass that top-p counts)."""
     tokens = tokens.clone()
     done = torch.zeros(len(rows), dtype=torch.int8, device=x.device)
+    m, total = m.contiguous(), total.contiguous()  # (columns of row_pass's stats)
     while True:
-        _nucleus_round_kernel[(len(rows),)](x, x.stride(0), x.shape[1], rows, inv_t, keys, m.contiguous(),
-                                            total.contiguous(), top_p, tokens, done, BLOCK=LANES, num_warps=8)
+        _nucleus_round_kernel[(len(rows),)](x, x.stride(0), x.shape[1], rows, inv_t, keys, m, total, top_p, tokens,
+                                            done, BLOCK=LANES, num_warps=8)
         if bool(done.all()):
             return tokens
