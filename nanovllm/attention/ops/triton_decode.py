@@ -8,14 +8,34 @@ the block table, so the tile size does not depend on the cache's block size.
 - v1 (``num_partitions == 1``): one pass over the whole context, output written directly.
 - v2 (``num_partitions > 1``): the context is cut into ``num_partitions`` equal partitions (a
   multiple of ``BLOCK_N`` tokens) of ``max_context_len``; each writes its unnormalized output,
-  running max and sum, and a reduce kernel merges them with an online softmax. Partitions that
-  start past a sequence's length exit at once, so a CUDA graph captured for ``max_model_len``
-  costs little on short contexts.
+  running max and sum, and the last of a (sequence, KV head)'s partitions to finish merges them
+  (see below). Partitions that start past a sequence's length exit at once, so a CUDA graph
+  captured for ``max_model_len`` costs little on short contexts; a sequence with one partition
+  that has tokens (an empty context included) writes its output as v1 does.
+
+The merge runs in the decode kernel, not in a kernel of its own: in a latency-bound decode step
+(~13 kernels per layer at batch 1-16) each kernel boundary costs a couple of microseconds.
+Each (sequence, KV head) has an int32 arrival counter (`arrival_counters`, zero between
+kernels). A partition program writes its partials, then adds 1 to the counter (acq_rel, GPU
+scope; `_last_to_arrive` has the ordering argument); the one that reads ``live - 1``, where
+``live`` = cdiv(context length, partition size) counts the partitions that do not exit
+early, resets the counter to 0 for the next layer (or graph replay) and merges all partials as the
+separate reduce kernel did: the rows' global max, weights 2^(max - global max), float32 sums
+(`_merge_partials`). Ordering across kernels: every kernel of the step waits for its predecessor
+(`nanovllm.utils.pdl`) before touching step data, the counters included, so the next user of a
+counter sees the reset. Nothing spins, so programs need not be resident together. The merge reads
+``live x rows x HEAD_DIM`` floats (4 KB for 4 partitions of a GQA group of 2 at head dim 128).
+Compiled for sm90 (4 warps, head dim 128) v2 keeps its shared memory and spills nothing; registers
+per thread at GQA groups 2/4/8: bf16 140/140/128 -> 141/146/140, FP8 132/134/134 -> 132/132/132,
+5 query tokens at group 2 (bf16) 140 -> 148. That is 3 programs per SM as before, except bf16 at
+group 8 (4 before): the atomic alone takes ptxas there, and with ``maxnreg=128`` every variant fits
+in 128 registers without spills (not measured; v1 compiles without any of this).
 
 Several query tokens per sequence (``query_start_loc``; speculative verification's few tokens over
 a long prefix) take the same path: a program's rows are then its sequence's query tokens times
-the GQA group, each masked causally at its own position, and the partitions and the reduce work
-per query row. The prefill kernel would give such a step one program per sequence and KV head.
+the GQA group, each masked causally at its own position, and the partitions and the merge work
+per query row (one counter for all of a program's rows). The prefill kernel would give such a step
+one program per sequence and KV head.
 
 A context of length 0 (padding rows of a CUDA-graph batch) yields zeros. With an FP8 cache the
 key scale is folded into the softmax scale per KV head and the value scale is applied once to
@@ -27,7 +47,7 @@ per partition < 1.5 x SMs) the shortest partitions of 64, 128 or 256 tokens that
 below). v1 whenever ``max_context_len`` fits in one partition. Measured on an H100 (132 SMs), bf16, 8 KV heads, head dim
 128, block 16, us per call in a CUDA graph (``scripts/bench_attention.py --sweep``; * = the
 heuristic's pick; the first rows' short partitions were measured on an H200, the same column
-otherwise within 1 us):
+otherwise within 1 us; v2 then merged in a separate reduce kernel):
 
 =====  ======  =======  ======  ======  ======  ======  =======  =======
 batch  ctx     v1       ps=64   ps=128  ps=256  ps=512  ps=1024  ps=2048
@@ -68,10 +88,10 @@ tiles, 310 us for bf16 and 326 us for flash-attn bf16: 0.85x flash-attn, at 2.1 
 Storing FP8 values dim-major in each block (see `_load_v_dim_major`) brought it to 189 us, 0.58x
 flash-attn's 327 us in the same run (3.1 TB/s of FP8 KV); 64-token tiles took 199 us.
 
-FP8 reads half the bytes per token, so a partition's fixed costs (its partial writes, the reduce
-kernel) weigh twice as much: from 3 x SMs programs per partition the FP8 kernel runs v1. On the H200
-at the bench's graph ``max_context_len`` of 4096 over the first n of the bench's mix (call S, us;
-ps = partition size, * = the pick):
+FP8 reads half the bytes per token, so a partition's fixed costs (its partial writes, the merge;
+a reduce kernel when this was measured) weigh twice as much: from 3 x SMs programs per partition
+the FP8 kernel runs v1. On the H200 at the bench's graph ``max_context_len`` of 4096 over the
+first n of the bench's mix (call S, us; ps = partition size, * = the pick):
 
 =====  ========  ======  ======  ======  ======
 batch  cache     v1      ps=512  ps=1024 ps=2048
@@ -261,42 +281,118 @@ def _attend_tiles(acc, running_max, running_sum, q, q_pos, lo, hi, valid_end,
 
 
 @triton.jit
+def _rows(kv_head, q_start, q_len, GROUP: tl.constexpr, ROWS: tl.constexpr):
+    """Row r of a program: query token r // GROUP of its sequence (query row ``q_start`` + that), head
+    r % GROUP of the KV head's group; returns the rows' query rows, heads and which rows exist."""
+    rows = tl.arange(0, ROWS)
+    token = rows // GROUP
+    return q_start + token, kv_head * GROUP + rows % GROUP, token < q_len
+
+
+@triton.jit
+def _store_out(out_ptr, acc, denom, v_scale_ptr, kv_head, q_row, heads, row_mask, stride_os, stride_oh,
+               HEAD_DIM: tl.constexpr, FP8: tl.constexpr):
+    """The normalized output of the rows ``acc`` [rows, HEAD_DIM] over ``denom`` [rows]."""
+    out = acc / tl.maximum(denom, 1e-30)[:, None]  # empty context: 0 / tiny = 0
+    if FP8:
+        out = out * tl.load(v_scale_ptr + kv_head)
+    dims = tl.arange(0, HEAD_DIM)
+    tl.store(out_ptr + q_row[:, None] * stride_os + heads[:, None] * stride_oh + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+@triton.jit
+def _last_to_arrive(counter_ptr, num_live):
+    """Whether this program is the last of its ``num_live`` partitions to have written its partials.
+
+    The barrier orders every thread's partial stores before the one thread's atomic (a CTA-scope
+    synchronization), and the atomic's release at GPU scope is cumulative, so it publishes them all;
+    each arrival also acquires, so the count the last program reads carries every earlier program's
+    partials (each release includes what its program acquired). The result reaches all threads
+    through a barrier after the acquire, so their loads of the partials come after it too."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    return arrived == num_live - 1
+
+
+@triton.jit
+def _global_max(part_max_ptr, base, row_mask, used, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+    """Each row's largest partition max (row r's partitions at ``base[r]`` on), at least -1e30."""
+    global_max = tl.full([ROWS], -1.0e30, tl.float32)  # no partition: stays finite
+    for first in tl.range(0, used, CHUNK, num_stages=1):
+        idx = first + tl.arange(0, CHUNK)
+        live = row_mask[:, None] & (idx < used)[None, :]
+        maxes = tl.load(part_max_ptr + base[:, None] + idx[None, :], mask=live, other=float("-inf"),
+                        cache_modifier=".cg")
+        global_max = tl.maximum(global_max, tl.max(maxes, axis=1))
+    return global_max
+
+
+@triton.jit
+def _merge_partials(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, v_scale_ptr, kv_head, q_start, q_len, used,
+                    num_partitions, num_heads, stride_os, stride_oh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    FP8: tl.constexpr, ROWS: tl.constexpr, STAT_CHUNK: tl.constexpr, ACC_CHUNK: tl.constexpr):
+    """The output of the program's rows from their ``used`` partitions' partials, each partition
+    weighted by 2^(its max - the row's global max); ``ROWS`` covers the rows without ``tl.dot``'s padding.
+
+    Loads with ``.cg`` (from L2): other programs wrote these entries in this kernel, and a line of
+    them may sit in this SM's L1 from a merge of other rows (the maxes and sums of several rows share
+    lines). The chunks bound the live tiles ([ROWS, ACC_CHUNK, HEAD_DIM] floats) while still loading
+    a decode step's few partitions at once."""
+    q_row, heads, row_mask = _rows(kv_head, q_start, q_len, GROUP, ROWS)
+    base = (q_row * num_heads + heads) * num_partitions
+    global_max = _global_max(part_max_ptr, base, row_mask, used, ROWS, STAT_CHUNK)
+    dims = tl.arange(0, HEAD_DIM)
+    denom = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    for first in tl.range(0, used, ACC_CHUNK, num_stages=1):
+        idx = first + tl.arange(0, ACC_CHUNK)
+        live = row_mask[:, None] & (idx < used)[None, :]
+        stat = base[:, None] + idx[None, :]
+        weights = tl.math.exp2(tl.load(part_max_ptr + stat, mask=live, other=float("-inf"), cache_modifier=".cg")
+                               - global_max[:, None])
+        sums = tl.load(part_sum_ptr + stat, mask=live, other=0.0, cache_modifier=".cg")
+        denom += tl.sum(sums * weights, axis=1)
+        partial = tl.load(part_acc_ptr + stat[:, :, None] * HEAD_DIM + dims[None, None, :], mask=live[:, :, None],
+                          other=0.0, cache_modifier=".cg")
+        acc += tl.sum(partial * weights[:, :, None], axis=1)
+    _store_out(out_ptr, acc, denom, v_scale_ptr, kv_head, q_row, heads, row_mask, stride_os, stride_oh, HEAD_DIM, FP8)
+
+
+@triton.jit
 def _decode_kernel(
-    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, counters_ptr,
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
     k_scale_ptr, v_scale_ptr, k_sink_ptr, v_sink_ptr, num_sink_blocks, scale_log2, partition_size, num_partitions,
     stride_qs, stride_qh, stride_os, stride_oh, stride_cb, stride_ct, stride_ch, stride_bt, stride_vb, stride_vh,
     stride_vd, num_heads,
     GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, FP8: tl.constexpr, SINK: tl.constexpr, V_DIM_MAJOR: tl.constexpr, SINGLE: tl.constexpr,
-    MULTI: tl.constexpr,
+    MULTI: tl.constexpr, MERGE_ROWS: tl.constexpr, STAT_CHUNK: tl.constexpr, ACC_CHUNK: tl.constexpr,
     PRECISION: tl.constexpr, SPLIT_P: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl_start(PDL)
+    pdl_start(PDL)  # before the counters too: the previous layer's merges reset them
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
-    start = part * partition_size
-    if not SINGLE:
-        if start >= context_len:  # the reduce kernel never reads this partition
+    num_live = 1  # partitions with tokens (one for an empty context, which writes zeros)
+    if not SINGLE:  # clamped: a context past max_context_len must not leave its counter short of num_live
+        num_live = tl.minimum(tl.maximum(tl.cdiv(context_len, partition_size), 1), num_partitions)
+        if part >= num_live:  # never arrives
             return
+    start = part * partition_size
     end = tl.minimum(start + partition_size, context_len)
 
-    # row r: query token r // GROUP of the sequence (its query row q_start + that), head r % GROUP
-    rows = tl.arange(0, ROWS)
-    dims = tl.arange(0, HEAD_DIM)
-    token = rows // GROUP
-    heads = kv_head * GROUP + rows % GROUP
     if MULTI:
         q_start = tl.load(query_start_loc_ptr + seq)
         q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     else:
         q_start = seq
         q_len = 1
-    row_mask = token < q_len
-    q_pos = context_len - q_len + token  # each row's own position: it sees the K/V up to it
-    q_row = q_start + token
+    q_row, heads, row_mask = _rows(kv_head, q_start, q_len, GROUP, ROWS)
+    q_pos = context_len - q_len + q_row - q_start  # each row's own position: it sees the K/V up to it
+    dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + q_row[:, None] * stride_qs + heads[:, None] * stride_qh + dims[None, :],
                 mask=row_mask[:, None], other=0.0)
     q, qk_scale = _scaled_query(q, scale_log2, k_scale_ptr, kv_head, FP8)
@@ -311,62 +407,58 @@ def _decode_kernel(
         num_sink_blocks, table, head_offset, kv_head * stride_vh, qk_scale, stride_cb, stride_ct, stride_vb, stride_vd,
         HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, MULTI, SINK, V_DIM_MAJOR, PRECISION, SPLIT_P)
 
-    if SINGLE:
-        out = acc / tl.maximum(running_sum, 1e-30)[:, None]  # empty context: 0 / tiny = 0
-        if FP8:
-            out = out * tl.load(v_scale_ptr + kv_head)
-        tl.store(out_ptr + q_row[:, None] * stride_os + heads[:, None] * stride_oh + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+    if num_live == 1:  # v1, or v2 over a short context: what the merge of one partition gives, without it
+        _store_out(out_ptr, acc, running_sum, v_scale_ptr, kv_head, q_row, heads, row_mask, stride_os, stride_oh,
+                   HEAD_DIM, FP8)
     else:
         stat = (q_row * num_heads + heads) * num_partitions + part
         tl.store(part_max_ptr + stat, running_max, mask=row_mask)
         tl.store(part_sum_ptr + stat, running_sum, mask=row_mask)
         tl.store(part_acc_ptr + stat[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_mask[:, None])
-
-
-@triton.jit
-def _reduce_kernel(
-    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, context_lens_ptr, query_start_loc_ptr, v_scale_ptr,
-    partition_size, num_partitions, stride_os, stride_oh, num_heads,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PARTS_PAD: tl.constexpr, CHUNK: tl.constexpr, FP8: tl.constexpr,
-    MULTI: tl.constexpr, PDL: tl.constexpr,
-):
-    pdl_start(PDL)
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    q_row = seq
-    if MULTI:  # program (seq, head, j): the sequence's j-th query token
-        q_row = tl.load(query_start_loc_ptr + seq) + tl.program_id(2)
-        if q_row >= tl.load(query_start_loc_ptr + seq + 1):
-            return
-    context_len = tl.load(context_lens_ptr + seq)
-    used = tl.cdiv(context_len, partition_size)  # a partition past a row's own position left it no weight
-    base = (q_row * num_heads + head) * num_partitions
-    parts = tl.arange(0, PARTS_PAD)
-    maxes = tl.load(part_max_ptr + base + parts, mask=parts < used, other=float("-inf"))
-    global_max = tl.maximum(tl.max(maxes, axis=0), -1.0e30)  # no partition: stays finite
-    sums = tl.load(part_sum_ptr + base + parts, mask=parts < used, other=0.0)
-    denom = tl.sum(sums * tl.math.exp2(maxes - global_max), axis=0)
-
-    dims = tl.arange(0, HEAD_DIM)
-    chunk = tl.arange(0, CHUNK)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    for first in range(0, used, CHUNK):
-        idx = first + chunk
-        live = idx < used
-        weights = tl.math.exp2(tl.load(part_max_ptr + base + idx, mask=live, other=float("-inf")) - global_max)
-        partial = tl.load(part_acc_ptr + (base + idx)[:, None] * HEAD_DIM + dims[None, :], mask=live[:, None],
-                          other=0.0)
-        acc += tl.sum(partial * weights[:, None], axis=0)
-    out = acc / tl.maximum(denom, 1e-30)
-    if FP8:
-        out = out * tl.load(v_scale_ptr + head // GROUP)
-    tl.store(out_ptr + q_row * stride_os + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
+        counter = counters_ptr + seq * tl.num_programs(1) + kv_head
+        if _last_to_arrive(counter, num_live):
+            tl.store(counter, 0)  # all live partitions have arrived: zero for the next call (or graph replay)
+            _merge_partials(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, v_scale_ptr, kv_head, q_start, q_len,
+                            num_live, num_partitions, num_heads, stride_os, stride_oh, GROUP, HEAD_DIM, FP8,
+                            MERGE_ROWS, STAT_CHUNK, ACC_CHUNK)
 
 
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# Arrival counters of v2 (see `_last_to_arrive`), per device: every buffer handed out stays alive (a
+# CUDA graph keeps the address it captured) and the newest, the largest, serves new calls.
+_COUNTERS: dict[torch.device, list[Tensor]] = {}
+MERGE_ELEMENTS = 4096  # floats of a merge chunk's partials: 32 registers per thread at 4 warps
+MERGE_STAT_PARTS = 64  # most partitions per chunk of the maxes
+MERGE_ACC_PARTS = 16  # most partitions per chunk of the outputs (as the separate reduce kernel had)
+
+
+def arrival_counters(device: torch.device, count: int) -> Tensor:
+    """At least ``count`` int32 counters on ``device``, zero between kernels: the last partition of each
+    (sequence, KV head) to arrive resets its counter, so the buffer is zeroed only when allocated.
+
+    A new buffer can only come outside CUDA-graph capture (the zeroing would be a node of the graph and
+    the buffer unzeroed outside it): the eager warm-up of the same call before a capture allocates it.
+    Calls on one device must not overlap on different streams (the engine runs its steps on one)."""
+    held = _COUNTERS.setdefault(device, [])
+    if held and held[-1].numel() >= count:
+        return held[-1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"paged_attention needs {count} arrival counters on {device}, more than any call "
+                           "before the CUDA graph capture: run the call once before capturing it")
+    held.append(torch.zeros(max(count, 2 * held[-1].numel() if held else 0), dtype=torch.int32, device=device))
+    return held[-1]
+
+
+def _merge_constexprs(group: int, max_query_len: int, head_dim: int) -> dict[str, int]:
+    """The merge's rows (the group's query rows, without ``tl.dot``'s padding to 16) and partitions per
+    chunk: a decode step's few partitions in one load, and no new compilation per partition count."""
+    rows = triton.next_power_of_2(group * max_query_len)
+    return dict(MERGE_ROWS=rows, STAT_CHUNK=max(1, min(MERGE_STAT_PARTS, MERGE_ELEMENTS // rows)),
+                ACC_CHUNK=max(1, min(MERGE_ACC_PARTS, MERGE_ELEMENTS // (rows * head_dim))))
 
 
 def choose_num_partitions(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device,
@@ -457,30 +549,25 @@ def paged_attention(
     rows = max(16, triton.next_power_of_2(max_query_len * group))  # tl.dot needs M >= 16
     if single:
         part_acc = part_max = part_sum = out  # unused
+        counters = context_lens  # unused
     else:
         part_max = torch.empty(query.shape[0], num_heads, num_partitions, dtype=torch.float32, device=query.device)
         part_sum = torch.empty_like(part_max)
         part_acc = torch.empty(query.shape[0], num_heads, num_partitions, head_dim, dtype=torch.float32,
                                device=query.device)
+        counters = arrival_counters(query.device, num_seqs * num_kv_heads)
     pdl = use_pdl(query.device)
     _decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
-        out, part_acc, part_max, part_sum,
+        out, part_acc, part_max, part_sum, counters,
         query, key_cache, value_cache, block_tables, context_lens, query_start_loc, k_scale, v_scale,
         k_sink, v_sink, num_sink_blocks, scale * LOG2E, partition_size, num_partitions,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), *key_cache.stride()[:3],
         block_tables.stride(0), value_cache.stride(0), value_cache.stride(2), value_cache.stride(3), num_heads,
         GROUP=group, ROWS=rows, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         FP8=fp8, SINK=num_sink_blocks > 0, V_DIM_MAJOR=v_dim_major, SINGLE=single, MULTI=multi,
+        **_merge_constexprs(group, max_query_len, head_dim),
         PRECISION="ieee" if query.dtype == torch.float32 and not fp8 else "tf32",
         SPLIT_P=query.dtype == torch.bfloat16 and not fp8,
         PDL=pdl, num_warps=FP8_NUM_WARPS if fp8 else 4, num_stages=2, launch_pdl=pdl,
     )
-    if not single:
-        parts_pad = triton.next_power_of_2(num_partitions)
-        _reduce_kernel[(num_seqs, num_heads, max_query_len)](
-            out, part_acc, part_max, part_sum, context_lens, query_start_loc, v_scale,
-            partition_size, num_partitions, out.stride(0), out.stride(1), num_heads,
-            GROUP=group, HEAD_DIM=head_dim, PARTS_PAD=parts_pad, CHUNK=min(parts_pad, 16), FP8=fp8, MULTI=multi,
-            PDL=pdl, num_warps=4, launch_pdl=pdl,
-        )
     return out

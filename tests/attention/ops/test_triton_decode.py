@@ -6,15 +6,20 @@ padded batch replayed in a CUDA graph.
 """
 from __future__ import annotations
 
+import os
 import random
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 import triton_cpu  # noqa: F401  (before the kernels: interpreter on CPU)
 from paged_kv_case import PagedKV
 
+from nanovllm.attention.ops import triton_decode
 from nanovllm.attention.ops.paged_attention_ref import paged_attention_v1, paged_prefill_attention
-from nanovllm.attention.ops.triton_decode import choose_num_partitions, paged_attention
+from nanovllm.attention.ops.triton_decode import arrival_counters, choose_num_partitions, paged_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -88,11 +93,16 @@ def verify_case(q_lens, lens, heads, kv_heads, head_dim, block, dtype, fp8=False
     case = PagedKV(lens, kv_heads, head_dim, block, dtype, DEVICE, fp8=fp8, sinks=sinks)
     query = torch.randn(sum(q_lens) + pad_tokens, heads, head_dim, device=DEVICE).to(dtype)
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    return case, query, qsl, causal_reference(case, query, qsl)
+
+
+def causal_reference(case, query, qsl):
+    """Float32 reference of the query rows the sequences own (``qsl``) over the case's current lengths."""
     key_cache, value_cache = case.float_caches()
     cu_k = torch.cat([case.lens.new_zeros(1), case.lens.cumsum(0)]).int()
-    ref = paged_prefill_attention(query[: sum(q_lens)].float(), key_cache, value_cache, qsl, cu_k,
-                                  case.block_tables, head_dim ** -0.5)
-    return case, query, qsl, ref.to(dtype)
+    ref = paged_prefill_attention(query[: qsl[-1]].float(), key_cache, value_cache, qsl, cu_k, case.block_tables,
+                                  query.shape[-1] ** -0.5)
+    return ref.to(query.dtype)
 
 
 # speculative verification (k + 1 tokens over a long prefix), fewer tokens in some rows, a padding
@@ -134,6 +144,86 @@ def test_decode_of_several_query_tokens_reads_float16_sinks():
     with pytest.raises(ValueError, match="k_sink"):  # float16 only
         paged_attention(query, case.key_cache, case.value_cache, case.block_tables, case.lens, 16, 80, 0.125,
                         case.k_scale, case.v_scale, k_sink=case.k_sink.float(), v_sink=case.v_sink)
+
+
+# two calls over one case with 64-token partitions of 256 tokens: sequences whose 4, 3 or 2 partitions
+# have tokens (the others exit at once and never arrive), one of 1 (written directly) and empty ones
+SPLIT_LENS = ([200, 100, 0, 130, 1, 256], [190, 65, 0, 3, 1, 129])  # the second within the first's blocks
+SPLIT_Q_LENS = [3, 2, 0, 3, 1, 3]
+
+
+@pytest.mark.parametrize("multi", [False, True], ids=["decode", "verify"])
+def test_split_kv_merges_in_the_last_partition_and_resets_its_counter(multi):
+    """v2's partials are merged by the last partition of each (sequence, KV head) to arrive, which
+    leaves the counter at 0: the second call over the same counters must find the last arrival again
+    (left unreset, or counted against all partitions, a merge is skipped and rows stay NaN or zero)."""
+    torch.manual_seed(8)
+    case = PagedKV(SPLIT_LENS[0], 2, 64, 16, torch.float32, DEVICE)
+    qsl = torch.tensor([0, *torch.tensor(SPLIT_Q_LENS).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    rows = sum(SPLIT_Q_LENS) if multi else len(SPLIT_LENS[0])
+    for lens in SPLIT_LENS:
+        case.lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        query = torch.randn(rows, 8, 64, device=DEVICE)
+        if multi:
+            out = decode(case, query, 256, num_partitions=4, query_start_loc=qsl, max_query_len=max(SPLIT_Q_LENS))
+            ref = causal_reference(case, query, qsl)
+        else:
+            out = decode(case, query, 256, num_partitions=4, out=torch.full_like(query, float("nan")))
+            ref = reference(case, query)
+        assert not arrival_counters(query.device, 0).any()
+        assert rel_err(out, ref) < 1e-5
+
+
+def test_arrival_counters_grow_into_new_zeroed_buffers_and_keep_the_old():
+    """A CUDA graph keeps the counters' address it captured, so a larger grid gets a new buffer."""
+    device = torch.device(DEVICE)
+    first = arrival_counters(device, 1)
+    assert arrival_counters(device, first.numel()) is first
+    grown = arrival_counters(device, first.numel() + 1)
+    assert grown.numel() >= 2 * first.numel() and grown.dtype == torch.int32 and not grown.any()
+    assert arrival_counters(device, 1) is grown
+    assert any(held is first for held in triton_decode._COUNTERS[device])
+
+
+SM90_PTX = """
+import inspect
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from nanovllm.attention.ops import triton_decode as m
+
+names = list(inspect.signature(m._decode_kernel.fn).parameters)
+pointers = dict(out_ptr="*bf16", q_ptr="*bf16", k_cache_ptr="*bf16", v_cache_ptr="*bf16", k_sink_ptr="*fp16",
+                v_sink_ptr="*fp16", counters_ptr="*i32", block_tables_ptr="*i32", context_lens_ptr="*i32",
+                query_start_loc_ptr="*i32")
+consts = dict(GROUP=2, ROWS=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=m.BLOCK_N, FP8=False, SINK=False,
+              V_DIM_MAJOR=False, SINGLE=False, MULTI=False, PRECISION="tf32", SPLIT_P=True, PDL=True,
+              **m._merge_constexprs(2, 1, 128))
+signature = {n: "constexpr" if n in consts else pointers.get(n, "*fp32") if n.endswith("_ptr")
+             else "fp32" if n == "scale_log2" else "i32" for n in names}
+constexprs = {(i,): consts[n] for i, n in enumerate(names) if n in consts}
+kernel = triton.compile(ASTSource(fn=m._decode_kernel, signature=signature, constexprs=constexprs),
+                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+print(kernel.asm["ptx"])
+"""
+
+
+def test_sm90_build_publishes_partials_before_arriving():
+    """Compiled for sm90 (no GPU needed; the interpreter runs programs one by one and shows no
+    ordering): the partial stores, then a CTA barrier, then one acq_rel GPU-scope atomic, and after
+    it only the merge's loads, all from L2 (.cg). (Here Triton puts a barrier of its own before the
+    atomic too, for the shared memory of its result, so this cannot tell that `_last_to_arrive`'s
+    barrier is there.)"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", SM90_PTX], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ptx = run.stdout
+    atoms = [m.start() for m in re.finditer(r"\batom\.", ptx)]
+    assert len(atoms) == 1 and re.match(r"atom\.global\.gpu\.acq_rel\.add", ptx[atoms[0]:])
+    before = ptx[: atoms[0]]
+    assert "bar.sync" in before[before.rindex("st.global"):]  # every thread's partials, then the atomic
+    merge_loads = re.findall(r"ld\.global[.\w]*", ptx[atoms[0]:])
+    assert merge_loads and all(load.startswith("ld.global.cg") for load in merge_loads), merge_loads
 
 
 def test_decode_into_out():
@@ -252,5 +342,34 @@ def test_gpu_decode_in_cuda_graph_padded_batch(fp8):
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(out[4:], torch.zeros_like(out[4:]))
+            assert not arrival_counters(query.device, 0).any()  # reset by each merge, replay after replay
             ref = reference(case, query)
             assert rel_err(out[:4], ref[:4]) <= (4e-3 if fp8 else 2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("multi", [False, True], ids=["decode", "verify"])
+def test_gpu_split_kv_merge_sees_every_partition(multi):
+    """The merge's ordering on hardware, where partitions finish in any order and the last to arrive
+    merges: 64-token partitions of 4096 tokens (up to 64 per sequence and KV head), calls repeated over
+    one counter buffer. The merge reads the partials in partition order whichever program runs it, so
+    the output is the same bits every time; a partial read before its write (or stale) would not be."""
+    torch.manual_seed(9)
+    rng = random.Random(9)
+    for _ in range(8):
+        lens = [rng.randint(1, 4096) for _ in range(rng.randint(1, 24))] + [0, rng.randint(1, 64)]
+        case = PagedKV(lens, 8, 128, 16, torch.bfloat16, DEVICE, extra_cols=256 - max(-(-n // 16) for n in lens))
+        if multi:
+            q_lens = [min(n, rng.randint(1, 5)) for n in lens]
+            qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+            query = torch.randn(sum(q_lens), 16, 128, device=DEVICE).bfloat16()
+            kwargs, ref = dict(query_start_loc=qsl, max_query_len=max(q_lens)), causal_reference(case, query, qsl)
+        else:
+            query = torch.randn(len(lens), 16, 128, device=DEVICE).bfloat16()
+            kwargs, ref = {}, reference(case, query)
+        first = decode(case, query, 4096, num_partitions=64, **kwargs)
+        assert rel_err(first, ref) <= 2e-3
+        for _ in range(20):
+            assert torch.equal(decode(case, query, 4096, num_partitions=64, **kwargs), first)
+        assert not arrival_counters(query.device, 0).any()
