@@ -318,14 +318,13 @@ def _last_to_arrive(counter_ptr, num_live):
 @triton.jit
 def _global_max(part_max_ptr, base, row_mask, used, ROWS: tl.constexpr, CHUNK: tl.constexpr):
     """Each row's largest partition max (row r's partitions at ``base[r]`` on), at least -1e30."""
-    global_max = tl.full([ROWS], -1.0e30, tl.float32)  # no partition: stays finite
+    maxes = tl.full([ROWS, CHUNK], -1.0e30, tl.float32)  # no partition: stays finite
     for first in tl.range(0, used, CHUNK, num_stages=1):
         idx = first + tl.arange(0, CHUNK)
         live = row_mask[:, None] & (idx < used)[None, :]
-        maxes = tl.load(part_max_ptr + base[:, None] + idx[None, :], mask=live, other=float("-inf"),
-                        cache_modifier=".cg")
-        global_max = tl.maximum(global_max, tl.max(maxes, axis=1))
-    return global_max
+        maxes = tl.maximum(maxes, tl.load(part_max_ptr + base[:, None] + idx[None, :], mask=live,
+                                          other=float("-inf"), cache_modifier=".cg"))
+    return tl.max(maxes, axis=1)  # once, after the loop: Triton 3.6 asserts on this reduction inside it
 
 
 @triton.jit
