@@ -26,7 +26,9 @@ def _rows_per_program(width: int) -> int:
     return max(1, TILE // width)
 
 
-@triton.jit
+# num_rows (the step's tokens) not specialized: its value 1 or a multiple of 16 would build the kernel
+# three times over (six with ADD) on a fresh machine, each build ~0.3 s of startup, for a mask's compare
+@triton.jit(do_not_specialize=["num_rows"])
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_xt, stride_xh, stride_rt, num_rows, heads,
                      eps, D: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, ADD: tl.constexpr,
                      PDL: tl.constexpr):
@@ -124,7 +126,7 @@ def _norm_halves(x1, x2, is_q, cols, q_weight_ptr, k_weight_ptr, eps, HALF: tl.c
     return y1.to(x1.dtype), y2.to(x2.dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # as _rms_norm_kernel's
 def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr, mix_ptr, q_weight_ptr, k_weight_ptr,
                    eps, stride_qt, stride_qh, stride_kt, stride_kh, stride_cache, num_rows, q_heads, k_heads,
                    HALF: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, NORM: tl.constexpr,
