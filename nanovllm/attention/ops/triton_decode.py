@@ -14,8 +14,9 @@ the block table, so the tile size does not depend on the cache's block size.
   that has tokens (an empty context included) writes its output as v1 does.
 
 The merge runs in the decode kernel, not in a kernel of its own: in a latency-bound decode step
-(~13 kernels per layer at batch 1-16) each kernel boundary costs a couple of microseconds.
-Each (sequence, KV head) has an int32 arrival counter (`arrival_counters`, zero between
+(~13 kernels per layer at batch 1-16) each kernel boundary costs a couple of microseconds. On the
+H200 (call AG, before and after in one call) `bench.py` went 5.24 -> 5.10 ms per decode step and
+batch 16 1.78 -> 1.76; batch 1 (v1 at its context lengths) stayed at 0.92. Each (sequence, KV head) has an int32 arrival counter (`arrival_counters`, zero between
 kernels). A partition program writes its partials, then adds 1 to the counter (acq_rel, GPU
 scope; `_last_to_arrive` has the ordering argument); the one that reads ``live - 1``, where
 ``live`` = cdiv(context length, partition size) counts the partitions that do not exit
