@@ -13,24 +13,25 @@ the block table, so the tile size does not depend on the cache's block size.
   captured for ``max_model_len`` costs little on short contexts; a sequence with one partition
   that has tokens (an empty context included) writes its output as v1 does.
 
-The merge runs in the decode kernel, not in a kernel of its own: in a latency-bound decode step
-(~13 kernels per layer at batch 1-16) each kernel boundary costs a couple of microseconds. On the
-H200 (call AG, before and after in one call) `bench.py` went 5.24 -> 5.10 ms per decode step and
-batch 16 1.78 -> 1.76; batch 1 (v1 at its context lengths) stayed at 0.92. Each (sequence, KV head) has an int32 arrival counter (`arrival_counters`, zero between
-kernels). A partition program writes its partials, then adds 1 to the counter (acq_rel, GPU
-scope; `_last_to_arrive` has the ordering argument); the one that reads ``live - 1``, where
-``live`` = cdiv(context length, partition size) counts the partitions that do not exit
-early, resets the counter to 0 for the next layer (or graph replay) and merges all partials as the
-separate reduce kernel did: the rows' global max, weights 2^(max - global max), float32 sums
+The merge runs in the decode kernel, not in a kernel of its own: in a latency-bound decode step (~13
+kernels per layer at batch 1-16) each kernel boundary costs a couple of microseconds. On the H200
+(call AG, before and after in one call) `bench.py` went 5.24 -> 5.10 ms per decode step and batch 16
+1.78 -> 1.76; batch 1 stayed at 0.92. Each (sequence, KV head) has an int32 arrival counter
+(`arrival_counters`, zero between kernels). A partition program writes its partials, then adds 1 to
+the counter (acq_rel, GPU scope; `_last_to_arrive` has the ordering argument); the one that reads
+``live - 1``, where ``live`` = cdiv(context length, partition size) counts the partitions that do
+not exit early, resets the counter to 0 for the next layer (or graph replay) and merges all partials
+as the separate reduce kernel did: the rows' global max, weights 2^(max - global max), float32 sums
 (`_merge_partials`). Ordering across kernels: every kernel of the step waits for its predecessor
 (`nanovllm.utils.pdl`) before touching step data, the counters included, so the next user of a
 counter sees the reset. Nothing spins, so programs need not be resident together. The merge reads
 ``live x rows x HEAD_DIM`` floats (4 KB for 4 partitions of a GQA group of 2 at head dim 128).
 Compiled for sm90 (4 warps, head dim 128) v2 keeps its shared memory and spills nothing; registers
-per thread at GQA groups 2/4/8: bf16 140/140/128 -> 141/146/140, FP8 132/134/134 -> 132/132/132,
-5 query tokens at group 2 (bf16) 140 -> 148. That is 3 programs per SM as before, except bf16 at
-group 8 (4 before): the atomic alone takes ptxas there, and with ``maxnreg=128`` every variant fits
-in 128 registers without spills (not measured; v1 compiles without any of this).
+per thread at GQA groups 2/4/8: bf16 140/140/128 -> 141/146/140, FP8 132/134/134 -> 132/132/132, 5
+query tokens at group 2 (bf16) 140 -> 148 (before `_global_max` moved its reduction out of the
+loop). That is 3 programs per SM as before, except bf16 at group 8 (4 before): the atomic alone
+takes ptxas there, and with ``maxnreg=128`` every variant fits in 128 registers without spills (not
+measured; v1 compiles without any of this).
 
 Several query tokens per sequence (``query_start_loc``; speculative verification's few tokens over
 a long prefix) take the same path: a program's rows are then its sequence's query tokens times
