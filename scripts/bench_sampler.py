@@ -2,6 +2,7 @@
 `logprobs=5`, at several batch sizes. On CUDA timed with CUDA events, elsewhere with the wall clock.
 
     python scripts/bench_sampler.py [--vocab 151936] [--batches 1 64 256] [--device cuda]
+    python scripts/bench_sampler.py --profile "top-k 50" --batches 256   # where one mode's time goes
 
 Logits are float32, as the LM head returns them, and LLM-like: a few strong candidates over a noisy
 floor, so the top-p nucleus is small; the `top-p flat` column uses plain Gaussian logits, whose
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -35,24 +37,31 @@ def llm_like_logits(batch: int, vocab: int, flat: bool, device: str) -> torch.Te
     return logits
 
 
-def time_step(logits: torch.Tensor, params: dict, iters: int) -> float:
-    """Milliseconds per call of the sampler over `logits`, one row per sequence with `params`."""
+def warm_sampler(logits: torch.Tensor, params: dict) -> Callable[[], object]:
+    """One sampler call over `logits` (one row per sequence with `params`), already run a few times."""
     device = logits.device
     rows = [Sequence(i, list(range(1, 50)), SamplingParams(**params)) for i in range(logits.shape[0])]
     tensors = SamplingTensors.from_rows(rows, logits.shape[1], [0], device)
     sampler = Sampler(torch.Generator(device).manual_seed(0))
     for _ in range(3):
         sampler(logits, tensors)
+    return lambda: sampler(logits, tensors)
+
+
+def time_step(logits: torch.Tensor, params: dict, iters: int) -> float:
+    """Milliseconds per call of the sampler over `logits`, one row per sequence with `params`."""
+    device = logits.device
+    call = warm_sampler(logits, params)
     if device.type != "cuda":
         start = time.perf_counter()
         for _ in range(iters):
-            sampler(logits, tensors)
+            call()
         return (time.perf_counter() - start) * 1000 / iters
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
     for _ in range(iters):
-        sampler(logits, tensors)
+        call()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / iters
@@ -71,14 +80,45 @@ def table(vocab: int, batches: list[int], iters: int, device: str) -> list[str]:
     return lines
 
 
+def profile_mode(mode: str, vocab: int, batch: int, iters: int, device: str) -> list[str]:
+    """One mode's calls under torch.profiler: the ops and kernels with the most self time (device time
+    on CUDA), then the wall time per call beside the kernels' sum, whose difference is the host's work
+    and its waits for the device."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    if mode not in MODES:
+        raise SystemExit(f"--profile takes one of {list(MODES)}, got {mode!r}")
+    call = warm_sampler(llm_like_logits(batch, vocab, False, device), MODES[mode])
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(iters):
+            call()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) * 1000 / iters
+    events = prof.key_averages()
+    kernels = sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU) / 1000 / iters
+    table = events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=15)
+    return [f"sampler {mode}, batch {batch}, vocab {vocab}, {device}", table,
+            f"per call: {wall:.3f} ms wall (under the profiler), {kernels:.3f} ms of device kernels"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vocab", type=int, default=151_936)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--profile", metavar="MODE", default=None, help=f"profile one mode instead: {list(MODES)}")
     args = p.parse_args()
-    print("\n".join(table(args.vocab, args.batches, args.iters, args.device)))
+    if args.profile is None:
+        print("\n".join(table(args.vocab, args.batches, args.iters, args.device)))
+        return
+    for batch in args.batches:
+        print("\n".join(profile_mode(args.profile, args.vocab, batch, args.iters, args.device)))
 
 
 if __name__ == "__main__":

@@ -4,13 +4,20 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_sampler.py"
 
 
-def test_table_times_every_mode_at_every_batch():
+def load_script():
     spec = importlib.util.spec_from_file_location("bench_sampler", SCRIPT)
     bench_sampler = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_sampler)
+    return bench_sampler
+
+
+def test_table_times_every_mode_at_every_batch():
+    bench_sampler = load_script()
     lines = bench_sampler.table(vocab=300, batches=[1, 3], iters=1, device="cpu")
     header, rows = lines[1], lines[3:]
     assert header.count("|") - 1 == 1 + 2 * len(bench_sampler.MODES) + 1  # batch, modes alone and +lp5, top-p flat
@@ -18,3 +25,13 @@ def test_table_times_every_mode_at_every_batch():
     for row in rows:
         cells = [float(c) for c in row.strip("| ").split("|")[1:]]
         assert len(cells) == 2 * len(bench_sampler.MODES) + 1 and all(c > 0 for c in cells)
+
+
+def test_profile_shows_where_one_modes_time_goes():
+    """On CPU the sampler's torch path sorts the rows for top-k: the profile must show the sort."""
+    bench_sampler = load_script()
+    title, table, summary = bench_sampler.profile_mode("top-k 50", vocab=300, batch=2, iters=2, device="cpu")
+    assert title.startswith("sampler top-k 50, batch 2") and "aten::sort" in table
+    assert summary.startswith("per call: ") and float(summary.split()[2]) > 0
+    with pytest.raises(SystemExit, match="top-k 50"):
+        bench_sampler.profile_mode("top-k", vocab=300, batch=2, iters=1, device="cpu")
