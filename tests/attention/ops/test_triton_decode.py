@@ -6,11 +6,11 @@ padded batch replayed in a CUDA graph.
 """
 from __future__ import annotations
 
-import os
 import random
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,27 +185,7 @@ def test_arrival_counters_grow_into_new_zeroed_buffers_and_keep_the_old():
     assert any(held is first for held in triton_decode._COUNTERS[device])
 
 
-SM90_PTX = """
-import inspect
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from nanovllm.attention.ops import triton_decode as m
-
-names = list(inspect.signature(m._decode_kernel.fn).parameters)
-pointers = dict(out_ptr="*bf16", q_ptr="*bf16", k_cache_ptr="*bf16", v_cache_ptr="*bf16", k_sink_ptr="*fp16",
-                v_sink_ptr="*fp16", counters_ptr="*i32", block_tables_ptr="*i32", context_lens_ptr="*i32",
-                query_start_loc_ptr="*i32")
-consts = dict(GROUP=2, ROWS=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=m.BLOCK_N, FP8=False, SINK=False,
-              V_DIM_MAJOR=False, SINGLE=False, MULTI=False, PRECISION="tf32", SPLIT_P=True, PDL=True,
-              **m._merge_constexprs(2, 1, 128))
-signature = {n: "constexpr" if n in consts else pointers.get(n, "*fp32") if n.endswith("_ptr")
-             else "fp32" if n == "scale_log2" else "i32" for n in names}
-constexprs = {(i,): consts[n] for i, n in enumerate(names) if n in consts}
-kernel = triton.compile(ASTSource(fn=m._decode_kernel, signature=signature, constexprs=constexprs),
-                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
-print(kernel.asm["ptx"])
-"""
+COMPILE_SM90 = Path(__file__).resolve().parents[3] / "scripts" / "compile_sm90.py"
 
 
 def test_sm90_build_publishes_partials_before_arriving():
@@ -214,8 +194,8 @@ def test_sm90_build_publishes_partials_before_arriving():
     it only the merge's loads, all from L2 (.cg). (Here Triton puts a barrier of its own before the
     atomic too, for the shared memory of its result, so this cannot tell that `_last_to_arrive`'s
     barrier is there.)"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", SM90_PTX], capture_output=True, text=True, timeout=300, env=env)
+    run = subprocess.run([sys.executable, str(COMPILE_SM90), "--shape", "2", "1", "128", "16", "--ptx"],
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     ptx = run.stdout
     atoms = [m.start() for m in re.finditer(r"\batom\.", ptx)]
