@@ -28,7 +28,7 @@ class NgramIndex:
     def propose(self, tokens: list[int], k: int) -> list[int]:
         """Up to k tokens: the continuation of the last proposal's match where the tokens since
         then followed it (its last n_min tokens agree, which after a rejection they cannot: the
-        target's token there differs from the proposal's), else `lookup`'s.
+        target's token there differs from the proposal's), else what followed `latest_match`.
 
         A sequence that copies a text, or repeats itself, keeps one alignment with its earlier
         tokens; the latest occurrence of its last n-gram is often elsewhere when that n-gram
@@ -44,18 +44,13 @@ class NgramIndex:
             if aligned < len(tokens) - 1 and tokens[aligned - self.n_min + 1 : aligned + 1] == tokens[-self.n_min:]:
                 e = aligned
         if e is None:
-            e = self._latest_match(tokens)
+            e = self.latest_match(tokens)
         self.match = None if e is None else (e, len(tokens))
         return [] if e is None else tokens[e + 1 : e + 1 + k]
 
-    def lookup(self, tokens: list[int], k: int) -> list[int]:
-        """Up to k tokens that followed the latest earlier occurrence of the last n tokens, the
-        longest n first (vLLM's prompt lookup, preferring the most recent match)."""
-        e = self._latest_match(tokens)
-        return [] if e is None else tokens[e + 1 : e + 1 + k]
-
-    def _latest_match(self, tokens: list[int]) -> int | None:
-        """Where the latest earlier occurrence of the last n tokens ends, the longest n first."""
+    def latest_match(self, tokens: list[int]) -> int | None:
+        """Where the latest earlier occurrence of the last n tokens ends, the longest n first (vLLM's
+        prompt lookup, preferring the most recent match)."""
         end = len(tokens) - 1
         assert end >= self.indexed, "tokens only grow between lookups"
         for n in range(self.n_min, self.n_max + 1):  # the n-grams ending at indexed..end-1, in C loops
