@@ -19,6 +19,11 @@ a fraction of the bandwidth. `bench.py --num-seqs n` (128-token prompts, 1,024 t
 ms per decode step, cuBLAS against this GEMV (`MAX_ROWS` 8) in one call (S): batch 4 1.58 -> 1.42 and
 1.58 -> 1.46, batch 1 0.92 -> 0.91 (the LM head's GEMV too), but batch 8 1.62 -> 2.04, so `MAX_ROWS`
 is 4. With 4, in call U: batch 2 1.61 -> 1.30, batch 4 1.58 -> 1.44, batch 8 1.63 -> 1.62 (cuBLAS).
+Batch decode pads 5-8 sequences to 8 rows (`cuda_graph.graph_batch_sizes`), so a layer sees 5 rows
+in a verify step (k = 4 at batch 1): with the GEMV at 5 rows everywhere (the LM head too) such a step
+went 1.64 -> 1.45 ms (call AI), while batch-5 decode, whose 5 rows reach only the LM head (eager,
+after the graph), went 1.57 -> 1.71 ms (call AH). Hence `LOGITS_MAX_ROWS`: with the LM head kept at 4 rows,
+batch 5 is unchanged (1.50 ms per step against 1.50-1.55, twice each) and a verify step takes 2.01 -> 1.72 ms (calls AL, AM).
 
 With PDL (`nanovllm/utils/pdl.py`, sm90+) a program reads its whole W tile before it waits for x,
 while the kernel before it still runs. Tiles of 8,192 weights (a row of up to 4,096, so 2-8 output
@@ -35,7 +40,9 @@ import triton.language as tl
 from nanovllm.utils.pdl import pdl_launch_dependents, pdl_wait, use_pdl
 
 TILE = 8192  # weight elements a program reads per iteration with PDL (16 KB of bf16)
-MAX_ROWS = 4  # rows a GEMV takes; more go to cuBLAS (8 rows measured slower)
+MAX_ROWS = 5  # rows a layer's GEMV takes (a verify step of k + 1 = 5 tokens at batch 1); more go to cuBLAS
+# rows the LM head's GEMV takes: over a 151,936-word vocabulary 5 rows made batch-5 decode slower (call AH)
+LOGITS_MAX_ROWS = 4
 
 
 @triton.jit

@@ -61,12 +61,12 @@ def test_linear_takes_gemv_up_to_max_rows(dtype, n, k):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_lm_head_logits_take_gemv_up_to_max_rows():
+def test_lm_head_logits_take_gemv_up_to_their_max_rows():
     from nanovllm.layers.embed_head import float32_logits
 
     torch.manual_seed(0)
     weight = (torch.randn(49152, 576, device="cuda") / 24).bfloat16()
-    for rows in (1, gemv_kernel.MAX_ROWS, gemv_kernel.MAX_ROWS + 1):
+    for rows in (1, gemv_kernel.LOGITS_MAX_ROWS, gemv_kernel.LOGITS_MAX_ROWS + 1):
         hidden = torch.randn(rows, 576, device="cuda").bfloat16()
         logits = float32_logits(hidden, weight)
         assert logits.dtype == torch.float32
