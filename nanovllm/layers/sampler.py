@@ -431,10 +431,8 @@ def sample_vocab_shard(logits: Tensor, inv_t: Tensor, greedy: Tensor, keys: Tens
     if x.is_cuda and x.shape[0] >= TRITON_MIN_ROWS:
         from nanovllm.layers import sampling_kernels as kernels
 
-        no_tau = torch.full_like(inv_t, float("-inf"))
-        tokens, scores, _, _ = kernels.row_pass(x, x, inv_t, greedy, keys, no_tau, sample=True, stats=False,
-                                                raw_stats=False, offset=start)
-        return scores, tokens
+        p = kernels.row_pass(x, x, inv_t, greedy, keys, None, kernels.DRAW_ALL, raw_stats=False, offset=start)
+        return p.score, p.token
     z = x.float() * inv_t.unsqueeze(1)
     scores = torch.where(greedy.unsqueeze(1), z, z + gumbel_noise(keys, torch.arange(start, start + x.shape[1],
                                                                                     device=x.device)))
@@ -523,62 +521,60 @@ def thresholds_from_sorted(z: Tensor | None, m: Tensor, total: Tensor, t: Sampli
 def _forward_triton(raw: Tensor, x: Tensor, keys: Tensor, t: SamplingTensors) -> SamplerOutput:
     from nanovllm.layers import sampling_kernels as kernels
 
-    batch = x.shape[0]
     inv_t = t.inv_temperatures
     # Without penalties, x is raw and its top-K comes from the same candidate buffer.
     top_from_buffer = t.max_num_logprobs > 0 and x is raw
-    no_tau = torch.full((batch,), float("-inf"), dtype=torch.float32, device=x.device)
     if not t.do_filter and not top_from_buffer:
-        tokens, _, stats, _ = kernels.row_pass(x, raw, inv_t, t.greedy, keys, no_tau, sample=True, stats=False,
-                                               raw_stats=t.want_logprobs)
-        return _logprobs(raw, tokens, t, stats[:, 3])
-    _, _, stats, lanes = kernels.row_pass(x, raw, inv_t, t.greedy, keys, no_tau, sample=False, stats=True,
-                                          raw_stats=t.want_logprobs)
-    m, total = stats[:, 0], stats[:, 1]
+        p = kernels.row_pass(x, raw, inv_t, t.greedy, keys, None, kernels.DRAW_ALL, raw_stats=t.want_logprobs)
+        return _logprobs(raw, p.token, t, p.stats[:, 3])
+    filters = kernels.Filters(t.top_ks, t.top_ps, t.min_ps, t.max_num_logprobs if top_from_buffer else 0, t.do_top_k,
+                              t.do_top_p, t.do_min_p)
+    p = kernels.row_pass(x, raw, inv_t, t.greedy, keys, None, kernels.DRAW_UNFILTERED, raw_stats=t.want_logprobs,
+                         filters=filters)
+    values, ids, counts = kernels.gather_candidates(x, inv_t, p.pivot, CANDIDATES)
+    tokens, ok = p.token, p.ok
+    tau = kernels.select_and_draw(values, ids, counts, inv_t, t.greedy, keys, p.stats, t.top_ks, t.top_ps, t.min_ps,
+                                  t.vocab_size, ok, tokens, t.do_top_k, t.do_top_p, t.do_min_p)
     top = None
-    if t.do_top_k or t.do_top_p or top_from_buffer:
-        ok, values, ids = kernels.gather_candidates(x, inv_t, lanes, m, total, t.top_ks, t.top_ps,
-                                                    t.max_num_logprobs if top_from_buffer else 0, t.do_top_k,
-                                                    t.do_top_p, CANDIDATES)
-        tau, covered = kernels.select_thresholds(values, inv_t, m, total, t.top_ks, t.top_ps, t.min_ps, t.vocab_size,
-                                                 t.do_top_k, t.do_top_p, t.do_min_p)
-        ok &= covered
-        if top_from_buffer:
-            top_values, order = values.topk(min(t.max_num_logprobs, CANDIDATES), dim=1)
-            top = (top_values, ids.gather(1, order))
-        if not bool(ok.all()):  # a nucleus or top-k wider than the buffer (a flat distribution)
-            return _forward_wide_rows(raw, x, keys, t, ~ok, m, total, stats, tau, top, top_from_buffer)
-    else:
-        tau, _ = thresholds_from_sorted(None, m, total, t)
-    tokens, _, _, _ = kernels.row_pass(x, raw, inv_t, t.greedy, keys, tau, sample=True, stats=False, raw_stats=False)
-    return _logprobs(raw, tokens, t, stats[:, 3] if t.want_logprobs else None, top)
+    if top_from_buffer:
+        top_values, order = values.topk(min(t.max_num_logprobs, values.shape[1]), dim=1)
+        top = (top_values, ids.gather(1, order))
+    log_z = p.stats[:, 3] if t.want_logprobs else None
+    out = _logprobs(raw, tokens, t, log_z, top)
+    # The one host sync, last: it waits for work already queued. Rows fail when a set is wider than the
+    # buffer (a flat distribution), or when their lane maxima missed the nucleus' mass; rare otherwise.
+    if bool(ok.all()):
+        return out
+    tokens, top = _redraw_wide_rows(raw, x, keys, t, ok == 0, p.stats, tau, tokens, top, top_from_buffer)
+    return _logprobs(raw, tokens, t, log_z, top)
 
 
-def _forward_wide_rows(raw: Tensor, x: Tensor, keys: Tensor, t: SamplingTensors, wide: Tensor, m: Tensor,
-                       total: Tensor, stats: Tensor, tau: Tensor, top: tuple[Tensor, Tensor] | None,
-                       top_from_buffer: bool) -> SamplerOutput:
-    """`_forward_triton` where some rows' sets did not fit the candidate buffer. Rows with top-p and
-    no top-k are drawn by `kernels.nucleus_sample`, unless top logprobs come from the buffer; the
-    others are sorted in full."""
+def _redraw_wide_rows(raw: Tensor, x: Tensor, keys: Tensor, t: SamplingTensors, wide: Tensor, stats: Tensor,
+                      tau: Tensor, tokens: Tensor, top: tuple[Tensor, Tensor] | None,
+                      top_from_buffer: bool) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """`_forward_triton`'s tokens (and top-K) for the rows whose candidates did not hold their sets. Rows
+    with top-p and no top-k are drawn by `kernels.nucleus_sample`, unless top logprobs come from the
+    buffer; rows with only min-p already have their exact threshold; the others are sorted in full."""
     from nanovllm.layers import sampling_kernels as kernels
 
-    nucleus = wide & (t.top_ps < 1.0) & (not top_from_buffer)
-    if t.do_top_k:
-        nucleus &= t.top_ks >= t.vocab_size
-    if bool((wide & ~nucleus).any()):
-        tau, top = _full_sort_rows(x, m, total, t, wide & ~nucleus, tau, top)
+    m, total = stats[:, 0], stats[:, 1]
+    top_k_on, top_p_on = t.top_ks < t.vocab_size, t.top_ps < 1.0
+    nucleus = wide & top_p_on & ~top_k_on & (not top_from_buffer)
+    sort = wide & ~nucleus & (top_k_on | top_p_on | top_from_buffer)
+    if bool(sort.any()):
+        tau, top = _full_sort_rows(x, m, total, t, sort, tau, top)
     rows = nucleus.nonzero().squeeze(1)
     if len(rows):  # first draws over the min-p set, a superset of the nucleus
         floor = torch.full_like(m, float("-inf"))
         if t.do_min_p:
             floor = torch.where(t.min_ps > 0, m + torch.log(t.min_ps), floor)
         tau = torch.where(nucleus, floor, tau)
-    tokens, _, _, _ = kernels.row_pass(x, raw, t.inv_temperatures, t.greedy, keys, tau, sample=True, stats=False,
-                                       raw_stats=False)
+    redrawn = kernels.row_pass(x, raw, t.inv_temperatures, t.greedy, keys, tau, kernels.DRAW_ALL, raw_stats=False).token
+    tokens = torch.where(wide, redrawn, tokens)
     if len(rows):
         tokens = tokens.index_copy(0, rows, kernels.nucleus_sample(x, t.inv_temperatures, keys, m, total, t.top_ps,
-                                                                   rows, tokens[rows]))
-    return _logprobs(raw, tokens, t, stats[:, 3] if t.want_logprobs else None, top)
+                                                                   rows, redrawn[rows]))
+    return tokens, top
 
 
 def _full_sort_rows(x: Tensor, m: Tensor, total: Tensor, t: SamplingTensors, bad: Tensor, tau: Tensor,

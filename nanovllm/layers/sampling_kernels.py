@@ -1,19 +1,39 @@
-"""Triton kernels of the sampler: one program per row, each streaming its row of logits once.
+"""Triton kernels of the sampler. Each row of logits is cut into `CHUNKS` chunks, one program each,
+so that a batch of a few hundred rows still spreads over every SM (one program per row streamed at
+about 1.1 TB/s on the H200, a quarter of its bandwidth); a small per-row kernel then merges the chunks.
 
-`row_pass` reads a row once and yields its statistics (max and sum of exp of the scaled
-logits, the raw logsumexp), its per-lane maxima (a cheap upper sample that bounds top-k and
-top-p thresholds from below), and a token: the argmax of scaled logit + Gumbel noise over the
-entries >= the row's threshold (plain argmax on greedy rows). `gather_candidates` bounds each row's
-top-k / top-p set from below with its lane maxima and copies the entries at or above that pivot into
-a small buffer, where `select_thresholds` then finds the exact thresholds, without sorting.
+`row_pass` reads the logits once. It yields each row's statistics (max and sum of exp of the scaled
+logits, the raw logsumexp), a token (the argmax of scaled logit + Gumbel noise over the entries >= the
+row's threshold, plain argmax on greedy rows) for the rows it is asked to draw, and, when filtering,
+each row's pivot: a lower bound of the row's top-k / top-p / min-p threshold (and of its top
+`num_logprobs` logits), taken from the chunks' lane maxima (the largest two of each group of lanes,
+a sub-multiset of the row). `gather_candidates` copies the entries at or above the pivot into a small
+buffer (a fixed region per chunk, so the order, and every sum over it, is deterministic), and
+`select_and_draw` finds the exact threshold there without sorting and draws the filtered rows from the
+candidates: every entry the filters keep is one of them, so no third read of the logits is needed.
 """
 from __future__ import annotations
+
+import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-LANES = 1024  # lanes per row in row_pass: also the length of each row's lane-maxima vector
+CHUNKS = 8  # programs per row
+BLOCK = 1024  # logits per program per loop step
+LANES = CHUNKS * BLOCK  # lane maxima per row: each chunk keeps the top two of BLOCK // 2 lane pairs
+PIVOT_ITERS = 18  # bisection steps for a pivot: a lower bound within 2**14 order keys (~0.2 %) is enough
+# Which rows `row_pass` draws a token for: none, all, or those with no top-k / top-p / min-p filter.
+DRAW_NONE, DRAW_ALL, DRAW_UNFILTERED = 0, 1, 2  # (the kernels compare DRAW with these numbers)
+CHUNK_WARPS = 4
+GATHER_BLOCK, GATHER_WARPS = 1024, 4  # (4096 with 8 warps: 72 -> 209 us at 256 rows, call AP)
+# The noise's two logs use the GPU's approximate log2 (lg2.approx, ~2**-22 relative error): tl.log is a
+# libdevice polynomial, and with it the noise, not the read, bounded the draw (125 us at 256 rows on
+# the H200, 1.2 TB/s). The interpreter has no fast_logf, and runs tl.log.
+FAST_LOG = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
 @triton.jit
@@ -30,178 +50,325 @@ def _gumbel(index, key, key2):
     """Gumbel noise of token `index` (int32) under the row's 32-bit keys; see sampler.noise_bits."""
     bits = _fmix32(_fmix32(index.to(tl.uint32) + key) ^ key2)
     uniform = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # 23 bits: < 1 exactly
+    if FAST_LOG:
+        return -libdevice.fast_logf(-libdevice.fast_logf(uniform))
     return -tl.log(-tl.log(uniform))
 
 
 @triton.jit
 def _lowest_argmax(best, best_idx):
-    """(the largest of the lanes' best scores, the lowest index holding it): ties go to the lowest
-    token, as one argmax over the whole row gives them."""
+    """(the largest of the best scores, the lowest index holding it): ties go to the lowest token, as
+    one argmax over the whole row gives them."""
     top = tl.max(best, 0)
     return top, tl.min(tl.where(best == top, best_idx, 2147483647), 0)
 
 
 @triton.jit
-def _row_pass_kernel(
-    x_ptr, x_stride, raw_ptr, raw_stride, V: tl.constexpr,
-    inv_t_ptr, greedy_ptr, key_ptr, tau_ptr,
-    token_ptr, score_ptr, stats_ptr, lanes_ptr, offset,
-    SAMPLE: tl.constexpr, STATS: tl.constexpr, RAW_STATS: tl.constexpr, RAW_IS_X: tl.constexpr,
-    BLOCK: tl.constexpr,
+def _lane_online(m, s, z):
+    """Each lane's running (max, sum of exp(. - max)) after one more value z, with one exp: the sum is
+    rescaled by exp(m - z) when z is the new max, else grows by exp(z - m). No reduction across lanes
+    in the loop, so the loads stream."""
+    e = tl.where(z == float("-inf"), 0.0, tl.exp(-tl.abs(z - m)))
+    return tl.maximum(m, z), tl.where(z > m, s * e + 1.0, s + e)
+
+
+@triton.jit
+def _merge(ms, ss):
+    """(max, sum of exp(. - max)) of several (max, sum) pairs: lanes' or chunks'."""
+    m = tl.max(ms, 0)
+    safe = tl.where(m == float("-inf"), 0.0, m)
+    return m, tl.sum(ss * tl.exp(ms - safe), 0)
+
+
+@triton.jit
+def _chunk_step(z, r, idx, first, second, s, rm, rs, best, best_idx, draw, greedy, key, key2, tau,
+                FILTER: tl.constexpr, RAW_STATS: tl.constexpr):
+    """One tile of `_chunk_kernel`: the lanes' top two and online sums of the scaled logits z, the raw
+    logits' online sums, and the running Gumbel-max draw."""
+    if FILTER:
+        second = tl.maximum(second, tl.minimum(first, z))
+        first, s = _lane_online(first, s, z)
+    if RAW_STATS:
+        rm, rs = _lane_online(rm, rs, r)
+    if draw:
+        if greedy:
+            score = z
+        else:
+            score = tl.where(z >= tau, z + _gumbel(idx, key, key2), float("-inf"))
+        better = score > best
+        best = tl.where(better, score, best)
+        best_idx = tl.where(better, idx, best_idx)
+    return first, second, s, rm, rs, best, best_idx
+
+
+@triton.jit
+def _chunk_kernel(
+    x_ptr, x_stride, raw_ptr, raw_stride, V, chunk_len, inv_t_ptr, greedy_ptr, key_ptr, tau_ptr,
+    top_k_ptr, top_p_ptr, min_p_ptr, part_ptr, best_ptr, best_idx_ptr, lanes_ptr,
+    DRAW: tl.constexpr, HAS_TAU: tl.constexpr, FILTER: tl.constexpr, RAW_STATS: tl.constexpr,
+    RAW_IS_X: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """One chunk of one row: partial statistics, lane maxima and the chunk's best draw."""
     row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    part = row.to(tl.int64) * tl.num_programs(1) + chunk
     row64 = row.to(tl.int64)
     inv_t = tl.load(inv_t_ptr + row)
-    greedy = tl.load(greedy_ptr + row) != 0
-    key = tl.load(key_ptr + 2 * row).to(tl.uint32)
-    key2 = tl.load(key_ptr + 2 * row + 1).to(tl.uint32)
-    tau = tl.load(tau_ptr + row)
     lane = tl.arange(0, BLOCK)
     neg_inf = float("-inf")
+    draw = False
+    greedy = False
+    key = tl.zeros((), tl.uint32)
+    key2 = tl.zeros((), tl.uint32)
+    tau = neg_inf
+    if DRAW != 0:  # DRAW_NONE
+        if DRAW == 1:  # DRAW_ALL
+            draw = True
+        else:  # DRAW_UNFILTERED
+            draw = ((tl.load(top_k_ptr + row) >= V) & (tl.load(top_p_ptr + row) >= 1.0)
+                    & (tl.load(min_p_ptr + row) <= 0.0))
+        greedy = tl.load(greedy_ptr + row) != 0
+        key = tl.load(key_ptr + 2 * row).to(tl.uint32)
+        key2 = tl.load(key_ptr + 2 * row + 1).to(tl.uint32)
+        if HAS_TAU:
+            tau = tl.load(tau_ptr + row)
     best = tl.full([BLOCK], neg_inf, tl.float32)
     best_idx = tl.zeros([BLOCK], tl.int32)
-    lane_max = tl.full([BLOCK], neg_inf, tl.float32)
-    m = neg_inf
-    s = 0.0
-    rm = neg_inf
-    rs = 0.0
-    for start in range(0, V, BLOCK):
-        idx = start + lane
-        valid = idx < V
-        x = tl.load(x_ptr + row64 * x_stride + idx, mask=valid, other=neg_inf).to(tl.float32)
-        z = x * inv_t
-        if STATS:
-            lane_max = tl.maximum(lane_max, z)
-            new_m = tl.maximum(m, tl.max(z, 0))
-            safe = tl.where(new_m == neg_inf, 0.0, new_m)
-            s = s * tl.exp(m - safe) + tl.sum(tl.exp(z - safe), 0)
-            m = new_m
+    first = tl.full([BLOCK], neg_inf, tl.float32)
+    second = tl.full([BLOCK], neg_inf, tl.float32)
+    s = tl.zeros([BLOCK], tl.float32)
+    rm = tl.full([BLOCK], neg_inf, tl.float32)
+    rs = tl.zeros([BLOCK], tl.float32)
+    lo = chunk * chunk_len
+    hi = tl.minimum(lo + chunk_len, V)
+    for start in range(lo, hi, 2 * BLOCK):  # two tiles a step: twice the loads in flight
+        idx0 = start + lane
+        idx1 = idx0 + BLOCK
+        x0 = tl.load(x_ptr + row64 * x_stride + idx0, mask=idx0 < hi, other=neg_inf).to(tl.float32)
+        x1 = tl.load(x_ptr + row64 * x_stride + idx1, mask=idx1 < hi, other=neg_inf).to(tl.float32)
+        r0 = x0
+        r1 = x1
         if RAW_STATS:
-            if RAW_IS_X:
-                r = x
-            else:
-                r = tl.load(raw_ptr + row64 * raw_stride + idx, mask=valid, other=neg_inf).to(tl.float32)
-            new_rm = tl.maximum(rm, tl.max(r, 0))
-            safe_r = tl.where(new_rm == neg_inf, 0.0, new_rm)
-            rs = rs * tl.exp(rm - safe_r) + tl.sum(tl.exp(r - safe_r), 0)
-            rm = new_rm
-        if SAMPLE:
-            if greedy:
-                score = z
-            else:
-                score = tl.where(z >= tau, z + _gumbel(idx + offset, key, key2), neg_inf)
-            better = score > best
-            best = tl.where(better, score, best)
-            best_idx = tl.where(better, idx, best_idx)
-    if SAMPLE:
+            if not RAW_IS_X:
+                r0 = tl.load(raw_ptr + row64 * raw_stride + idx0, mask=idx0 < hi, other=neg_inf).to(tl.float32)
+                r1 = tl.load(raw_ptr + row64 * raw_stride + idx1, mask=idx1 < hi, other=neg_inf).to(tl.float32)
+        first, second, s, rm, rs, best, best_idx = _chunk_step(
+            x0 * inv_t, r0, idx0, first, second, s, rm, rs, best, best_idx, draw, greedy, key, key2, tau,
+            FILTER, RAW_STATS)
+        first, second, s, rm, rs, best, best_idx = _chunk_step(
+            x1 * inv_t, r1, idx1, first, second, s, rm, rs, best, best_idx, draw, greedy, key, key2, tau,
+            FILTER, RAW_STATS)
+    if DRAW != 0:
         top, token = _lowest_argmax(best, best_idx)
+        tl.store(best_ptr + part, top)
+        tl.store(best_idx_ptr + part, token)
+    if FILTER:
+        m, total = _merge(first, s)
+        tl.store(part_ptr + 4 * part, m)
+        tl.store(part_ptr + 4 * part + 1, total)
+    if RAW_STATS:
+        m, total = _merge(rm, rs)
+        tl.store(part_ptr + 4 * part + 2, m)
+        tl.store(part_ptr + 4 * part + 3, total)
+    if FILTER:  # the top two of each pair of lanes
+        a1, b1 = tl.split(tl.reshape(first, [BLOCK // 2, 2]))
+        a2, b2 = tl.split(tl.reshape(second, [BLOCK // 2, 2]))
+        half = tl.arange(0, BLOCK // 2)
+        tl.store(lanes_ptr + part * BLOCK + half, tl.maximum(a1, b1))
+        tl.store(lanes_ptr + part * BLOCK + BLOCK // 2 + half, tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2)))
+
+
+@triton.jit
+def _merge_kernel(
+    part_ptr, best_ptr, best_idx_ptr, lanes_ptr, token_ptr, score_ptr, stats_ptr, pivot_ptr, ok_ptr,
+    top_k_ptr, top_p_ptr, min_p_ptr, num_logprobs, V, offset,
+    CHUNKS: tl.constexpr, NUM_LANES: tl.constexpr, SAMPLE: tl.constexpr, FILTER: tl.constexpr,
+    RAW_STATS: tl.constexpr, DO_TOP_K: tl.constexpr, DO_TOP_P: tl.constexpr, DO_MIN_P: tl.constexpr,
+    PIVOT_ITERS: tl.constexpr,
+):
+    """One row: merges its chunks' partials; when filtering, also its pivot (`_lane_pivot`)."""
+    row = tl.program_id(0)
+    row64 = row.to(tl.int64)
+    part = row64 * CHUNKS + tl.arange(0, CHUNKS)
+    if SAMPLE:
+        top, token = _lowest_argmax(tl.load(best_ptr + part), tl.load(best_idx_ptr + part))
         tl.store(token_ptr + row, token.to(tl.int64) + offset)
         tl.store(score_ptr + row, top)
-    if STATS:
+    if FILTER:
+        m, total = _merge(tl.load(part_ptr + 4 * part), tl.load(part_ptr + 4 * part + 1))
         tl.store(stats_ptr + 4 * row, m)
-        tl.store(stats_ptr + 4 * row + 1, s)
-        tl.store(lanes_ptr + row64 * BLOCK + lane, lane_max)
+        tl.store(stats_ptr + 4 * row + 1, total)
+        lanes = tl.load(lanes_ptr + row64 * NUM_LANES + tl.arange(0, NUM_LANES))
+        pivot, ok = _lane_pivot(lanes, m, total, tl.load(top_k_ptr + row), tl.load(top_p_ptr + row),
+                                tl.load(min_p_ptr + row), num_logprobs, V, DO_TOP_K, DO_TOP_P, DO_MIN_P, NUM_LANES,
+                                PIVOT_ITERS)
+        tl.store(pivot_ptr + row, pivot)
+        tl.store(ok_ptr + row, ok.to(tl.int8))
     if RAW_STATS:
+        rm, rs = _merge(tl.load(part_ptr + 4 * part + 2), tl.load(part_ptr + 4 * part + 3))
         tl.store(stats_ptr + 4 * row + 2, rm)
         tl.store(stats_ptr + 4 * row + 3, rm + tl.log(rs))
 
 
+class Filters(NamedTuple):
+    """The per-row filter parameters `row_pass` bounds with pivots ([B] tensors, as in SamplingTensors),
+    the top logprobs to gather too, and which filters any row uses."""
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    num_logprobs: int
+    do_top_k: bool
+    do_top_p: bool
+    do_min_p: bool
+
+
+class RowPass(NamedTuple):
+    token: torch.Tensor  # [B] int64: the draw of the rows asked to draw (others undefined)
+    score: torch.Tensor  # [B] float32: its scaled logit plus noise
+    stats: torch.Tensor  # [B, 4] float32: max and sum of exp(. - max) of x * inv_t, raw max, raw logsumexp
+    pivot: torch.Tensor | None  # [B] float32 (filtering): gather the scaled logits >= pivot; +inf: none
+    ok: torch.Tensor | None  # [B] int8 (filtering): 1 where the lane maxima could bound the row's sets
+
+
+def _chunk_len(vocab: int) -> int:
+    return triton.cdiv(triton.cdiv(vocab, CHUNKS), BLOCK) * BLOCK
+
+
 def row_pass(
     x: torch.Tensor, raw: torch.Tensor, inv_t: torch.Tensor, greedy: torch.Tensor, keys: torch.Tensor,
-    tau: torch.Tensor, sample: bool, stats: bool, raw_stats: bool, offset: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One read of each row. Returns (token [B] int64, its score [B] float32 (scaled logit plus
-    noise), stats [B, 4] float32 = max and sum-of-exp of x * inv_t, raw max, raw logsumexp; lane
-    maxima [B, LANES] float32). Column j of x is token `offset + j` (a tensor-parallel shard)."""
+    tau: torch.Tensor | None, draw: int, raw_stats: bool, offset: int = 0, filters: Filters | None = None,
+) -> RowPass:
+    """One read of each row. `draw` (DRAW_NONE / DRAW_ALL / DRAW_UNFILTERED) picks the rows that get a
+    token, drawn over the entries >= `tau` [B] (None: all); column j of x is token `offset + j` (a
+    tensor-parallel shard). `filters` asks for the statistics and the pivots that the filters need
+    (DRAW_UNFILTERED reads its parameters too)."""
     batch, vocab = x.shape
-    token = torch.empty(batch, dtype=torch.int64, device=x.device)
-    score = torch.empty(batch, dtype=torch.float32, device=x.device)
-    out_stats = torch.empty(batch, 4, dtype=torch.float32, device=x.device)
-    lanes = torch.empty(batch if stats else 1, LANES, dtype=torch.float32, device=x.device)
-    _row_pass_kernel[(batch,)](
-        x, x.stride(0), raw, raw.stride(0), vocab, inv_t, greedy, keys, tau, token, score, out_stats, lanes, offset,
-        SAMPLE=sample, STATS=stats, RAW_STATS=raw_stats, RAW_IS_X=raw is x, BLOCK=LANES, num_warps=8,
+    dev = x.device
+    parts = torch.empty(batch, CHUNKS, 4, dtype=torch.float32, device=dev)
+    best = torch.empty(batch, CHUNKS, dtype=torch.float32, device=dev)
+    best_idx = torch.empty(batch, CHUNKS, dtype=torch.int32, device=dev)
+    lanes = torch.empty(batch if filters else 1, LANES, dtype=torch.float32, device=dev)
+    f = filters or Filters(inv_t, inv_t, inv_t, 0, False, False, False)
+    _chunk_kernel[(batch, CHUNKS)](
+        x, x.stride(0), raw, raw.stride(0), vocab, _chunk_len(vocab), inv_t, greedy, keys,
+        inv_t if tau is None else tau, f.top_k, f.top_p, f.min_p, parts, best, best_idx, lanes,
+        DRAW=draw, HAS_TAU=tau is not None, FILTER=filters is not None, RAW_STATS=raw_stats, RAW_IS_X=raw is x,
+        BLOCK=BLOCK, num_warps=CHUNK_WARPS,
     )
-    return token, score, out_stats, lanes
+    token = torch.empty(batch, dtype=torch.int64, device=dev)
+    score = torch.empty(batch, dtype=torch.float32, device=dev)
+    stats = torch.empty(batch, 4, dtype=torch.float32, device=dev)
+    pivot = torch.empty(batch, dtype=torch.float32, device=dev) if filters else None
+    ok = torch.empty(batch, dtype=torch.int8, device=dev) if filters else None
+    _merge_kernel[(batch,)](
+        parts, best, best_idx, lanes, token, score, stats, pivot, ok, f.top_k, f.top_p, f.min_p, f.num_logprobs,
+        vocab, offset,
+        CHUNKS=CHUNKS, NUM_LANES=LANES, SAMPLE=draw != DRAW_NONE, FILTER=filters is not None, RAW_STATS=raw_stats,
+        DO_TOP_K=f.do_top_k, DO_TOP_P=f.do_top_p, DO_MIN_P=f.do_min_p, PIVOT_ITERS=PIVOT_ITERS, num_warps=8,
+    )
+    return RowPass(token, score, stats, pivot, ok)
 
 
 @triton.jit
-def _lane_pivot(lanes, m, total, top_k, top_p, num_logprobs, V, DO_TOP_K: tl.constexpr, DO_TOP_P: tl.constexpr,
-                NUM_LANES: tl.constexpr):
-    """A row's pivot from its lane maxima (a subset of the row, so their k-th largest is <= the row's
-    and their prefix mass <= the row's): the entries >= pivot hold the top-k set (top-k on), else the
-    nucleus (top-p on), and the top `num_logprobs`; +inf where nothing is needed. Returns (pivot,
-    ok): ok is 0 where the lanes could not bound it (fewer lanes than k, or less mass than top_p)."""
+def _lane_pivot(lanes, m, total, top_k, top_p, min_p, num_logprobs, V, DO_TOP_K: tl.constexpr,
+                DO_TOP_P: tl.constexpr, DO_MIN_P: tl.constexpr, NUM_LANES: tl.constexpr, ITERS: tl.constexpr):
+    """A row's pivot from its lane maxima (a sub-multiset of the row, so their k-th largest is <= the
+    row's and their mass above a value <= the row's): the entries >= pivot hold every entry the row's
+    filters keep (top-k, else top-p, then min-p) and its top `num_logprobs`; +inf where nothing is
+    needed. Returns (pivot, ok): ok is 0 where the lanes could not bound it (fewer lanes than k, or
+    less mass than top_p). The bisections stop after ITERS steps: any lower bound is sound."""
     keys = _order_key(lanes).to(tl.int64)
-    pivot_key = _order_key(tl.full((), float("inf"), tl.float32)).to(tl.int64)
+    draw_key = _order_key(tl.full((), float("inf"), tl.float32)).to(tl.int64)
     ok = tl.full((), 1, tl.int32)
+    filtered = tl.full((), 0, tl.int32)
+    if DO_TOP_K:
+        if top_k < V:
+            ok = (top_k <= NUM_LANES).to(tl.int32)
+            draw_key = _kth_largest_key(keys, tl.minimum(top_k, NUM_LANES), ITERS)
+            filtered = 1
     if DO_TOP_P:
-        if top_p < 1.0:
+        if (top_p < 1.0) & (filtered == 0):
             w = tl.exp(lanes - m)
             target = top_p.to(tl.float32) * total
             ok = (tl.sum(w, 0) >= target).to(tl.int32)
             lo = tl.min(keys, 0)
             hi = tl.max(keys, 0)
-            for _ in range(33):  # the largest lane value whose lanes at or above it hold the target mass
+            for _ in range(ITERS):  # the largest lane value whose lanes at or above it hold the target mass
                 if lo < hi:
                     mid = lo + (hi - lo + 1) // 2
                     if tl.sum(tl.where(keys >= mid, w, 0.0), 0) >= target:
                         lo = mid
                     else:
                         hi = mid - 1
-            pivot_key = lo
-    if DO_TOP_K:
-        if top_k < V:
-            ok = ok & (top_k <= NUM_LANES).to(tl.int32)
-            pivot_key = _kth_largest_key(keys, tl.minimum(top_k, NUM_LANES))
+            draw_key = lo
+            filtered = 1
+    if DO_MIN_P:
+        if min_p > 0.0:
+            floor = _order_key(m + tl.log(min_p)).to(tl.int64)
+            draw_key = tl.where(filtered != 0, tl.maximum(draw_key, floor), floor)
+    pivot_key = draw_key
     if num_logprobs > 0:
         ok = ok & (num_logprobs <= NUM_LANES).to(tl.int32)
-        pivot_key = tl.minimum(pivot_key, _kth_largest_key(keys, tl.minimum(num_logprobs, NUM_LANES)))
+        pivot_key = tl.minimum(pivot_key, _kth_largest_key(keys, tl.minimum(num_logprobs, NUM_LANES), ITERS))
     return _from_order_key(pivot_key.to(tl.int32)), ok
 
 
 @triton.jit
-def _gather_kernel(x_ptr, x_stride, V: tl.constexpr, inv_t_ptr, lanes_ptr, m_ptr, total_ptr, top_k_ptr, top_p_ptr,
-                   num_logprobs, count_ptr, ok_ptr, val_ptr, idx_ptr, DO_TOP_K: tl.constexpr,
-                   DO_TOP_P: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr):
+def _append(val_ptr, idx_ptr, count, keep, x, idx, CAP: tl.constexpr):
+    """Store the kept entries of a tile at slots count, count + 1, ... (those below CAP); the new count."""
+    keep32 = keep.to(tl.int32)
+    slot = count + tl.cumsum(keep32, 0) - 1
+    in_cap = keep & (slot < CAP)
+    tl.store(val_ptr + slot, x, mask=in_cap)
+    tl.store(idx_ptr + slot, idx, mask=in_cap)
+    return count + tl.sum(keep32, 0)
+
+
+@triton.jit
+def _gather_kernel(x_ptr, x_stride, V, chunk_len, inv_t_ptr, pivot_ptr, count_ptr, val_ptr, idx_ptr,
+                   CAP: tl.constexpr, BLOCK: tl.constexpr):
+    """One chunk of one row: its entries with x * inv_t >= the row's pivot, into the chunk's CAP slots
+    (the count may exceed CAP: the row then did not fit), the rest of the slots padded with -inf."""
     row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    part = row.to(tl.int64) * tl.num_programs(1) + chunk
     row64 = row.to(tl.int64)
     lane = tl.arange(0, BLOCK)
-    pivot, ok = _lane_pivot(tl.load(lanes_ptr + row64 * BLOCK + lane), tl.load(m_ptr + row), tl.load(total_ptr + row),
-                            tl.load(top_k_ptr + row), tl.load(top_p_ptr + row), num_logprobs, V, DO_TOP_K, DO_TOP_P,
-                            BLOCK)
+    pivot = tl.load(pivot_ptr + row)
     count = tl.full((), 0, tl.int32)
     if pivot != float("inf"):
         inv_t = tl.load(inv_t_ptr + row)
-        for start in range(0, V, BLOCK):
-            idx = start + lane
-            valid = idx < V
-            x = tl.load(x_ptr + row64 * x_stride + idx, mask=valid, other=float("-inf")).to(tl.float32)
-            keep = (x * inv_t >= pivot) & valid
-            slot = count + tl.cumsum(keep.to(tl.int32), 0) - 1
-            in_cap = keep & (slot < CAP)
-            tl.store(val_ptr + row64 * CAP + slot, x, mask=in_cap)
-            tl.store(idx_ptr + row64 * CAP + slot, idx, mask=in_cap)
-            count += tl.sum(keep.to(tl.int32), 0)
-    tl.store(count_ptr + row, count)
-    tl.store(ok_ptr + row, (ok != 0) & (count <= CAP))
+        lo = chunk * chunk_len
+        hi = tl.minimum(lo + chunk_len, V)
+        for start in range(lo, hi, 2 * BLOCK):  # two tiles a step, one count across both
+            idx0 = start + lane
+            idx1 = idx0 + BLOCK
+            x0 = tl.load(x_ptr + row64 * x_stride + idx0, mask=idx0 < hi, other=float("-inf")).to(tl.float32)
+            x1 = tl.load(x_ptr + row64 * x_stride + idx1, mask=idx1 < hi, other=float("-inf")).to(tl.float32)
+            keep0 = (x0 * inv_t >= pivot) & (idx0 < hi)
+            keep1 = (x1 * inv_t >= pivot) & (idx1 < hi)
+            if tl.sum(keep0.to(tl.int32) + keep1.to(tl.int32), 0) > 0:  # rare: the scan runs only here
+                count = _append(val_ptr + part * CAP, idx_ptr + part * CAP, count, keep0, x0, idx0, CAP)
+                count = _append(val_ptr + part * CAP, idx_ptr + part * CAP, count, keep1, x1, idx1, CAP)
+    slots = tl.arange(0, CAP)
+    tl.store(val_ptr + part * CAP + slots, float("-inf"), mask=slots >= count)
+    tl.store(idx_ptr + part * CAP + slots, 0, mask=slots >= count)
+    tl.store(count_ptr + part, count)
 
 
-def gather_candidates(x: torch.Tensor, inv_t: torch.Tensor, lanes: torch.Tensor, m: torch.Tensor, total: torch.Tensor,
-                      top_k: torch.Tensor, top_p: torch.Tensor, num_logprobs: int, do_top_k: bool, do_top_p: bool,
+def gather_candidates(x: torch.Tensor, inv_t: torch.Tensor, pivot: torch.Tensor,
                       cap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each row's entries with x * inv_t >= its pivot (`_lane_pivot`, from `row_pass`'s lane maxima and
-    stats): (ok [B] bool: the pivot is sound and the candidates fit, values [B, cap] float32 of x padded
-    with -inf, token ids [B, cap] int32). Rows with nothing to gather keep no candidates."""
+    """Each row's entries with x * inv_t >= its pivot (`row_pass`): (values [B, cap] float32 of x,
+    -inf padded, token ids [B, cap] int32, counts [B, CHUNKS] int32), `cap // CHUNKS` slots per chunk.
+    A row fits when no chunk's count exceeds its slots."""
     batch, vocab = x.shape
-    count = torch.empty(batch, dtype=torch.int32, device=x.device)
-    ok = torch.empty(batch, dtype=torch.bool, device=x.device)
-    values = torch.full((batch, cap), float("-inf"), dtype=torch.float32, device=x.device)
-    ids = torch.zeros(batch, cap, dtype=torch.int32, device=x.device)
-    _gather_kernel[(batch,)](x, x.stride(0), vocab, inv_t, lanes, m.contiguous(), total.contiguous(), top_k, top_p,
-                             num_logprobs, count, ok, values, ids, DO_TOP_K=do_top_k, DO_TOP_P=do_top_p, CAP=cap,
-                             BLOCK=LANES, num_warps=8)
-    return ok, values, ids
+    per_chunk = max(1, cap // CHUNKS)
+    counts = torch.empty(batch, CHUNKS, dtype=torch.int32, device=x.device)
+    values = torch.empty(batch, CHUNKS * per_chunk, dtype=torch.float32, device=x.device)
+    ids = torch.empty(batch, CHUNKS * per_chunk, dtype=torch.int32, device=x.device)
+    _gather_kernel[(batch, CHUNKS)](x, x.stride(0), vocab, _chunk_len(vocab), inv_t, pivot, counts, values, ids,
+                                    CAP=per_chunk, BLOCK=GATHER_BLOCK, num_warps=GATHER_WARPS)
+    return values, ids, counts
 
 
 @triton.jit
@@ -217,11 +384,12 @@ def _from_order_key(key):
 
 
 @triton.jit
-def _kth_largest_key(keys, k):
-    """The k-th largest of `keys` (k >= 1, at most their count): bisection on the int32 order."""
+def _kth_largest_key(keys, k, ITERS: tl.constexpr):
+    """The k-th largest of `keys` (k >= 1, at most their count) by bisection on the int32 order: exact
+    after 33 steps (the keys span at most 2**32 values), a lower bound after fewer."""
     lo = tl.min(keys, 0)  # count(keys >= lo) >= k always holds
     hi = tl.max(keys, 0)
-    for _ in range(33):  # the keys span at most 2**32 values
+    for _ in range(ITERS):
         if lo < hi:
             mid = lo + (hi - lo + 1) // 2
             if tl.sum((keys >= mid).to(tl.int32), 0) >= k:
@@ -232,32 +400,39 @@ def _kth_largest_key(keys, k):
 
 
 @triton.jit
-def _select_kernel(val_ptr, inv_t_ptr, m_ptr, total_ptr, top_k_ptr, top_p_ptr, min_p_ptr, tau_ptr, covered_ptr,
-                   V, CAP: tl.constexpr, DO_TOP_K: tl.constexpr, DO_TOP_P: tl.constexpr, DO_MIN_P: tl.constexpr):
+def _select_kernel(val_ptr, idx_ptr, count_ptr, inv_t_ptr, greedy_ptr, key_ptr, m_ptr, total_ptr, top_k_ptr,
+                   top_p_ptr, min_p_ptr, tau_ptr, ok_ptr, token_ptr, V, CAP: tl.constexpr, CHUNKS: tl.constexpr,
+                   DO_TOP_K: tl.constexpr, DO_TOP_P: tl.constexpr, DO_MIN_P: tl.constexpr):
     """Each row's threshold tau from its candidates (`gather_candidates`): `sampler.thresholds_from_sorted`
     without the sort. Top-k: the k-th largest scaled logit; top-p: the smallest candidate value whose
     strictly larger candidates hold less than top_p of the mass (HF keeps a token while the mass ranked
-    above it is below top_p); min-p: m + log(min_p)."""
+    above it is below top_p); min-p: m + log(min_p). A filtered sampled row then draws its token: the
+    Gumbel-max over the candidates >= tau, which hold every entry >= tau when ok."""
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
-    z = tl.load(val_ptr + row64 * CAP + tl.arange(0, CAP)) * tl.load(inv_t_ptr + row)
+    slots = tl.arange(0, CAP)
+    inv_t = tl.load(inv_t_ptr + row)
+    z = tl.load(val_ptr + row64 * CAP + slots) * inv_t
     keys = _order_key(z).to(tl.int64)
-    m = tl.load(m_ptr + row)
+    m = tl.load(m_ptr + 4 * row)
     tau_key = _order_key(tl.full((), float("-inf"), tl.float32)).to(tl.int64)
-    covered = tl.full((), 1, tl.int32)
-    mass = tl.load(total_ptr + row)
+    covered = tl.max(tl.load(count_ptr + row64 * CHUNKS + tl.arange(0, CHUNKS)), 0) <= CAP // CHUNKS
+    mass = tl.load(total_ptr + 4 * row)
+    filtered = tl.full((), 0, tl.int32)
     if DO_TOP_K:
         top_k = tl.load(top_k_ptr + row)
         if top_k < V:
-            covered = (top_k <= CAP).to(tl.int32)
-            tau_key = _kth_largest_key(keys, tl.minimum(top_k, CAP))
+            filtered = 1
+            covered = covered & (top_k <= CAP)
+            tau_key = _kth_largest_key(keys, tl.minimum(top_k, CAP), 33)
             mass = tl.sum(tl.where(keys >= tau_key, tl.exp(z - m), 0.0), 0)
     if DO_TOP_P:
         top_p = tl.load(top_p_ptr + row)
         if top_p < 1.0:
+            filtered = 1
             w = tl.where(keys >= tau_key, tl.exp(z - m), 0.0)
             target = top_p.to(tl.float32) * mass
-            covered = covered & (tl.sum(w, 0) >= target).to(tl.int32)
+            covered = covered & (tl.sum(w, 0) >= target)
             lo = tau_key
             hi = tl.max(keys, 0)  # nothing is strictly above the largest key: less than any target
             for _ in range(33):
@@ -272,24 +447,32 @@ def _select_kernel(val_ptr, inv_t_ptr, m_ptr, total_ptr, top_k_ptr, top_p_ptr, m
     if DO_MIN_P:
         min_p = tl.load(min_p_ptr + row)
         if min_p > 0.0:
+            filtered = 1
             tau = tl.maximum(tau, m + tl.log(min_p))
     tl.store(tau_ptr + row, tau)
-    tl.store(covered_ptr + row, covered.to(tl.int8))
+    tl.store(ok_ptr + row, (tl.load(ok_ptr + row) != 0) & covered)
+    if (filtered != 0) & (tl.load(greedy_ptr + row) == 0):
+        ids = tl.load(idx_ptr + row64 * CAP + slots)
+        key = tl.load(key_ptr + 2 * row).to(tl.uint32)
+        key2 = tl.load(key_ptr + 2 * row + 1).to(tl.uint32)
+        score = tl.where(z >= tau, z + _gumbel(ids, key, key2), float("-inf"))
+        tl.store(token_ptr + row, _lowest_argmax(score, ids)[1].to(tl.int64))
 
 
-def select_thresholds(values: torch.Tensor, inv_t: torch.Tensor, m: torch.Tensor, total: torch.Tensor,
-                      top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, vocab_size: int,
-                      do_top_k: bool, do_top_p: bool, do_min_p: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tau [B] float32, covered [B] bool) of each row from its candidates `values` [B, CAP] (x, -inf
-    padded; they must hold every entry >= the row's pivot), as `sampler.thresholds_from_sorted` gives
-    them from the sorted candidates. `covered`: the candidates held enough of the row for tau to be exact."""
+def select_and_draw(values: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, inv_t: torch.Tensor,
+                    greedy: torch.Tensor, keys: torch.Tensor, stats: torch.Tensor, top_k: torch.Tensor,
+                    top_p: torch.Tensor, min_p: torch.Tensor, vocab_size: int, ok: torch.Tensor, tokens: torch.Tensor,
+                    do_top_k: bool, do_top_p: bool, do_min_p: bool) -> torch.Tensor:
+    """Each row's threshold tau [B] float32 from its candidates (`gather_candidates`), as
+    `sampler.thresholds_from_sorted` gives it from the sorted candidates, and the token of each filtered
+    sampled row, written into `tokens`. `ok` [B] int8 (in place) keeps only the rows whose candidates
+    held enough of the row for tau and the draw to be exact. `stats`: `row_pass`'s."""
     batch, cap = values.shape
     tau = torch.empty(batch, dtype=torch.float32, device=values.device)
-    covered = torch.empty(batch, dtype=torch.int8, device=values.device)
-    m, total = m.contiguous(), total.contiguous()  # (columns of row_pass's stats)
-    _select_kernel[(batch,)](values, inv_t, m, total, top_k, top_p, min_p, tau, covered, vocab_size, CAP=cap,
-                             DO_TOP_K=do_top_k, DO_TOP_P=do_top_p, DO_MIN_P=do_min_p, num_warps=8)
-    return tau, covered.bool()
+    _select_kernel[(batch,)](values, ids, counts, inv_t, greedy, keys, stats, stats[:, 1:], top_k, top_p, min_p, tau,
+                             ok, tokens, vocab_size, CAP=cap, CHUNKS=counts.shape[1], DO_TOP_K=do_top_k,
+                             DO_TOP_P=do_top_p, DO_MIN_P=do_min_p, num_warps=8)
+    return tau
 
 
 @triton.jit

@@ -475,40 +475,60 @@ x = (torch.randn(len(rows), 500) * 4).round() / 2  # many ties
 z = x * t.inv_temperatures[:, None]
 m, total = z.max(1).values, torch.exp(z - z.max(1, keepdim=True).values).sum(1)
 values = torch.cat([x, torch.full((len(rows), 12), float("-inf"))], 1)  # every entry a candidate, padded
-tau, covered = K.select_thresholds(values, t.inv_temperatures, m, total, t.top_ks, t.top_ps, t.min_ps, 500,
-                                   True, True, True)
+stats = torch.stack([m, total, m, m], 1)
+counts = torch.zeros(len(rows), K.CHUNKS, dtype=torch.int32)
+ok = torch.ones(len(rows), dtype=torch.int8)
+tokens = torch.zeros(len(rows), dtype=torch.int64)
+tau = K.select_and_draw(values, torch.arange(512).repeat(len(rows), 1).int(), counts, t.inv_temperatures, t.greedy,
+                        torch.zeros(len(rows), 2, dtype=torch.int64), stats, t.top_ks, t.top_ps, t.min_ps, 500, ok,
+                        tokens, True, True, True)
 want, want_covered = S.thresholds_from_sorted(z.sort(1, descending=True).values, m, total, t)
-assert torch.equal(covered, want_covered) and torch.equal(tau, want), (tau, want)
-# the pivots from the lane maxima, as sorting them gives: every entry at or above is gathered
+assert torch.equal(ok.bool(), want_covered) and torch.equal(tau, want), (tau, want)
+# the pivots from the lane maxima (the top two of each pair of lanes of each chunk), as sorting them gives:
+# every entry at or above is gathered, into its chunk's slots
 t = S.SamplingTensors.from_rows(rows, 3000, [0], "cpu")
 x = (torch.randn(len(rows), 3000) * 4).round() / 2
-_, _, stats, lanes = K.row_pass(x, x, t.inv_temperatures, t.greedy, torch.zeros(len(rows), 2, dtype=torch.int64),
-                                torch.full((len(rows),), float("-inf")), sample=False, stats=True, raw_stats=False)
-ok, values, ids = K.gather_candidates(x, t.inv_temperatures, lanes, stats[:, 0], stats[:, 1], t.top_ks, t.top_ps, 3,
-                                      True, True, 2048)
-desc = lanes.sort(1, descending=True).values
+p = K.row_pass(x, x, t.inv_temperatures, t.greedy, torch.zeros(len(rows), 2, dtype=torch.int64),
+               torch.full((len(rows),), float("-inf")), K.DRAW_NONE, raw_stats=False,
+               filters=K.Filters(t.top_ks, t.top_ps, t.min_ps, 3, True, True, True))
+z = x * t.inv_temperatures[:, None]
+torch.testing.assert_close(p.stats[:, 0], z.max(1).values)
+torch.testing.assert_close(p.stats[:, 1], torch.exp(z - z.max(1, keepdim=True).values).sum(1))
+values, ids, counts = K.gather_candidates(x, t.inv_temperatures, p.pivot, 2048)
+chunk = K._chunk_len(3000)
+padded = torch.full((len(rows), K.CHUNKS * chunk), float("-inf"))
+padded[:, :3000] = z
+groups = padded.reshape(len(rows), K.CHUNKS, chunk // K.BLOCK, K.BLOCK // 2, 2).transpose(2, 3)
+desc = groups.reshape(len(rows), K.CHUNKS, K.BLOCK // 2, -1).topk(2, dim=3).values.reshape(len(rows), -1).sort(
+    1, descending=True).values
 for r in range(len(rows)):
     pivot, bounded = float("inf"), True
-    if t.top_ps[r] < 1:
-        cum = torch.exp(desc[r] - stats[r, 0]).cumsum(0)
-        j = int((cum < t.top_ps[r].float() * stats[r, 1]).sum())
-        pivot, bounded = desc[r, min(j, desc.shape[1] - 1)].item(), j < desc.shape[1]
     if t.top_ks[r] < 3000:
         pivot = desc[r, t.top_ks[r] - 1].item()
+    elif t.top_ps[r] < 1:
+        cum = torch.exp(desc[r] - p.stats[r, 0]).cumsum(0)
+        j = int((cum < t.top_ps[r].float() * p.stats[r, 1]).sum())
+        pivot, bounded = desc[r, min(j, desc.shape[1] - 1)].item(), j < desc.shape[1]
+    if t.min_ps[r] > 0:
+        floor = (p.stats[r, 0] + torch.log(t.min_ps[r])).item()
+        pivot = floor if pivot == float("inf") else max(pivot, floor)
     pivot = min(pivot, desc[r, 2].item())
-    want_ids = ((x[r] * t.inv_temperatures[r] >= pivot).nonzero().squeeze(1)).tolist()[:2048]
-    fits = len(want_ids) < 2048  # (a wide nucleus overflows the buffer: not ok, the row is sorted in full)
-    assert ids[r, : len(want_ids)].tolist() == want_ids and bool(ok[r]) == (fits and bounded), (r, len(want_ids))
-    assert (values[r, len(want_ids):] == float("-inf")).all()
+    assert p.pivot[r] <= pivot and bool(p.ok[r]) == bounded, (r, p.pivot[r], pivot)
+    want_ids = (z[r] >= pivot).nonzero().squeeze(1)
+    got = ids[r][values[r] > float("-inf")].sort().values
+    per_chunk = torch.bincount(want_ids // chunk, minlength=K.CHUNKS)
+    assert torch.equal(counts[r].long(), per_chunk), (r, counts[r], per_chunk)
+    if (per_chunk <= 2048 // K.CHUNKS).all():
+        assert torch.equal(got.long(), want_ids), r
 # a draw per vocabulary shard (tensor parallelism), then the best of them: the same tokens
 from nanovllm.layers import sampling_kernels as K
 t = S.SamplingTensors.from_rows(seqs[:2], V, [0], "cpu")  # a greedy and a temperature row
 keys = S.row_keys(t.seeds, t.positions)
 want = S._forward_torch(logits[:2], logits[:2], S.gumbel_noise(keys, torch.arange(V)), t).token_ids
 no_tau = torch.full((2,), float("-inf"))
-parts = [K.row_pass(logits[:2, a:b], logits[:2, a:b], t.inv_temperatures, t.greedy, keys, no_tau, sample=True,
-                    stats=False, raw_stats=False, offset=a) for a, b in ((0, 1700), (1700, V))]
-got = S.best_of_shards(torch.stack([p[1] for p in parts]), torch.stack([p[0] for p in parts]))
+parts = [K.row_pass(logits[:2, a:b], logits[:2, a:b], t.inv_temperatures, t.greedy, keys, no_tau, K.DRAW_ALL,
+                    raw_stats=False, offset=a) for a, b in ((0, 1700), (1700, V))]
+got = S.best_of_shards(torch.stack([p.score for p in parts]), torch.stack([p.token for p in parts]))
 assert torch.equal(got, want), (got, want)
 print("ok")
 """
