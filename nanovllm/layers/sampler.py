@@ -10,13 +10,14 @@ row, their Gumbel variates straight from it.
 The filters keep exactly the tokens HF's TopK, TopP then MinP warpers keep
 (min_tokens_to_keep=1), as a per-row threshold on the scaled logits: `z >= tau`. On CUDA,
 Triton kernels find tau without sorting the vocabulary: one read gives the row's max, its
-softmax normaliser and per-lane maxima; the maxima bound the top-k / top-p thresholds from
-below, the few entries above that bound are gathered and sorted, and a last read samples.
-Rows where the bound would gather too much (a nucleus of thousands of tokens) are drawn by
-rejection when only top-p (and min-p) filter them: the draw over the whole row is checked against
-the mass above it, and redrawn above it if outside the nucleus (`sampling_kernels.nucleus_sample`);
-rows that also have a wide top-k, or ask for top logprobs, fall back to a full sort. On CPU, and for
-small batches on CUDA, the same semantics run in plain torch.
+softmax normaliser and lane maxima, which bound the thresholds from below; a second read
+gathers the few entries above that bound, where tau is found and the filtered rows are drawn
+(`sampling_kernels`). Rows where the bound would gather too much (a nucleus of thousands of
+tokens) are drawn by rejection when only top-p (and min-p) filter them: the draw over the whole
+row is checked against the mass above it, and redrawn above it if outside the nucleus
+(`sampling_kernels.nucleus_sample`); rows that also have a wide top-k, or ask for top logprobs,
+fall back to a full sort. On CPU, and for small batches on CUDA, the same semantics run in plain
+torch.
 
 Logprobs are those of the raw logits (before penalties and temperature), vLLM's default,
 and are computed only when some row asked for them (`sampling_params.logprobs` not None);
@@ -37,11 +38,13 @@ from nanovllm.sampling_params import SamplingParams
 
 # Temperatures below this are treated as greedy (as vLLM does): dividing by them overflows.
 GREEDY_TEMPERATURE = 1e-5
-# Candidates gathered per row on the GPU path; rows needing more are sorted in full.
+# Candidates gathered per row on the GPU path (`CANDIDATES // sampling_kernels.CHUNKS` slots per chunk);
+# rows needing more are drawn by rejection (top-p) or sorted in full.
 CANDIDATES = 2048
-# The Triton kernels run one program per row: below this many rows most SMs would idle while a
-# few stream whole rows (1.8 ms for one 152k-wide row on the H100), so small batches take the
-# torch path, whose elementwise kernels spread each row over the whole GPU.
+# Below this many rows the torch path runs, whose elementwise kernels spread each row over the whole
+# GPU: with one Triton program per row, most SMs idled while a few streamed whole rows (1.8 ms for one
+# 152k-wide row on the H100). The kernels now take `sampling_kernels.CHUNKS` programs a row; the
+# threshold was not measured again since.
 TRITON_MIN_ROWS = 32
 
 _MASK32 = 0xFFFFFFFF

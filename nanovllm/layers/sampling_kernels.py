@@ -29,7 +29,7 @@ PIVOT_ITERS = 18  # bisection steps for a pivot: a lower bound within 2**14 orde
 # Which rows `row_pass` draws a token for: none, all, or those with no top-k / top-p / min-p filter.
 DRAW_NONE, DRAW_ALL, DRAW_UNFILTERED = 0, 1, 2  # (the kernels compare DRAW with these numbers)
 CHUNK_WARPS = 4
-GATHER_BLOCK, GATHER_WARPS = 1024, 4  # (4096 with 8 warps: 72 -> 209 us at 256 rows, call AP)
+GATHER_BLOCK, GATHER_WARPS = 1024, 4  # (4096 with 8 warps: top-k 72 -> 209 us at 256 rows, call AP)
 # The noise's two logs use the GPU's approximate log2 (lg2.approx, ~2**-22 relative error): tl.log is a
 # libdevice polynomial, and with it the noise, not the read, bounded the draw (125 us at 256 rows on
 # the H200, 1.2 TB/s). The interpreter has no fast_logf, and runs tl.log.
@@ -314,17 +314,6 @@ def _lane_pivot(lanes, m, total, top_k, top_p, min_p, num_logprobs, V, DO_TOP_K:
 
 
 @triton.jit
-def _append(val_ptr, idx_ptr, count, keep, x, idx, CAP: tl.constexpr):
-    """Store the kept entries of a tile at slots count, count + 1, ... (those below CAP); the new count."""
-    keep32 = keep.to(tl.int32)
-    slot = count + tl.cumsum(keep32, 0) - 1
-    in_cap = keep & (slot < CAP)
-    tl.store(val_ptr + slot, x, mask=in_cap)
-    tl.store(idx_ptr + slot, idx, mask=in_cap)
-    return count + tl.sum(keep32, 0)
-
-
-@triton.jit
 def _gather_kernel(x_ptr, x_stride, V, chunk_len, inv_t_ptr, pivot_ptr, count_ptr, val_ptr, idx_ptr,
                    CAP: tl.constexpr, BLOCK: tl.constexpr):
     """One chunk of one row: its entries with x * inv_t >= the row's pivot, into the chunk's CAP slots
@@ -340,16 +329,18 @@ def _gather_kernel(x_ptr, x_stride, V, chunk_len, inv_t_ptr, pivot_ptr, count_pt
         inv_t = tl.load(inv_t_ptr + row)
         lo = chunk * chunk_len
         hi = tl.minimum(lo + chunk_len, V)
-        for start in range(lo, hi, 2 * BLOCK):  # two tiles a step, one count across both
-            idx0 = start + lane
-            idx1 = idx0 + BLOCK
-            x0 = tl.load(x_ptr + row64 * x_stride + idx0, mask=idx0 < hi, other=float("-inf")).to(tl.float32)
-            x1 = tl.load(x_ptr + row64 * x_stride + idx1, mask=idx1 < hi, other=float("-inf")).to(tl.float32)
-            keep0 = (x0 * inv_t >= pivot) & (idx0 < hi)
-            keep1 = (x1 * inv_t >= pivot) & (idx1 < hi)
-            if tl.sum(keep0.to(tl.int32) + keep1.to(tl.int32), 0) > 0:  # rare: the scan runs only here
-                count = _append(val_ptr + part * CAP, idx_ptr + part * CAP, count, keep0, x0, idx0, CAP)
-                count = _append(val_ptr + part * CAP, idx_ptr + part * CAP, count, keep1, x1, idx1, CAP)
+        for start in range(lo, hi, BLOCK):  # (two tiles a step, as `_chunk_kernel` takes them, was slower:
+            idx = start + lane             # top-k 72 -> 128 us at 256 rows, call AQ)
+            valid = idx < hi
+            x = tl.load(x_ptr + row64 * x_stride + idx, mask=valid, other=float("-inf")).to(tl.float32)
+            keep = (x * inv_t >= pivot) & valid
+            n = tl.sum(keep.to(tl.int32), 0)
+            if n > 0:  # rare: the scan runs only on tiles that keep something
+                slot = count + tl.cumsum(keep.to(tl.int32), 0) - 1
+                in_cap = keep & (slot < CAP)
+                tl.store(val_ptr + part * CAP + slot, x, mask=in_cap)
+                tl.store(idx_ptr + part * CAP + slot, idx, mask=in_cap)
+                count += n
     slots = tl.arange(0, CAP)
     tl.store(val_ptr + part * CAP + slots, float("-inf"), mask=slots >= count)
     tl.store(idx_ptr + part * CAP + slots, 0, mask=slots >= count)
