@@ -1,9 +1,11 @@
-"""Compile the Triton decode kernel for sm90 without a GPU, over the shapes the engine and the tests
-launch: a compiler failure of the device's Triton then shows on CPU, before a device call.
+"""Compile the Triton decode kernel (or the sampler's kernels) for sm90 without a GPU, over the shapes
+and variants the engine launches: a compiler failure of the device's Triton then shows on CPU, before
+a device call.
 
     python -m pip install --target /tmp/t36 triton==3.6.0       # the device image's Triton
     PYTHONPATH=/tmp/t36:$PWD python scripts/compile_sm90.py      # the grid below
     python scripts/compile_sm90.py --shape 2 1 128 16 --ptx      # one shape's PTX
+    python scripts/compile_sm90.py --sampler                     # the sampler's launch variants
 
 Arguments are specialized as a launch on the device specializes them (pointers and most integers
 divisible by 16, a unit stride as a constant, absent pointers as None), which decides which compiler
@@ -27,6 +29,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from nanovllm.attention.ops import triton_decode  # noqa: E402
+from nanovllm.layers import sampling_kernels as sk  # noqa: E402
 
 UNALIGNED = {"scale_log2", "num_partitions", "stride_bt"}  # a float, and integers seldom a multiple of 16
 
@@ -54,6 +57,52 @@ def build(group: int, query_len: int, head_dim: int, block: int, fp8: bool) -> o
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
 
 
+SAMPLER_POINTERS = dict(greedy_ptr="*i1", key_ptr="*i64", top_k_ptr="*i64", top_p_ptr="*fp64", token_ptr="*i64",
+                        best_idx_ptr="*i32", ok_ptr="*i8", count_ptr="*i32", idx_ptr="*i32", rows_ptr="*i64",
+                        done_ptr="*i8")
+
+
+def build_sampler(name: str, consts: dict, num_warps: int, logits: str) -> object:
+    """One of `sampling_kernels`' kernels with the given constexprs, for sm90; `logits` is the dtype of
+    the logits (x and raw), every other float pointer float32."""
+    kernel = getattr(sk, name)
+    names = list(inspect.signature(kernel.fn).parameters)
+    floats = {n: logits for n in ("x_ptr", "raw_ptr")}
+    signature = {n: "constexpr" if n in consts else {**SAMPLER_POINTERS, **floats}.get(n, "*fp32")
+                 if n.endswith("_ptr") else "i32" for n in names}
+    constexprs = {(i,): consts[n] for i, n in enumerate(names) if n in consts}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr") and n not in consts}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def sampler_grid() -> list[tuple[str, dict, int, str]]:
+    """The variants `layers/sampler.py` launches: the chunk pass drawing every row (plain sampling,
+    a vocabulary shard, the wide rows' redraw over tau) or the unfiltered rows while it bounds the
+    filters, with and without raw statistics, over float32 or bf16 logits; the merge, gather, select
+    and nucleus kernels behind it."""
+    jobs = []
+    chunk = [(sk.DRAW_ALL, False, False), (sk.DRAW_UNFILTERED, False, True), (sk.DRAW_ALL, True, False)]
+    for (draw, has_tau, filters), raw_stats, raw_is_x, logits in itertools.product(
+            chunk, (False, True), (False, True), ("*fp32", "*bf16")):
+        jobs.append(("_chunk_kernel", dict(DRAW=draw, HAS_TAU=has_tau, FILTER=filters, RAW_STATS=raw_stats,
+                                           RAW_IS_X=raw_is_x, BLOCK=sk.BLOCK), sk.CHUNK_WARPS, logits))
+    for filters, raw_stats, top_k, top_p, min_p in itertools.product((False, True), repeat=5):
+        if filters or not (top_k or top_p or min_p):
+            consts = dict(CHUNKS=sk.CHUNKS, NUM_LANES=sk.LANES, SAMPLE=True, FILTER=filters, RAW_STATS=raw_stats,
+                          DO_TOP_K=top_k, DO_TOP_P=top_p, DO_MIN_P=min_p, PIVOT_ITERS=sk.PIVOT_ITERS)
+            if not filters:
+                consts.update(pivot_ptr=None, ok_ptr=None)
+            jobs.append(("_merge_kernel", consts, 8, "*fp32"))
+    for logits in ("*fp32", "*bf16"):
+        jobs.append(("_gather_kernel", dict(CAP=256, BLOCK=sk.GATHER_BLOCK), sk.GATHER_WARPS, logits))
+    for top_k, top_p, min_p in itertools.product((False, True), repeat=3):
+        jobs.append(("_select_kernel", dict(CAP=2048, CHUNKS=sk.CHUNKS, DO_TOP_K=top_k, DO_TOP_P=top_p,
+                                            DO_MIN_P=min_p), 8, "*fp32"))
+    jobs.append(("_nucleus_round_kernel", dict(V=151_936, BLOCK=1024), 8, "*fp32"))
+    return jobs
+
+
 def grid() -> list[tuple[int, int, int, int, bool]]:
     """GQA groups 1-8 with one, five and the most query tokens a program takes (64 rows), head dims 64
     and 128, blocks 16 and 256, bf16 and FP8."""
@@ -69,12 +118,13 @@ def main() -> None:
     p.add_argument("--shape", type=int, nargs=4, metavar=("GROUP", "QUERY_LEN", "HEAD_DIM", "BLOCK"))
     p.add_argument("--fp8", action="store_true")
     p.add_argument("--ptx", action="store_true", help="print the PTX of --shape")
+    p.add_argument("--sampler", action="store_true", help="the sampler's kernels instead")
     args = p.parse_args()
-    shapes = [(*args.shape, args.fp8)] if args.shape else grid()
+    shapes = sampler_grid() if args.sampler else [(*args.shape, args.fp8)] if args.shape else grid()
     failures = 0
     for shape in shapes:
         try:
-            kernel = build(*shape)
+            kernel = build_sampler(*shape) if args.sampler else build(*shape)
         except Exception as e:  # noqa: BLE001 (a compiler failure of any kind is the report)
             failures += 1
             print(f"FAIL {shape}: {str(e).splitlines()[0][:200]}", flush=True)

@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -540,6 +541,16 @@ def test_triton_kernels_match_torch_path_in_interpreter():
     result = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_sampler_kernels_compile_for_sm90():
+    """Every variant the sampler launches compiles for sm90 without a GPU (the interpreter does not
+    compile, so a constexpr misuse or a compiler abort would first show on the device)."""
+    script = Path(__file__).resolve().parents[2] / "scripts" / "compile_sm90.py"
+    run = subprocess.run([sys.executable, str(script), "--sampler"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    compiled = re.search(r"(\d+) of (\d+) compiled", run.stderr)
+    assert compiled and compiled[1] == compiled[2] and int(compiled[2]) > 40, run.stderr[-500:]
 
 
 # ---------------------------------------------------------------- GPU (Triton path)
