@@ -81,10 +81,10 @@ def _merge(ms, ss):
 
 
 @triton.jit
-def _chunk_step(z, r, idx, first, second, s, rm, rs, best, best_idx, draw, greedy, key, key2, tau,
+def _chunk_step(z, r, idx, first, second, s, rm, rs, best, best_idx, draw, greedy, key, key2, tau, offset,
                 FILTER: tl.constexpr, RAW_STATS: tl.constexpr):
     """One tile of `_chunk_kernel`: the lanes' top two and online sums of the scaled logits z, the raw
-    logits' online sums, and the running Gumbel-max draw."""
+    logits' online sums, and the running Gumbel-max draw (column idx is token idx + offset)."""
     if FILTER:
         second = tl.maximum(second, tl.minimum(first, z))
         first, s = _lane_online(first, s, z)
@@ -94,7 +94,7 @@ def _chunk_step(z, r, idx, first, second, s, rm, rs, best, best_idx, draw, greed
         if greedy:
             score = z
         else:
-            score = tl.where(z >= tau, z + _gumbel(idx, key, key2), float("-inf"))
+            score = tl.where(z >= tau, z + _gumbel(idx + offset, key, key2), float("-inf"))
         better = score > best
         best = tl.where(better, score, best)
         best_idx = tl.where(better, idx, best_idx)
@@ -104,7 +104,7 @@ def _chunk_step(z, r, idx, first, second, s, rm, rs, best, best_idx, draw, greed
 @triton.jit
 def _chunk_kernel(
     x_ptr, x_stride, raw_ptr, raw_stride, V, chunk_len, inv_t_ptr, greedy_ptr, key_ptr, tau_ptr,
-    top_k_ptr, top_p_ptr, min_p_ptr, part_ptr, best_ptr, best_idx_ptr, lanes_ptr,
+    top_k_ptr, top_p_ptr, min_p_ptr, part_ptr, best_ptr, best_idx_ptr, lanes_ptr, offset,
     DRAW: tl.constexpr, HAS_TAU: tl.constexpr, FILTER: tl.constexpr, RAW_STATS: tl.constexpr,
     RAW_IS_X: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -153,10 +153,10 @@ def _chunk_kernel(
                 r0 = tl.load(raw_ptr + row64 * raw_stride + idx0, mask=idx0 < hi, other=neg_inf).to(tl.float32)
                 r1 = tl.load(raw_ptr + row64 * raw_stride + idx1, mask=idx1 < hi, other=neg_inf).to(tl.float32)
         first, second, s, rm, rs, best, best_idx = _chunk_step(
-            x0 * inv_t, r0, idx0, first, second, s, rm, rs, best, best_idx, draw, greedy, key, key2, tau,
+            x0 * inv_t, r0, idx0, first, second, s, rm, rs, best, best_idx, draw, greedy, key, key2, tau, offset,
             FILTER, RAW_STATS)
         first, second, s, rm, rs, best, best_idx = _chunk_step(
-            x1 * inv_t, r1, idx1, first, second, s, rm, rs, best, best_idx, draw, greedy, key, key2, tau,
+            x1 * inv_t, r1, idx1, first, second, s, rm, rs, best, best_idx, draw, greedy, key, key2, tau, offset,
             FILTER, RAW_STATS)
     if DRAW != 0:
         top, token = _lowest_argmax(best, best_idx)
@@ -251,7 +251,7 @@ def row_pass(
     f = filters or Filters(inv_t, inv_t, inv_t, 0, False, False, False)
     _chunk_kernel[(batch, CHUNKS)](
         x, x.stride(0), raw, raw.stride(0), vocab, _chunk_len(vocab), inv_t, greedy, keys,
-        inv_t if tau is None else tau, f.top_k, f.top_p, f.min_p, parts, best, best_idx, lanes,
+        inv_t if tau is None else tau, f.top_k, f.top_p, f.min_p, parts, best, best_idx, lanes, offset,
         DRAW=draw, HAS_TAU=tau is not None, FILTER=filters is not None, RAW_STATS=raw_stats, RAW_IS_X=raw is x,
         BLOCK=BLOCK, num_warps=CHUNK_WARPS,
     )

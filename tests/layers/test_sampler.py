@@ -523,12 +523,16 @@ for r in range(len(rows)):
         assert torch.equal(got.long(), want_ids), r
 # a draw per vocabulary shard (tensor parallelism), then the best of them: the same tokens
 from nanovllm.layers import sampling_kernels as K
-t = S.SamplingTensors.from_rows(seqs[:2], V, [0], "cpu")  # a greedy and a temperature row
+rows = seqs[:1] + [Sequence(10 + i, [1, 2], SamplingParams(temperature=4.0)) for i in range(8)]
+for i, seq in enumerate(rows[1:]):  # a greedy row, then rows whose draws the noise decides
+    seq.sample_seed = 50 + i
+t = S.SamplingTensors.from_rows(rows, V, [0], "cpu")
 keys = S.row_keys(t.seeds, t.positions)
-want = S._forward_torch(logits[:2], logits[:2], S.gumbel_noise(keys, torch.arange(V)), t).token_ids
-no_tau = torch.full((2,), float("-inf"))
-parts = [K.row_pass(logits[:2, a:b], logits[:2, a:b], t.inv_temperatures, t.greedy, keys, no_tau, K.DRAW_ALL,
-                    raw_stats=False, offset=a) for a, b in ((0, 1700), (1700, V))]
+x = logits[[0] * len(rows)]
+want = S._forward_torch(x, x, S.gumbel_noise(keys, torch.arange(V)), t).token_ids
+assert len(set(want[1:].tolist())) > 4  # (the noise, not the logits, picks them)
+parts = [K.row_pass(x[:, a:b], x[:, a:b], t.inv_temperatures, t.greedy, keys, None, K.DRAW_ALL, raw_stats=False,
+                    offset=a) for a, b in ((0, 1700), (1700, V))]
 got = S.best_of_shards(torch.stack([p.score for p in parts]), torch.stack([p.token for p in parts]))
 assert torch.equal(got, want), (got, want)
 print("ok")
