@@ -521,6 +521,16 @@ for r in range(len(rows)):
     assert torch.equal(counts[r].long(), per_chunk), (r, counts[r], per_chunk)
     if (per_chunk <= 2048 // K.CHUNKS).all():
         assert torch.equal(got.long(), want_ids), r
+# penalised logits (x is not raw: raw statistics and top logprobs from raw), bf16, an odd vocabulary
+raw16 = (torch.randn(len(seqs), 3001) * 3).to(torch.bfloat16)
+x16 = raw16.float() - 2.0 * (torch.rand(len(seqs), 3001) < 0.1)
+t = S.SamplingTensors.from_rows(seqs, 3001, [0], "cpu")
+keys = S.row_keys(t.seeds, t.positions)
+ours = S._forward_triton(raw16, x16, keys, t)
+ref = S._forward_torch(raw16, x16, S.gumbel_noise(keys, torch.arange(3001)), t)
+assert torch.equal(ours.token_ids, ref.token_ids), (ours.token_ids, ref.token_ids)
+torch.testing.assert_close(ours.logprobs, ref.logprobs)
+torch.testing.assert_close(ours.top_logprobs, ref.top_logprobs)
 # a draw per vocabulary shard (tensor parallelism), then the best of them: the same tokens
 from nanovllm.layers import sampling_kernels as K
 rows = seqs[:1] + [Sequence(10 + i, [1, 2], SamplingParams(temperature=4.0)) for i in range(8)]
