@@ -480,13 +480,12 @@ def _logprobs(raw: Tensor, tokens: Tensor, t: SamplingTensors, log_z: Tensor | N
     return SamplerOutput(tokens, token_logprobs, top_logprobs, top_ids)
 
 
-def thresholds_from_sorted(z: Tensor | None, m: Tensor, total: Tensor, t: SamplingTensors,
+def thresholds_from_sorted(z: Tensor, m: Tensor, total: Tensor, t: SamplingTensors,
                            rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Exact per-row thresholds tau (keep z >= tau, z the scaled logits) of TopK, TopP, MinP.
 
     z [R, N]: each row's largest scaled logits sorted descending (-inf padded); it must hold
-    the row's whole top-k set when top-k is on, else the nucleus when top-p is on (unused for
-    min-p alone). m, total: the row's max and sum of exp(z - m) over the whole row. `rows`
+    the row's whole top-k set when top-k is on, else the nucleus when top-p is on. m, total: the row's max and sum of exp(z - m) over the whole row. `rows`
     selects the batch rows that z, m, total describe (all when None).
     Returns (tau [R], covered [R] bool: whether z held enough of the row for tau to be exact).
     """
