@@ -402,7 +402,7 @@ class Sampler(torch.nn.Module):
             return t.seed_keys
         fresh = torch.randint(0, 2**32, t.seed_keys.shape, dtype=torch.int64, generator=self._generator(device),
                               device=self.generator.device).to(device, non_blocking=True)
-        return torch.where(t.seeded.unsqueeze(1), t.seed_keys, fresh)
+        return torch.where(t.seeded.unsqueeze(1), t.seed_keys, fresh) if t.any_seeded else fresh
 
     def _noise(self, t: SamplingTensors, x: Tensor) -> Tensor:
         """Gumbel noise [B, V] for the torch path. A seeded row's must be the hash of its keys (its
