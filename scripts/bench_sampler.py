@@ -3,6 +3,7 @@
 
     python scripts/bench_sampler.py [--vocab 151936] [--batches 1 64 256] [--device cuda]
     python scripts/bench_sampler.py --profile "top-k 50" --batches 256   # where one mode's time goes
+    python scripts/bench_sampler.py --profile "top-k 50 +lp5"           # ... with 5 top logprobs
 
 Logits are float32, as the LM head returns them, and LLM-like: a few strong candidates over a noisy
 floor, so the top-p nucleus is small; the `top-p flat` column uses plain Gaussian logits, whose
@@ -87,9 +88,11 @@ def profile_mode(mode: str, vocab: int, batch: int, iters: int, device: str) -> 
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    if mode not in MODES:
-        raise SystemExit(f"--profile takes one of {list(MODES)}, got {mode!r}")
-    call = warm_sampler(llm_like_logits(batch, vocab, False, device), MODES[mode])
+    name, _, logprobs = mode.partition(" +lp")
+    if name not in MODES or (logprobs and not logprobs.isdigit()):
+        raise SystemExit(f"--profile takes one of {list(MODES)}, optionally with ' +lpN', got {mode!r}")
+    params = {**MODES[name], **({"logprobs": int(logprobs)} if logprobs else {})}
+    call = warm_sampler(llm_like_logits(batch, vocab, False, device), params)
     cuda = torch.device(device).type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
@@ -112,7 +115,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--profile", metavar="MODE", default=None, help=f"profile one mode instead: {list(MODES)}")
+    p.add_argument("--profile", metavar="MODE", default=None, help=f"profile one mode instead: {list(MODES)}, optionally with ' +lpN'")
     args = p.parse_args()
     if args.profile is None:
         print("\n".join(table(args.vocab, args.batches, args.iters, args.device)))

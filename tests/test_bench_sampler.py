@@ -35,3 +35,14 @@ def test_profile_shows_where_one_modes_time_goes():
     assert summary.startswith("per call: ") and float(summary.split()[2]) > 0
     with pytest.raises(SystemExit, match="top-k 50"):
         bench_sampler.profile_mode("top-k", vocab=300, batch=2, iters=1, device="cpu")
+    with pytest.raises(SystemExit, match="lpN"):
+        bench_sampler.profile_mode("top-k 50 +lpx", vocab=300, batch=2, iters=1, device="cpu")
+
+
+def test_profile_with_logprobs_computes_them():
+    """With ' +lp3' the profiled calls ask for logprobs: the raw logits' logsumexp and top-k show."""
+    bench_sampler = load_script()
+    _, table, _ = bench_sampler.profile_mode("temperature +lp3", vocab=300, batch=2, iters=2, device="cpu")
+    assert "aten::logsumexp" in table and "aten::topk" in table
+    _, plain, _ = bench_sampler.profile_mode("temperature", vocab=300, batch=2, iters=2, device="cpu")
+    assert "aten::logsumexp" not in plain
