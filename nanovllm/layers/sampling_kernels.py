@@ -391,7 +391,7 @@ def _kth_largest_key(keys, k, ITERS: tl.constexpr):
 
 
 @triton.jit
-def _select_kernel(val_ptr, idx_ptr, count_ptr, inv_t_ptr, greedy_ptr, key_ptr, m_ptr, total_ptr, top_k_ptr,
+def _select_kernel(val_ptr, idx_ptr, count_ptr, inv_t_ptr, greedy_ptr, key_ptr, stats_ptr, top_k_ptr,
                    top_p_ptr, min_p_ptr, tau_ptr, ok_ptr, token_ptr, V, CAP: tl.constexpr, CHUNKS: tl.constexpr,
                    DO_TOP_K: tl.constexpr, DO_TOP_P: tl.constexpr, DO_MIN_P: tl.constexpr):
     """Each row's threshold tau from its candidates (`gather_candidates`): `sampler.thresholds_from_sorted`
@@ -405,10 +405,10 @@ def _select_kernel(val_ptr, idx_ptr, count_ptr, inv_t_ptr, greedy_ptr, key_ptr, 
     inv_t = tl.load(inv_t_ptr + row)
     z = tl.load(val_ptr + row64 * CAP + slots) * inv_t
     keys = _order_key(z).to(tl.int64)
-    m = tl.load(m_ptr + 4 * row)
+    m = tl.load(stats_ptr + 4 * row)
     tau_key = _order_key(tl.full((), float("-inf"), tl.float32)).to(tl.int64)
     covered = tl.max(tl.load(count_ptr + row64 * CHUNKS + tl.arange(0, CHUNKS)), 0) <= CAP // CHUNKS
-    mass = tl.load(total_ptr + 4 * row)
+    mass = tl.load(stats_ptr + 4 * row + 1)
     filtered = tl.full((), 0, tl.int32)
     if DO_TOP_K:
         top_k = tl.load(top_k_ptr + row)
@@ -460,7 +460,7 @@ def select_and_draw(values: torch.Tensor, ids: torch.Tensor, counts: torch.Tenso
     held enough of the row for tau and the draw to be exact. `stats`: `row_pass`'s."""
     batch, cap = values.shape
     tau = torch.empty(batch, dtype=torch.float32, device=values.device)
-    _select_kernel[(batch,)](values, ids, counts, inv_t, greedy, keys, stats, stats[:, 1:], top_k, top_p, min_p, tau,
+    _select_kernel[(batch,)](values, ids, counts, inv_t, greedy, keys, stats, top_k, top_p, min_p, tau,
                              ok, tokens, vocab_size, CAP=cap, CHUNKS=counts.shape[1], DO_TOP_K=do_top_k,
                              DO_TOP_P=do_top_p, DO_MIN_P=do_min_p, num_warps=8)
     return tau
