@@ -82,23 +82,35 @@ def sampler_grid() -> list[tuple[str, dict, int, str]]:
     filters, with and without raw statistics, over float32 or bf16 logits; the merge, gather, select
     and nucleus kernels behind it."""
     jobs = []
-    chunk = [(sk.DRAW_ALL, False, False), (sk.DRAW_UNFILTERED, False, True), (sk.DRAW_ALL, True, False)]
-    for (draw, has_tau, filters), raw_stats, raw_is_x, logits in itertools.product(
+    chunk = [(sk.DRAW_ALL, False, False, False), (sk.DRAW_UNFILTERED, False, True, False),
+             (sk.DRAW_UNFILTERED, False, True, True), (sk.DRAW_ALL, True, False, False)]
+    for (draw, has_tau, filters, sums), raw_stats, raw_is_x, logits in itertools.product(
             chunk, (False, True), (False, True), ("*fp32", "*bf16")):
-        jobs.append(("_chunk_kernel", dict(DRAW=draw, HAS_TAU=has_tau, FILTER=filters, RAW_STATS=raw_stats,
-                                           RAW_IS_X=raw_is_x, BLOCK=sk.BLOCK), sk.CHUNK_WARPS, logits))
+        jobs.append(("_chunk_kernel", dict(DRAW=draw, HAS_TAU=has_tau, FILTER=filters, SUMS=sums,
+                                           RAW_STATS=raw_stats, RAW_IS_X=raw_is_x, BLOCK=sk.BLOCK),
+                     sk.CHUNK_WARPS, logits))
     for filters, raw_stats, top_k, top_p, min_p in itertools.product((False, True), repeat=5):
         if filters or not (top_k or top_p or min_p):
-            consts = dict(CHUNKS=sk.CHUNKS, NUM_LANES=sk.LANES, SAMPLE=True, FILTER=filters, RAW_STATS=raw_stats,
-                          DO_TOP_K=top_k, DO_TOP_P=top_p, DO_MIN_P=min_p, PIVOT_ITERS=sk.PIVOT_ITERS)
-            if not filters:
-                consts.update(pivot_ptr=None, ok_ptr=None)
-            jobs.append(("_merge_kernel", consts, 8, "*fp32"))
+            for token_lp in (False, True) if raw_stats and not filters else (False,):
+                consts = dict(CHUNKS=sk.CHUNKS, NUM_LANES=sk.LANES, SAMPLE=True, FILTER=filters, RAW_STATS=raw_stats,
+                              TOKEN_LP=token_lp, DO_TOP_K=top_k, DO_TOP_P=top_p, DO_MIN_P=min_p,
+                              PIVOT_ITERS=sk.PIVOT_ITERS)
+                if not filters:
+                    consts.update(pivot_ptr=None, ok_ptr=None)
+                if not token_lp:
+                    consts.update(token_lp_ptr=None)
+                jobs.append(("_merge_kernel", consts, 8, "*fp32"))
     for logits in ("*fp32", "*bf16"):
         jobs.append(("_gather_kernel", dict(CAP=256, BLOCK=sk.GATHER_BLOCK), sk.GATHER_WARPS, logits))
-    for top_k, top_p, min_p in itertools.product((False, True), repeat=3):
-        jobs.append(("_select_kernel", dict(CAP=2048, CHUNKS=sk.CHUNKS, DO_TOP_K=top_k, DO_TOP_P=top_p,
-                                            DO_MIN_P=min_p), 8, "*fp32"))
+    for top_k, top_p, min_p, (token_lp, top) in itertools.product(
+            (False, True), (False, True), (False, True), ((False, False), (True, False), (True, True))):
+        consts = dict(CAP=2048, CHUNKS=sk.CHUNKS, DO_TOP_K=top_k, DO_TOP_P=top_p, DO_MIN_P=min_p,
+                      TOKEN_LP=token_lp, TOP=top)
+        if not token_lp:
+            consts.update(token_lp_ptr=None)
+        if not top:
+            consts.update(top_lp_ptr=None, top_id_ptr=None)
+        jobs.append(("_select_kernel", consts, 8, "*fp32"))
     jobs.append(("_nucleus_round_kernel", dict(V=151_936, BLOCK=1024), 8, "*fp32"))
     return jobs
 

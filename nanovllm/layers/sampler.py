@@ -28,13 +28,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from nanovllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from nanovllm.layers.sampling_kernels import Logprobs
 
 # Temperatures below this are treated as greedy (as vLLM does): dividing by them overflows.
 GREEDY_TEMPERATURE = 1e-5
@@ -464,20 +467,18 @@ def _forward_torch(raw: Tensor, x: Tensor, noise: Tensor | None, t: SamplingTens
 
 
 def _logprobs(raw: Tensor, tokens: Tensor, t: SamplingTensors, log_z: Tensor | None,
-              top: tuple[Tensor, Tensor] | None = None) -> SamplerOutput:
-    """Raw-logit logprobs of `tokens` and the top-K (given as (raw values, ids) or computed)."""
+              token_logprobs: Tensor | None = None, top: tuple[Tensor, Tensor] | None = None) -> SamplerOutput:
+    """Raw-logit logprobs of `tokens` and the top-K (logprobs, int64 ids): each computed here unless given."""
     if not t.want_logprobs:
         return SamplerOutput(tokens, None, None, None)
     if log_z is None:
         log_z = torch.logsumexp(raw.float(), dim=-1)
-    token_logprobs = raw.gather(1, tokens.unsqueeze(1)).squeeze(1).float() - log_z
-    top_logprobs = top_ids = None
-    if t.max_num_logprobs:
-        if top is None:
-            top = raw.topk(min(t.max_num_logprobs, raw.shape[1]), dim=-1)
-        top_logprobs = top[0].float() - log_z.unsqueeze(1)
-        top_ids = top[1].long()
-    return SamplerOutput(tokens, token_logprobs, top_logprobs, top_ids)
+    if token_logprobs is None:
+        token_logprobs = raw.gather(1, tokens.unsqueeze(1)).squeeze(1).float() - log_z
+    if t.max_num_logprobs and top is None:
+        values, ids = raw.topk(min(t.max_num_logprobs, raw.shape[1]), dim=-1)
+        top = (values.float() - log_z.unsqueeze(1), ids)
+    return SamplerOutput(tokens, token_logprobs, *(top or (None, None)))
 
 
 def thresholds_from_sorted(z: Tensor, m: Tensor, total: Tensor, t: SamplingTensors,
@@ -526,9 +527,12 @@ def _forward_triton(raw: Tensor, x: Tensor, keys: Tensor, t: SamplingTensors) ->
     inv_t = t.inv_temperatures
     # Without penalties, x is raw and its top-K comes from the same candidate buffer.
     top_from_buffer = t.max_num_logprobs > 0 and x is raw
+    lp = _logprob_buffers(x, t, top_from_buffer) if t.want_logprobs else None
+    token_lp = None if lp is None else lp.token
     if not t.do_filter and not top_from_buffer:
-        p = kernels.row_pass(x, raw, inv_t, t.greedy, keys, None, kernels.DRAW_ALL, raw_stats=t.want_logprobs)
-        return _logprobs(raw, p.token, t, p.stats[:, 3])
+        p = kernels.row_pass(x, raw, inv_t, t.greedy, keys, None, kernels.DRAW_ALL, raw_stats=t.want_logprobs,
+                             token_logprobs=token_lp)
+        return _logprobs(raw, p.token, t, p.stats[:, 3], token_lp)
     filters = kernels.Filters(t.top_ks, t.top_ps, t.min_ps, t.max_num_logprobs if top_from_buffer else 0, t.do_top_k,
                               t.do_top_p, t.do_min_p)
     p = kernels.row_pass(x, raw, inv_t, t.greedy, keys, None, kernels.DRAW_UNFILTERED, raw_stats=t.want_logprobs,
@@ -536,25 +540,33 @@ def _forward_triton(raw: Tensor, x: Tensor, keys: Tensor, t: SamplingTensors) ->
     values, ids, counts = kernels.gather_candidates(x, inv_t, p.pivot, CANDIDATES)
     tokens, ok = p.token, p.ok
     tau = kernels.select_and_draw(values, ids, counts, inv_t, t.greedy, keys, p.stats, t.top_ks, t.top_ps, t.min_ps,
-                                  t.vocab_size, ok, tokens, t.do_top_k, t.do_top_p, t.do_min_p)
-    top = None
-    if top_from_buffer:
-        top_values, order = values.topk(min(t.max_num_logprobs, values.shape[1]), dim=1)
-        top = (top_values, ids.gather(1, order))
+                                  t.vocab_size, ok, tokens, t.do_top_k, t.do_top_p, t.do_min_p, raw, lp)
+    top = (lp.top, lp.top_ids) if top_from_buffer else None
     log_z = p.stats[:, 3] if t.want_logprobs else None
-    out = _logprobs(raw, tokens, t, log_z, top)
+    out = _logprobs(raw, tokens, t, log_z, token_lp, top)
     # The one host sync, last: it waits for work already queued. Rows fail when a set is wider than the
     # buffer (a flat distribution), or when their lane maxima missed the nucleus' mass; rare otherwise.
     if bool(ok.all()):
         return out
     tokens, top = _redraw_wide_rows(raw, x, keys, t, ok == 0, p.stats, tau, tokens, top, top_from_buffer)
-    return _logprobs(raw, tokens, t, log_z, top)
+    return _logprobs(raw, tokens, t, log_z, None, top)
+
+
+def _logprob_buffers(x: Tensor, t: SamplingTensors, top: bool) -> Logprobs:
+    """Where the kernels write the logprobs (rather than a few small torch ops each): the token's, and
+    the top K's when `top`."""
+    from nanovllm.layers import sampling_kernels as kernels
+
+    batch, k = x.shape[0], min(t.max_num_logprobs, x.shape[1])
+    tops = (torch.empty(batch, k, dtype=torch.float32, device=x.device),
+            torch.empty(batch, k, dtype=torch.int64, device=x.device)) if top else (None, None)
+    return kernels.Logprobs(torch.empty(batch, dtype=torch.float32, device=x.device), *tops)
 
 
 def _redraw_wide_rows(raw: Tensor, x: Tensor, keys: Tensor, t: SamplingTensors, wide: Tensor, stats: Tensor,
                       tau: Tensor, tokens: Tensor, top: tuple[Tensor, Tensor] | None,
                       top_from_buffer: bool) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-    """`_forward_triton`'s tokens (and top-K) for the rows whose candidates did not hold their sets. Rows
+    """`_forward_triton`'s tokens (and top-K logprobs) for the rows whose candidates did not hold their sets. Rows
     with top-p and no top-k are drawn by `kernels.nucleus_sample`, unless top logprobs come from the
     buffer; rows with only min-p already have their exact threshold; the others are sorted in full."""
     from nanovllm.layers import sampling_kernels as kernels
@@ -564,7 +576,7 @@ def _redraw_wide_rows(raw: Tensor, x: Tensor, keys: Tensor, t: SamplingTensors, 
     nucleus = wide & top_p_on & ~top_k_on & (not top_from_buffer)
     sort = wide & ~nucleus & (top_k_on | top_p_on | top_from_buffer)
     if bool(sort.any()):
-        tau, top = _full_sort_rows(x, m, total, t, sort, tau, top)
+        tau, top = _full_sort_rows(x, stats, t, sort, tau, top)
     rows = nucleus.nonzero().squeeze(1)
     if len(rows):  # first draws over the min-p set, a superset of the nucleus
         floor = torch.full_like(m, float("-inf"))
@@ -579,16 +591,17 @@ def _redraw_wide_rows(raw: Tensor, x: Tensor, keys: Tensor, t: SamplingTensors, 
     return tokens, top
 
 
-def _full_sort_rows(x: Tensor, m: Tensor, total: Tensor, t: SamplingTensors, bad: Tensor, tau: Tensor,
+def _full_sort_rows(x: Tensor, stats: Tensor, t: SamplingTensors, bad: Tensor, tau: Tensor,
                     top: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-    """Thresholds (and top-K) of the `bad` rows from a full sort of those rows."""
+    """Thresholds (and top-K logprobs, x being raw then) of the `bad` rows from a full sort of those rows.
+    `stats`: `row_pass`'s."""
     rows = bad.nonzero().squeeze(1)
     values = x[rows].float()
     z, order = (values * t.inv_temperatures[rows].unsqueeze(1)).sort(dim=1, descending=True)
-    tau_rows, _ = thresholds_from_sorted(z, m[rows], total[rows], t, rows)
+    tau_rows, _ = thresholds_from_sorted(z, stats[rows, 0], stats[rows, 1], t, rows)
     tau = tau.index_copy(0, rows, tau_rows)
     if top is not None:
         k = top[0].shape[1]
-        top = (top[0].index_copy(0, rows, values.gather(1, order[:, :k])),
-               top[1].index_copy(0, rows, order[:, :k].to(top[1].dtype)))
+        top = (top[0].index_copy(0, rows, values.gather(1, order[:, :k]) - stats[rows, 3].unsqueeze(1)),
+               top[1].index_copy(0, rows, order[:, :k]))
     return tau, top

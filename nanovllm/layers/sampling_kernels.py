@@ -82,12 +82,15 @@ def _merge(ms, ss):
 
 @triton.jit
 def _chunk_step(z, r, idx, first, second, s, rm, rs, best, best_idx, draw, greedy, key, key2, tau, offset,
-                FILTER: tl.constexpr, RAW_STATS: tl.constexpr):
-    """One tile of `_chunk_kernel`: the lanes' top two and online sums of the scaled logits z, the raw
-    logits' online sums, and the running Gumbel-max draw (column idx is token idx + offset)."""
+                FILTER: tl.constexpr, SUMS: tl.constexpr, RAW_STATS: tl.constexpr):
+    """One tile of `_chunk_kernel`: the lanes' top two (and with SUMS online sums) of the scaled logits
+    z, the raw logits' online sums, and the running Gumbel-max draw (column idx is token idx + offset)."""
     if FILTER:
         second = tl.maximum(second, tl.minimum(first, z))
-        first, s = _lane_online(first, s, z)
+        if SUMS:
+            first, s = _lane_online(first, s, z)
+        else:
+            first = tl.maximum(first, z)
     if RAW_STATS:
         rm, rs = _lane_online(rm, rs, r)
     if draw:
@@ -105,7 +108,7 @@ def _chunk_step(z, r, idx, first, second, s, rm, rs, best, best_idx, draw, greed
 def _chunk_kernel(
     x_ptr, x_stride, raw_ptr, raw_stride, V, chunk_len, inv_t_ptr, greedy_ptr, key_ptr, tau_ptr,
     top_k_ptr, top_p_ptr, min_p_ptr, part_ptr, best_ptr, best_idx_ptr, lanes_ptr, offset,
-    DRAW: tl.constexpr, HAS_TAU: tl.constexpr, FILTER: tl.constexpr, RAW_STATS: tl.constexpr,
+    DRAW: tl.constexpr, HAS_TAU: tl.constexpr, FILTER: tl.constexpr, SUMS: tl.constexpr, RAW_STATS: tl.constexpr,
     RAW_IS_X: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One chunk of one row: partial statistics, lane maxima and the chunk's best draw."""
@@ -154,16 +157,20 @@ def _chunk_kernel(
                 r1 = tl.load(raw_ptr + row64 * raw_stride + idx1, mask=idx1 < hi, other=neg_inf).to(tl.float32)
         first, second, s, rm, rs, best, best_idx = _chunk_step(
             x0 * inv_t, r0, idx0, first, second, s, rm, rs, best, best_idx, draw, greedy, key, key2, tau, offset,
-            FILTER, RAW_STATS)
+            FILTER, SUMS, RAW_STATS)
         first, second, s, rm, rs, best, best_idx = _chunk_step(
             x1 * inv_t, r1, idx1, first, second, s, rm, rs, best, best_idx, draw, greedy, key, key2, tau, offset,
-            FILTER, RAW_STATS)
+            FILTER, SUMS, RAW_STATS)
     if DRAW != 0:
         top, token = _lowest_argmax(best, best_idx)
         tl.store(best_ptr + part, top)
         tl.store(best_idx_ptr + part, token)
     if FILTER:
-        m, total = _merge(first, s)
+        if SUMS:
+            m, total = _merge(first, s)
+        else:  # only top-p uses the sum: it stays NaN, so that a use without it shows
+            m = tl.max(first, 0)
+            total = float("nan")
         tl.store(part_ptr + 4 * part, m)
         tl.store(part_ptr + 4 * part + 1, total)
     if RAW_STATS:
@@ -181,19 +188,28 @@ def _chunk_kernel(
 @triton.jit
 def _merge_kernel(
     part_ptr, best_ptr, best_idx_ptr, lanes_ptr, token_ptr, score_ptr, stats_ptr, pivot_ptr, ok_ptr,
-    top_k_ptr, top_p_ptr, min_p_ptr, num_logprobs, V, offset,
+    top_k_ptr, top_p_ptr, min_p_ptr, num_logprobs, V, offset, raw_ptr, raw_stride, token_lp_ptr,
     CHUNKS: tl.constexpr, NUM_LANES: tl.constexpr, SAMPLE: tl.constexpr, FILTER: tl.constexpr,
-    RAW_STATS: tl.constexpr, DO_TOP_K: tl.constexpr, DO_TOP_P: tl.constexpr, DO_MIN_P: tl.constexpr,
-    PIVOT_ITERS: tl.constexpr,
+    RAW_STATS: tl.constexpr, TOKEN_LP: tl.constexpr, DO_TOP_K: tl.constexpr, DO_TOP_P: tl.constexpr,
+    DO_MIN_P: tl.constexpr, PIVOT_ITERS: tl.constexpr,
 ):
-    """One row: merges its chunks' partials; when filtering, also its pivot (`_lane_pivot`)."""
+    """One row: merges its chunks' partials; when filtering, also its pivot (`_lane_pivot`); with
+    TOKEN_LP, the drawn token's raw logprob."""
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
     part = row64 * CHUNKS + tl.arange(0, CHUNKS)
+    log_z = 0.0
+    if RAW_STATS:
+        rm, rs = _merge(tl.load(part_ptr + 4 * part + 2), tl.load(part_ptr + 4 * part + 3))
+        log_z = rm + tl.log(rs)
+        tl.store(stats_ptr + 4 * row + 2, rm)
+        tl.store(stats_ptr + 4 * row + 3, log_z)
     if SAMPLE:
         top, token = _lowest_argmax(tl.load(best_ptr + part), tl.load(best_idx_ptr + part))
         tl.store(token_ptr + row, token.to(tl.int64) + offset)
         tl.store(score_ptr + row, top)
+        if TOKEN_LP:
+            tl.store(token_lp_ptr + row, tl.load(raw_ptr + row64 * raw_stride + token).to(tl.float32) - log_z)
     if FILTER:
         m, total = _merge(tl.load(part_ptr + 4 * part), tl.load(part_ptr + 4 * part + 1))
         tl.store(stats_ptr + 4 * row, m)
@@ -204,10 +220,6 @@ def _merge_kernel(
                                 PIVOT_ITERS)
         tl.store(pivot_ptr + row, pivot)
         tl.store(ok_ptr + row, ok.to(tl.int8))
-    if RAW_STATS:
-        rm, rs = _merge(tl.load(part_ptr + 4 * part + 2), tl.load(part_ptr + 4 * part + 3))
-        tl.store(stats_ptr + 4 * row + 2, rm)
-        tl.store(stats_ptr + 4 * row + 3, rm + tl.log(rs))
 
 
 class Filters(NamedTuple):
@@ -222,10 +234,20 @@ class Filters(NamedTuple):
     do_min_p: bool
 
 
+class Logprobs(NamedTuple):
+    """Where the kernels write raw-logit logprobs: the drawn token's [B] float32, and the top K [B, K]
+    float32 with their token ids [B, K] int64 (None: not asked, or computed elsewhere)."""
+    token: torch.Tensor
+    top: torch.Tensor | None
+    top_ids: torch.Tensor | None
+
+
 class RowPass(NamedTuple):
     token: torch.Tensor  # [B] int64: the draw of the rows asked to draw (others undefined)
     score: torch.Tensor  # [B] float32: its scaled logit plus noise
-    stats: torch.Tensor  # [B, 4] float32: max and sum of exp(. - max) of x * inv_t, raw max, raw logsumexp
+    # [B, 4] float32: max and sum of exp(. - max) of x * inv_t (filtering; the sum only with top-p,
+    # else NaN), raw max and raw logsumexp (raw_stats)
+    stats: torch.Tensor
     pivot: torch.Tensor | None  # [B] float32 (filtering): gather the scaled logits >= pivot; +inf: none
     ok: torch.Tensor | None  # [B] int8 (filtering): 1 where the lane maxima could bound the row's sets
 
@@ -237,11 +259,13 @@ def _chunk_len(vocab: int) -> int:
 def row_pass(
     x: torch.Tensor, raw: torch.Tensor, inv_t: torch.Tensor, greedy: torch.Tensor, keys: torch.Tensor,
     tau: torch.Tensor | None, draw: int, raw_stats: bool, offset: int = 0, filters: Filters | None = None,
+    token_logprobs: torch.Tensor | None = None,
 ) -> RowPass:
     """One read of each row. `draw` (DRAW_NONE / DRAW_ALL / DRAW_UNFILTERED) picks the rows that get a
     token, drawn over the entries >= `tau` [B] (None: all); column j of x is token `offset + j` (a
     tensor-parallel shard). `filters` asks for the statistics and the pivots that the filters need
-    (DRAW_UNFILTERED reads its parameters too)."""
+    (DRAW_UNFILTERED reads its parameters too). `token_logprobs` [B] (with raw_stats, offset 0)
+    receives each drawn token's raw logprob."""
     batch, vocab = x.shape
     dev = x.device
     parts = torch.empty(batch, CHUNKS, 4, dtype=torch.float32, device=dev)
@@ -252,19 +276,21 @@ def row_pass(
     _chunk_kernel[(batch, CHUNKS)](
         x, x.stride(0), raw, raw.stride(0), vocab, _chunk_len(vocab), inv_t, greedy, keys,
         inv_t if tau is None else tau, f.top_k, f.top_p, f.min_p, parts, best, best_idx, lanes, offset,
-        DRAW=draw, HAS_TAU=tau is not None, FILTER=filters is not None, RAW_STATS=raw_stats, RAW_IS_X=raw is x,
-        BLOCK=BLOCK, num_warps=CHUNK_WARPS,
+        DRAW=draw, HAS_TAU=tau is not None, FILTER=filters is not None, SUMS=f.do_top_p, RAW_STATS=raw_stats,
+        RAW_IS_X=raw is x, BLOCK=BLOCK, num_warps=CHUNK_WARPS,
     )
     token = torch.empty(batch, dtype=torch.int64, device=dev)
     score = torch.empty(batch, dtype=torch.float32, device=dev)
     stats = torch.empty(batch, 4, dtype=torch.float32, device=dev)
     pivot = torch.empty(batch, dtype=torch.float32, device=dev) if filters else None
     ok = torch.empty(batch, dtype=torch.int8, device=dev) if filters else None
+    assert token_logprobs is None or (raw_stats and draw != DRAW_NONE and offset == 0)
     _merge_kernel[(batch,)](
         parts, best, best_idx, lanes, token, score, stats, pivot, ok, f.top_k, f.top_p, f.min_p, f.num_logprobs,
-        vocab, offset,
+        vocab, offset, raw, raw.stride(0), token_logprobs,
         CHUNKS=CHUNKS, NUM_LANES=LANES, SAMPLE=draw != DRAW_NONE, FILTER=filters is not None, RAW_STATS=raw_stats,
-        DO_TOP_K=f.do_top_k, DO_TOP_P=f.do_top_p, DO_MIN_P=f.do_min_p, PIVOT_ITERS=PIVOT_ITERS, num_warps=8,
+        TOKEN_LP=token_logprobs is not None, DO_TOP_K=f.do_top_k, DO_TOP_P=f.do_top_p, DO_MIN_P=f.do_min_p,
+        PIVOT_ITERS=PIVOT_ITERS, num_warps=8,
     )
     return RowPass(token, score, stats, pivot, ok)
 
@@ -392,13 +418,17 @@ def _kth_largest_key(keys, k, ITERS: tl.constexpr):
 
 @triton.jit
 def _select_kernel(val_ptr, idx_ptr, count_ptr, inv_t_ptr, greedy_ptr, key_ptr, stats_ptr, top_k_ptr,
-                   top_p_ptr, min_p_ptr, tau_ptr, ok_ptr, token_ptr, V, CAP: tl.constexpr, CHUNKS: tl.constexpr,
-                   DO_TOP_K: tl.constexpr, DO_TOP_P: tl.constexpr, DO_MIN_P: tl.constexpr):
+                   top_p_ptr, min_p_ptr, tau_ptr, ok_ptr, token_ptr, V, raw_ptr, raw_stride, token_lp_ptr,
+                   top_lp_ptr, top_id_ptr, num_top, CAP: tl.constexpr, CHUNKS: tl.constexpr,
+                   DO_TOP_K: tl.constexpr, DO_TOP_P: tl.constexpr, DO_MIN_P: tl.constexpr,
+                   TOKEN_LP: tl.constexpr, TOP: tl.constexpr):
     """Each row's threshold tau from its candidates (`gather_candidates`): `sampler.thresholds_from_sorted`
     without the sort. Top-k: the k-th largest scaled logit; top-p: the smallest candidate value whose
     strictly larger candidates hold less than top_p of the mass (HF keeps a token while the mass ranked
     above it is below top_p); min-p: m + log(min_p). A filtered sampled row then draws its token: the
-    Gumbel-max over the candidates >= tau, which hold every entry >= tau when ok."""
+    Gumbel-max over the candidates >= tau, which hold every entry >= tau when ok. With TOKEN_LP, the
+    row's token's raw logprob; with TOP, the top `num_top` raw logprobs from the candidates (the
+    values are the raw logits then), ties to the lowest id."""
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
     slots = tl.arange(0, CAP)
@@ -442,27 +472,45 @@ def _select_kernel(val_ptr, idx_ptr, count_ptr, inv_t_ptr, greedy_ptr, key_ptr, 
             tau = tl.maximum(tau, m + tl.log(min_p))
     tl.store(tau_ptr + row, tau)
     tl.store(ok_ptr + row, (tl.load(ok_ptr + row) != 0) & covered)
+    ids = tl.load(idx_ptr + row64 * CAP + slots)
+    token = tl.load(token_ptr + row)  # an unfiltered row's draw, from `row_pass`
     if (filtered != 0) & (tl.load(greedy_ptr + row) == 0):
-        ids = tl.load(idx_ptr + row64 * CAP + slots)
         key = tl.load(key_ptr + 2 * row).to(tl.uint32)
         key2 = tl.load(key_ptr + 2 * row + 1).to(tl.uint32)
         score = tl.where(z >= tau, z + _gumbel(ids, key, key2), float("-inf"))
-        tl.store(token_ptr + row, _lowest_argmax(score, ids)[1].to(tl.int64))
+        token = _lowest_argmax(score, ids)[1].to(tl.int64)
+        tl.store(token_ptr + row, token)
+    if TOKEN_LP:
+        log_z = tl.load(stats_ptr + 4 * row + 3)
+        tl.store(token_lp_ptr + row, tl.load(raw_ptr + row64 * raw_stride + token).to(tl.float32) - log_z)
+        if TOP:
+            left = tl.load(val_ptr + row64 * CAP + slots)
+            for i in range(num_top):
+                top, top_id = _lowest_argmax(left, ids)
+                tl.store(top_lp_ptr + row64 * num_top + i, top - log_z)
+                tl.store(top_id_ptr + row64 * num_top + i, top_id.to(tl.int64))
+                left = tl.where(ids == top_id, float("-inf"), left)
 
 
 def select_and_draw(values: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, inv_t: torch.Tensor,
                     greedy: torch.Tensor, keys: torch.Tensor, stats: torch.Tensor, top_k: torch.Tensor,
                     top_p: torch.Tensor, min_p: torch.Tensor, vocab_size: int, ok: torch.Tensor, tokens: torch.Tensor,
-                    do_top_k: bool, do_top_p: bool, do_min_p: bool) -> torch.Tensor:
+                    do_top_k: bool, do_top_p: bool, do_min_p: bool, raw: torch.Tensor | None = None,
+                    logprobs: Logprobs | None = None) -> torch.Tensor:
     """Each row's threshold tau [B] float32 from its candidates (`gather_candidates`), as
     `sampler.thresholds_from_sorted` gives it from the sorted candidates, and the token of each filtered
     sampled row, written into `tokens`. `ok` [B] int8 (in place) keeps only the rows whose candidates
-    held enough of the row for tau and the draw to be exact. `stats`: `row_pass`'s."""
+    held enough of the row for tau, the draw and the top logprobs to be exact. `stats`: `row_pass`'s
+    (its raw logsumexp when `logprobs` is given). `logprobs` receives every row's token logprob (from
+    `raw`) and, when its `top` is not None, the top K from the candidates, which must then be raw."""
     batch, cap = values.shape
     tau = torch.empty(batch, dtype=torch.float32, device=values.device)
+    lp = logprobs or Logprobs(None, None, None)
     _select_kernel[(batch,)](values, ids, counts, inv_t, greedy, keys, stats, top_k, top_p, min_p, tau,
-                             ok, tokens, vocab_size, CAP=cap, CHUNKS=counts.shape[1], DO_TOP_K=do_top_k,
-                             DO_TOP_P=do_top_p, DO_MIN_P=do_min_p, num_warps=8)
+                             ok, tokens, vocab_size, raw, 0 if raw is None else raw.stride(0), lp.token, lp.top,
+                             lp.top_ids, 0 if lp.top is None else lp.top.shape[1], CAP=cap, CHUNKS=counts.shape[1],
+                             DO_TOP_K=do_top_k, DO_TOP_P=do_top_p, DO_MIN_P=do_min_p, TOKEN_LP=logprobs is not None,
+                             TOP=lp.top is not None, num_warps=8)
     return tau
 
 
