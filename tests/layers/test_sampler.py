@@ -439,22 +439,24 @@ for cap in (2048, 8):  # 8: the buffer overflows and rows fall back to a full so
     torch.testing.assert_close(ours.top_logprobs, ref.top_logprobs)
     assert torch.equal(ours.top_token_ids, ref.top_token_ids)
 # batches without top-p (the chunk pass keeps no sums), without filters (the merge writes the token's
-# logprob; with top logprobs, the candidates give them), each with a greedy row
-for batch in ([dict(temperature=0.7, logprobs=0), dict(temperature=0, logprobs=0), dict(temperature=1.3)],
-              [dict(temperature=0.7, logprobs=4), dict(temperature=0, logprobs=2), dict(temperature=1.3)],
-              [dict(top_k=5, logprobs=3), dict(temperature=0, logprobs=1), dict(min_p=0.1, logprobs=0)]):
+# logprob; with top logprobs, the candidates give them), each with a greedy row; 8 slots: rows fall back
+batches = ([dict(temperature=0.7, logprobs=0), dict(temperature=0, logprobs=0), dict(temperature=1.3)],
+           [dict(temperature=0.7, logprobs=4), dict(temperature=0, logprobs=2), dict(temperature=1.3)],
+           [dict(top_k=5, logprobs=3), dict(temperature=0, logprobs=1), dict(min_p=0.1, logprobs=0)])
+for cap, batch in [(cap, batch) for cap in (2048, 8) for batch in batches]:
+    S.CANDIDATES = cap
     rows = [Sequence(i, [1, 2, 3], SamplingParams(**c)) for i, c in enumerate(batch)]
     t = S.SamplingTensors.from_rows(rows, V, [0], "cpu")
     keys = S.row_keys(t.seeds, t.positions)
     x = logits[: len(rows)]
     ours = S._forward_triton(x, x, keys, t)
     ref = S._forward_torch(x, x, S.gumbel_noise(keys, torch.arange(V)), t)
-    assert torch.equal(ours.token_ids, ref.token_ids), (batch, ours.token_ids, ref.token_ids)
+    assert torch.equal(ours.token_ids, ref.token_ids), (cap, batch, ours.token_ids, ref.token_ids)
     torch.testing.assert_close(ours.logprobs, ref.logprobs)
     assert (ours.top_logprobs is None) == (ref.top_logprobs is None), batch
     if ref.top_logprobs is not None:
         torch.testing.assert_close(ours.top_logprobs, ref.top_logprobs)
-        assert torch.equal(ours.top_token_ids, ref.top_token_ids), batch
+        assert torch.equal(ours.top_token_ids, ref.top_token_ids), (cap, batch)
 # wide nuclei without logprobs: top-p rows are drawn by rejection rounds, only the top-k row is sorted
 from nanovllm.layers import sampling_kernels as K
 S.CANDIDATES = 8
