@@ -44,6 +44,9 @@ GREEDY_TEMPERATURE = 1e-5
 # Candidates gathered per row on the GPU path (`CANDIDATES // sampling_kernels.CHUNKS` slots per chunk);
 # rows needing more are drawn by rejection (top-p) or sorted in full.
 CANDIDATES = 2048
+# Top logprobs up to this many come from the candidates (the select kernel takes them one by one, and
+# the pivots must bound them); more from a torch topk over the raw logits.
+BUFFER_TOP_LOGPROBS = 64
 # Below this many rows the torch path runs, whose elementwise kernels spread each row over the whole
 # GPU: with one Triton program per row, most SMs idled while a few streamed whole rows (1.8 ms for one
 # 152k-wide row on the H100). The kernels now take `sampling_kernels.CHUNKS` programs a row; the
@@ -526,7 +529,7 @@ def _forward_triton(raw: Tensor, x: Tensor, keys: Tensor, t: SamplingTensors) ->
 
     inv_t = t.inv_temperatures
     # Without penalties, x is raw and its top-K comes from the same candidate buffer.
-    top_from_buffer = t.max_num_logprobs > 0 and x is raw
+    top_from_buffer = 0 < t.max_num_logprobs <= BUFFER_TOP_LOGPROBS and x is raw
     lp = _logprob_buffers(x, t, top_from_buffer) if t.want_logprobs else None
     token_lp = None if lp is None else lp.token
     if not t.do_filter and not top_from_buffer:

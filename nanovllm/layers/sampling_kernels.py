@@ -11,6 +11,8 @@ a sub-multiset of the row). `gather_candidates` copies the entries at or above t
 buffer (a fixed region per chunk, so the order, and every sum over it, is deterministic), and
 `select_and_draw` finds the exact threshold there without sorting and draws the filtered rows from the
 candidates: every entry the filters keep is one of them, so no third read of the logits is needed.
+Logprobs asked for are written by the kernels too (`Logprobs`): the drawn token's by the merge or the
+select kernel, the top K by the select kernel from the candidates, which then hold the raw logits.
 """
 from __future__ import annotations
 

@@ -442,7 +442,8 @@ for cap in (2048, 8):  # 8: the buffer overflows and rows fall back to a full so
 # logprob; with top logprobs, the candidates give them), each with a greedy row; 8 slots: rows fall back
 batches = ([dict(temperature=0.7, logprobs=0), dict(temperature=0, logprobs=0), dict(temperature=1.3)],
            [dict(temperature=0.7, logprobs=4), dict(temperature=0, logprobs=2), dict(temperature=1.3)],
-           [dict(top_k=5, logprobs=3), dict(temperature=0, logprobs=1), dict(min_p=0.1, logprobs=0)])
+           [dict(top_k=5, logprobs=3), dict(temperature=0, logprobs=1), dict(min_p=0.1, logprobs=0)],
+           [dict(temperature=0.7, logprobs=S.BUFFER_TOP_LOGPROBS + 1), dict(top_k=5)])  # top K from torch
 for cap, batch in [(cap, batch) for cap in (2048, 8) for batch in batches]:
     S.CANDIDATES = cap
     rows = [Sequence(i, [1, 2, 3], SamplingParams(**c)) for i, c in enumerate(batch)]
