@@ -507,12 +507,12 @@ def select_and_draw(values: torch.Tensor, ids: torch.Tensor, counts: torch.Tenso
     `raw`) and, when its `top` is not None, the top K from the candidates, which must then be raw."""
     batch, cap = values.shape
     tau = torch.empty(batch, dtype=torch.float32, device=values.device)
-    lp = logprobs or Logprobs(None, None, None)
+    token_lp, top, top_ids = logprobs if logprobs is not None else (None, None, None)
     _select_kernel[(batch,)](values, ids, counts, inv_t, greedy, keys, stats, top_k, top_p, min_p, tau,
-                             ok, tokens, vocab_size, raw, 0 if raw is None else raw.stride(0), lp.token, lp.top,
-                             lp.top_ids, 0 if lp.top is None else lp.top.shape[1], CAP=cap, CHUNKS=counts.shape[1],
-                             DO_TOP_K=do_top_k, DO_TOP_P=do_top_p, DO_MIN_P=do_min_p, TOKEN_LP=logprobs is not None,
-                             TOP=lp.top is not None, num_warps=8)
+                             ok, tokens, vocab_size, raw, 0 if raw is None else raw.stride(0), token_lp, top, top_ids,
+                             0 if top is None else top.shape[1], CAP=cap, CHUNKS=counts.shape[1], DO_TOP_K=do_top_k,
+                             DO_TOP_P=do_top_p, DO_MIN_P=do_min_p, TOKEN_LP=token_lp is not None, TOP=top is not None,
+                             num_warps=8)
     return tau
 
 
