@@ -115,7 +115,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--profile", metavar="MODE", default=None, help=f"profile one mode instead: {list(MODES)}, optionally with ' +lpN'")
+    p.add_argument("--profile", metavar="MODE", default=None,
+                   help=f"profile one mode instead: {list(MODES)}, optionally with ' +lpN'")
     args = p.parse_args()
     if args.profile is None:
         print("\n".join(table(args.vocab, args.batches, args.iters, args.device)))

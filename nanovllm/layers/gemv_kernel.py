@@ -22,8 +22,9 @@ is 4. With 4, in call U: batch 2 1.61 -> 1.30, batch 4 1.58 -> 1.44, batch 8 1.6
 Batch decode pads 5-8 sequences to 8 rows (`cuda_graph.graph_batch_sizes`), so a layer sees 5 rows
 in a verify step (k = 4 at batch 1): with the GEMV at 5 rows everywhere (the LM head too) such a step
 went 1.64 -> 1.45 ms (call AI), while batch-5 decode, whose 5 rows reach only the LM head (eager,
-after the graph), went 1.57 -> 1.71 ms (call AH). Hence `LOGITS_MAX_ROWS`: with the LM head kept at 4 rows,
-batch 5 is unchanged (1.50 ms per step against 1.50-1.55, twice each) and a verify step takes 2.01 -> 1.72 ms (calls AL, AM).
+after the graph), went 1.57 -> 1.71 ms (call AH). Hence `LOGITS_MAX_ROWS`: with the LM head kept at
+4 rows, batch 5 is unchanged (1.50 ms per step against 1.50-1.55, twice each) and a verify step takes
+2.01 -> 1.72 ms (calls AL, AM).
 
 With PDL (`nanovllm/utils/pdl.py`, sm90+) a program reads its whole W tile before it waits for x,
 while the kernel before it still runs. Tiles of 8,192 weights (a row of up to 4,096, so 2-8 output

@@ -48,9 +48,9 @@ CANDIDATES = 2048
 # the pivots must bound them); more from a torch topk over the raw logits.
 BUFFER_TOP_LOGPROBS = 64
 # Below this many rows the torch path runs, whose elementwise kernels spread each row over the whole
-# GPU: with one Triton program per row, most SMs idled while a few streamed whole rows (1.8 ms for one
-# 152k-wide row on the H100). The kernels now take `sampling_kernels.CHUNKS` programs a row; the
-# threshold was not measured again since.
+# GPU (with one Triton program per row, one 152k-wide row took 1.8 ms on the H100). With
+# `sampling_kernels.CHUNKS` programs a row, at 16 rows (call AR, H200) Triton won top-p (0.37 against
+# 0.65 ms) and the +lp5 modes, and lost temperature (0.20 against 0.11), min-p and a flat nucleus.
 TRITON_MIN_ROWS = 32
 
 _MASK32 = 0xFFFFFFFF
@@ -489,8 +489,9 @@ def thresholds_from_sorted(z: Tensor, m: Tensor, total: Tensor, t: SamplingTenso
     """Exact per-row thresholds tau (keep z >= tau, z the scaled logits) of TopK, TopP, MinP.
 
     z [R, N]: each row's largest scaled logits sorted descending (-inf padded); it must hold
-    the row's whole top-k set when top-k is on, else the nucleus when top-p is on. m, total: the row's max and sum of exp(z - m) over the whole row. `rows`
-    selects the batch rows that z, m, total describe (all when None).
+    the row's whole top-k set when top-k is on, else the nucleus when top-p is on. m, total: the
+    row's max and sum of exp(z - m) over the whole row. `rows` selects the batch rows that z, m,
+    total describe (all when None).
     Returns (tau [R], covered [R] bool: whether z held enough of the row for tau to be exact).
     """
     def take(a: Tensor) -> Tensor:
