@@ -88,6 +88,7 @@ class ModelRunner:
         self.device = tp.device(config.device)
         self.dtype = config.torch_dtype
         self.generator = torch.Generator(self.device).manual_seed(config.seed)  # unseeded sampling
+        self.key_rng = np.random.default_rng(config.seed)  # unseeded rows' noise keys, drawn on the host
         self.backend = select_backend(config.attention_backend, self.device, self.dtype, config.kv_cache_dtype)
         self.block_size = self._block_size()
         self.startup_seconds: dict[str, float] = {}  # phase -> seconds, logged once the runner is ready
@@ -100,13 +101,14 @@ class ModelRunner:
         self.kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
         self.fp8 = self._timed("FP8 calibration", self._calibrate_fp8, calibration_ids) \
             if config.kv_cache_dtype == "fp8" else None
-        # the last launched step's sampled tokens, still on the device, and each sequence's row in them
-        self.prev_tokens = torch.zeros(1, dtype=torch.int64, device=self.device)
-        self.prev_rows: dict[int, int] = {}
         self.num_blocks = tp.min_int(config.num_kvcache_blocks or self._timed("warm-up", self._num_blocks_from_memory))
         self.num_sink_blocks = self._sink_blocks(self.num_blocks)
         self.kv_cache = self._timed("KV cache", self._allocate_kv_cache)
         self.graphs = self._capture_graphs()
+        # the last launched step's sampled tokens, still on the device, and each sequence's row in them
+        self.prev_tokens = self.graphs.tokens if self.graphs is not None else \
+            torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.prev_rows: dict[int, int] = {}
         logger.info("startup: %s", ", ".join(f"{name} {t:.1f} s" for name, t in self.startup_seconds.items()))
 
     def _timed(self, phase: str, fn: Callable[..., T], *args: object) -> T:
@@ -269,7 +271,8 @@ class ModelRunner:
         spec = self.config.speculative_config  # verify steps: k + 1 tokens per row, while speculation runs
         verify = (spec.num_speculative_tokens + 1, spec.disable_by_batch_size) if spec is not None else (1, 0)
         return self._timed("CUDA graphs", DecodeGraphs, self.model, min(self.config.max_num_seqs, 512), blocks_per_seq,
-                           self.hf_config.hidden_size, self.dtype, self.config.max_model_len, self.device, *verify)
+                           self.config.max_model_len, self.device, self.tp.size == 1,
+                           self.config.max_num_seqs * verify[0], *verify)
 
     # -- running ----------------------------------------------------------------
 
@@ -332,41 +335,75 @@ class ModelRunner:
         inputs and the sampling parameters go up in one copy.
         """
         step, sampling = self._step_inputs(batch)
-        host = SamplingArrays.from_rows(sampling, self.hf_config.vocab_size, self.config.eos_token_ids) \
-            if sampling else None
+        host = SamplingArrays.from_rows(sampling, self.hf_config.vocab_size, self.config.eos_token_ids,
+                                        self.key_rng) if sampling else None
+        if step.graphed and self.graphs.sample:
+            out = self._run_graph(step, host)
+            self.prev_rows = {seq.seq_id: row for row, seq in enumerate(sampling)}
+            return PendingSample(out)
         # Plain decode sampling on several ranks: each draws from its own shard of the vocabulary
         step.vocab_parallel = self.tp.size > 1 and step.is_decode and host is not None and host.plain
         with self.workers.watch() if self.workers is not None else nullcontext():
             if self.workers is not None:
                 self.workers.send(step)
-            inputs = step.device_arrays()
-            tensors = self.upload(inputs + (host.arrays if host is not None else []))
-            logits = self.execute(step, tensors[: len(inputs)])
+            logits, uploaded = self.execute(step, host.arrays if host is not None else [])
             if logits is None:
                 return PendingSample(None)
-            t = host.tensors(tensors[len(inputs) :])
+            t = host.tensors(uploaded)
             if step.vocab_parallel:
                 params = torch.stack([*self.sampler.keys(t, self.device).unbind(1),
                                       t.inv_temperatures.view(torch.int32).long(), t.greedy.long()], dim=1)
                 out = SamplerOutput(self._vocab_parallel_tokens(logits, self.tp.broadcast(params)), None, None, None)
-                self.prev_tokens = out.token_ids
+                self.prev_tokens = self._keep(out.token_ids)
             else:
                 out = self.sampler(logits, t)
-                self.prev_tokens = self.tp.broadcast(out.token_ids)
+                self.prev_tokens = self._keep(self.tp.broadcast(out.token_ids))
         self.prev_rows = {seq.seq_id: row for row, seq in enumerate(sampling)}
         return PendingSample(out)
+
+    def _run_graph(self, step: StepInputs, host: SamplingArrays) -> SamplerOutput:
+        """A step whose CUDA graph also runs the LM head and a plain draw (a single rank): the draw's
+        tokens when the rows ask for nothing more, else the sampler's over the graph's logits. Either
+        way they end in the graphs' `tokens`, where the next step reads them."""
+        tokens, n = self.graphs.tokens, len(step.logit_rows)
+        in_order = bool(np.array_equal(step.logit_rows, np.arange(n)))  # decode: always
+        extra = [*self._copies_and_rows(step), *([] if host.plain else host.arrays)]
+        draw = host.at_tokens(step.logit_rows, len(step.input_ids))
+        copy_src, copy_dst, rows_t, *uploaded = self.graphs.load(self.upload, step, draw, extra)
+        if len(step.block_copies):
+            self.kv_cache.copy_blocks(copy_src, copy_dst)
+        logits = self.graphs.replay(step)
+        if host.plain:
+            if not in_order:
+                tokens[:n] = tokens[rows_t]
+            return SamplerOutput(tokens[:n], None, None, None)
+        out = self.sampler(logits[:n] if in_order else logits[rows_t], host.tensors(uploaded))
+        tokens[:n].copy_(out.token_ids)
+        return out
+
+    def _keep(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Where the next step's rows read the tokens just sampled: the graphs' `tokens` (copied
+        there) when there are graphs, whose replays read them there."""
+        if self.graphs is None:
+            return tokens
+        self.graphs.tokens[: len(tokens)].copy_(tokens)
+        return self.graphs.tokens
+
+    @staticmethod
+    def _copies_and_rows(step: StepInputs) -> list[np.ndarray]:
+        return [step.block_copies[:, 0], step.block_copies[:, 1], step.logit_rows]
 
     @torch.inference_mode()
     def follow(self, step: StepInputs) -> None:
         """A worker rank's part of a step: the forward, then the tokens rank 0 sampled, or in a plain
         decode step this rank's share of the draw (the next decode may read them on the device)."""
-        logits = self.execute(step, self.upload(step.device_arrays()))
+        logits, _ = self.execute(step, [])
         if step.vocab_parallel:
             params = torch.empty(len(step.logit_rows), 4, dtype=torch.int64, device=self.device)
-            self.prev_tokens = self._vocab_parallel_tokens(logits, self.tp.broadcast(params))
+            self.prev_tokens = self._keep(self._vocab_parallel_tokens(logits, self.tp.broadcast(params)))
         elif len(step.logit_rows):
             tokens = torch.empty(len(step.logit_rows), dtype=torch.int64, device=self.device)
-            self.prev_tokens = self.tp.broadcast(tokens)
+            self.prev_tokens = self._keep(self.tp.broadcast(tokens))
 
     def _vocab_parallel_tokens(self, logits: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Every rank: the tokens drawn from every rank's vocabulary shard, given rank 0's per-row
@@ -377,25 +414,34 @@ class ModelRunner:
         shards = self.tp.all_gather(torch.stack([scores.view(torch.int32).long(), tokens]))
         return best_of_shards(shards[:, 0].int().view(torch.float32), shards[:, 1])
 
-    def execute(self, step: StepInputs, tensors: list[torch.Tensor]) -> torch.Tensor | None:
-        """Every rank: block copies, then the forward over `step`'s uploaded `device_arrays`; the
-        logits of the step's logit rows on rank 0 (None on other ranks, or when nothing is sampled);
-        with `step.vocab_parallel`, each rank's shard of them."""
-        ids, src, rows_t, copy_src, copy_dst, *meta_tensors = tensors
+    def execute(self, step: StepInputs, extra: list[np.ndarray]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Every rank: upload `step` with the `extra` arrays in one copy, block copies, then the forward
+        (a CUDA graph's without the LM head, or eager). Returns the logits of the step's logit rows on
+        rank 0 (None on other ranks, or when nothing is sampled; with `step.vocab_parallel`, each
+        rank's shard of them), and `extra` on the device."""
+        if step.graphed:
+            copy_src, copy_dst, rows_t, *uploaded = self.graphs.load(self.upload, step, None,
+                                                                      [*self._copies_and_rows(step), *extra])
+        else:
+            inputs = [step.input_ids, step.prev_rows, *self._copies_and_rows(step), *step.layout.arrays()]
+            tensors = self.upload(inputs + extra)
+            (ids, src, copy_src, copy_dst, rows_t, *meta_tensors), uploaded = tensors[: len(inputs)], \
+                tensors[len(inputs) :]
         if len(step.block_copies):
             self.kv_cache.copy_blocks(copy_src, copy_dst)
-        positions, meta = step.layout.metadata(meta_tensors)
-        if step.is_decode:
-            ids = torch.where(src >= 0, self.prev_tokens[src.clamp(min=0)], ids)
         if step.graphed:
-            hidden = self.graphs.run(ids, positions, meta, step.num_seqs)
+            hidden = self.graphs.replay(step)
+            hidden = hidden[: step.num_seqs] if step.is_decode else hidden
         else:
+            positions, meta = step.layout.metadata(meta_tensors)
+            if step.is_decode:
+                ids = torch.where(src >= 0, self.prev_tokens[src.clamp(min=0)], ids)
             hidden = self.model(ids, positions, meta)
         if not len(step.logit_rows):
-            return None
+            return None, uploaded
         if not step.is_decode:
             hidden = hidden[rows_t]
-        return self.model.compute_logits(hidden, gather=not step.vocab_parallel)
+        return self.model.compute_logits(hidden, gather=not step.vocab_parallel), uploaded
 
     @staticmethod
     def _sampling_rows(batch: ScheduledBatch, query_start_loc: np.ndarray) -> tuple[list[SamplingRow], np.ndarray]:

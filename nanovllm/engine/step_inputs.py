@@ -27,11 +27,6 @@ class StepInputs:
     graphed: bool  # replays a decode CUDA graph
     vocab_parallel: bool = False  # every rank samples from its vocabulary shard (`sampler.sample_vocab_shard`)
 
-    def device_arrays(self) -> list[np.ndarray]:
-        """What every rank uploads for the forward, in the order `ModelRunner.execute` reads them."""
-        return [self.input_ids, self.prev_rows, self.logit_rows, self.block_copies[:, 0], self.block_copies[:, 1],
-                *self.layout.arrays()]
-
     def pack(self) -> bytes:
         layout = self.layout
         rows, width = layout.block_tables.shape

@@ -30,17 +30,30 @@ class Uploader:
         if self.device.type == "cpu":
             return [torch.from_numpy(a) for a in arrays]
         offsets, total = byte_offsets(arrays)
+        return unpack(self.raw(list(zip(offsets, arrays)), total), arrays, offsets)
+
+    def raw(self, chunks: list[tuple[int, np.ndarray]], total: int) -> torch.Tensor:
+        """`total` bytes on the device (uint8), each (offset, array) of `chunks` written at its byte
+        offset (bytes no chunk covers hold anything); one copy on CUDA."""
+        if self.device.type == "cpu":
+            buffer = np.zeros(total, dtype=np.uint8)
+            _write(buffer, chunks)
+            return torch.from_numpy(buffer)
         i = self.turn
         self.turn = (i + 1) % _RING
         self.copied[i].synchronize()  # the copy out of this buffer, _RING calls ago, is done
         if self.staging[i].numel() < total:
             self.staging[i] = torch.empty(2 * total, dtype=torch.uint8).pin_memory()
-        host = self.staging[i].numpy()
-        for a, offset in zip(arrays, offsets):
-            host[offset : offset + a.nbytes] = a.view(np.uint8).ravel()
+        _write(self.staging[i].numpy(), chunks)
         device = self.staging[i][:total].to(self.device, non_blocking=True)
         self.copied[i].record()
-        return unpack(device, arrays, offsets)
+        return device
+
+
+def _write(host: np.ndarray, chunks: list[tuple[int, np.ndarray]]) -> None:
+    for offset, a in chunks:
+        a = np.ascontiguousarray(a)
+        host[offset : offset + a.nbytes] = a.view(np.uint8).ravel()
 
 
 def byte_offsets(arrays: list[np.ndarray]) -> tuple[list[int], int]:

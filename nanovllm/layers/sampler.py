@@ -55,7 +55,8 @@ TRITON_MIN_ROWS = 32
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = (1 << 64) - 1
-ArrayT = TypeVar("ArrayT", Tensor, np.ndarray)  # the key hash runs on torch tensors and numpy arrays alike
+ArrayT = TypeVar("ArrayT", Tensor, np.ndarray)
+DrawArrays = tuple[np.ndarray, np.ndarray, np.ndarray]  # (inv_t, greedy, keys) of a plain draw (`draw_plain`)  # the key hash runs on torch tensors and numpy arrays alike
 
 
 class SamplingRow(Protocol):
@@ -102,7 +103,7 @@ class SamplingTensors:
     seeded: Tensor  # [B] bool: rows whose noise comes from (seed, position)
     seeds: Tensor  # [B] int64: the seed's low 64 bits (0 where unseeded)
     positions: Tensor  # [B] int64: position of the token being sampled
-    seed_keys: Tensor  # [B, 2] int64: row_keys(seeds, positions), mixed on the host (0 where unseeded)
+    keys: Tensor  # [B, 2] int64: the noise keys, made on the host (`SamplingArrays.from_rows`)
     penalties: PenaltyTensors | None
     min_tokens_blocked: Tensor | None  # [2, M] int64: (row, token id) pairs to set to -inf
     all_greedy: bool
@@ -114,6 +115,7 @@ class SamplingTensors:
     want_logprobs: bool  # some row asked for logprobs
     max_num_logprobs: int  # K for the top-K logprobs; 0 = none
     vocab_size: int
+    host_keys: bool = False  # unseeded rows' keys were drawn on the host too (else they hold 0)
 
     @property
     def do_filter(self) -> bool:
@@ -127,9 +129,10 @@ class SamplingTensors:
         eos_token_ids: list[int],
         device: torch.device | str,
         upload: Callable[[list[np.ndarray]], list[Tensor]] | None = None,
+        key_rng: np.random.Generator | None = None,
     ) -> SamplingTensors:
         """Build the step's arrays on the host and move them all with one `upload` call."""
-        host = SamplingArrays.from_rows(rows, vocab_size, eos_token_ids)
+        host = SamplingArrays.from_rows(rows, vocab_size, eos_token_ids, key_rng)
         tensors = upload(host.arrays) if upload is not None else [torch.from_numpy(a).to(device) for a in host.arrays]
         return host.tensors(tensors)
 
@@ -151,9 +154,14 @@ class SamplingArrays:
     want_logprobs: bool
     max_num_logprobs: int
     vocab_size: int
+    host_keys: bool
 
     @classmethod
-    def from_rows(cls, rows: Sequence[SamplingRow], vocab_size: int, eos_token_ids: list[int]) -> SamplingArrays:
+    def from_rows(cls, rows: Sequence[SamplingRow], vocab_size: int, eos_token_ids: list[int],
+                  key_rng: np.random.Generator | None = None) -> SamplingArrays:
+        """The rows' arrays. Every row's noise keys are made here: a seeded row's from (seed,
+        position); with `key_rng`, an unseeded row's fresh from it (a CUDA graph's draw reads
+        them), else 0 and the sampler draws them on the device."""
         batch = len(rows)
         temperature = np.ones(batch, np.float32)
         top_k = np.full(batch, vocab_size, np.int64)
@@ -194,10 +202,13 @@ class SamplingArrays:
                 max_num_logprobs = max(max_num_logprobs, sp.logprobs)
         # The keys are mixed here, on ~B numbers, rather than on the device, where the hash's
         # ~50 tiny elementwise kernels cost more host time than a small batch's whole forward.
-        seed_keys = np.zeros((batch, 2), np.int64)
+        keys = np.zeros((batch, 2), np.int64)
         if seeded.any():
-            seed_keys[seeded] = row_keys_np(seeds[seeded], positions[seeded])
-        arrays = [1.0 / temperature, greedy, top_k, top_p, min_p, seeded, seeds, positions, seed_keys]
+            keys[seeded] = row_keys_np(seeds[seeded], positions[seeded])
+        unseeded = ~greedy & ~seeded
+        if key_rng is not None and unseeded.any():
+            keys[unseeded] = key_rng.integers(0, 2**32, size=(int(unseeded.sum()), 2), dtype=np.int64)
+        arrays = [1.0 / temperature, greedy, top_k, top_p, min_p, seeded, seeds, positions, keys]
         penalty_arrays = _penalty_arrays(rows, penalty_rows, batch)
         if penalty_arrays is not None:
             arrays += penalty_arrays
@@ -210,10 +221,11 @@ class SamplingArrays:
             do_top_p=bool((top_p < 1.0).any()),
             do_min_p=bool((min_p > 0.0).any()),
             any_seeded=bool(seeded.any()),
-            any_unseeded=bool((~greedy & ~seeded).any()),
+            any_unseeded=bool(unseeded.any()),
             want_logprobs=want_logprobs,
             max_num_logprobs=max_num_logprobs,
             vocab_size=vocab_size,
+            host_keys=key_rng is not None,
         )
 
     @property
@@ -223,17 +235,25 @@ class SamplingArrays:
         return not (self.has_penalties or self.has_blocked or self.do_top_k or self.do_top_p or self.do_min_p
                     or self.want_logprobs)
 
+    def at_tokens(self, logit_rows: np.ndarray, num_tokens: int) -> DrawArrays:
+        """(inv_t, greedy, keys) at each of num_tokens query tokens, for a CUDA graph's plain draw
+        over all of them: each row's at its logit row, greedy elsewhere (drawn, never read)."""
+        inv_t, greedy, keys = np.ones(num_tokens, np.float32), np.ones(num_tokens, np.bool_), \
+            np.zeros((num_tokens, 2), np.int64)
+        inv_t[logit_rows], greedy[logit_rows], keys[logit_rows] = self.arrays[0], self.arrays[1], self.arrays[8]
+        return inv_t, greedy, keys
+
     def tensors(self, uploaded: list[Tensor]) -> SamplingTensors:
         """The `SamplingTensors` of these arrays once uploaded (in `arrays`' order)."""
-        inv_t, greedy, top_k, top_p, min_p, seeded, seeds, positions, seed_keys = uploaded[:9]
+        inv_t, greedy, top_k, top_p, min_p, seeded, seeds, positions, keys = uploaded[:9]
         return SamplingTensors(
             inv_temperatures=inv_t, greedy=greedy, top_ks=top_k, top_ps=top_p, min_ps=min_p,
-            seeded=seeded, seeds=seeds, positions=positions, seed_keys=seed_keys,
+            seeded=seeded, seeds=seeds, positions=positions, keys=keys,
             penalties=PenaltyTensors(*uploaded[9:14]) if self.has_penalties else None,
             min_tokens_blocked=uploaded[-1] if self.has_blocked else None,
             all_greedy=self.all_greedy, do_top_k=self.do_top_k, do_top_p=self.do_top_p, do_min_p=self.do_min_p,
             any_seeded=self.any_seeded, any_unseeded=self.any_unseeded, want_logprobs=self.want_logprobs,
-            max_num_logprobs=self.max_num_logprobs, vocab_size=self.vocab_size,
+            max_num_logprobs=self.max_num_logprobs, vocab_size=self.vocab_size, host_keys=self.host_keys,
         )
 
 
@@ -402,13 +422,14 @@ class Sampler(torch.nn.Module):
         return _forward_torch(raw, x, None if t.all_greedy else self._noise(t, x), t)
 
     def keys(self, t: SamplingTensors, device: torch.device) -> Tensor:
-        """Each row's two 32-bit noise keys: from (seed, position) on seeded rows, fresh from the
-        generator on the others (uniform keys need no mixing)."""
-        if not t.any_unseeded:
-            return t.seed_keys
-        fresh = torch.randint(0, 2**32, t.seed_keys.shape, dtype=torch.int64, generator=self._generator(device),
+        """Each row's two 32-bit noise keys: from (seed, position) on seeded rows, fresh on the
+        others, from the host (`t.host_keys`) or else from the generator (uniform keys need no
+        mixing)."""
+        if not t.any_unseeded or t.host_keys:
+            return t.keys
+        fresh = torch.randint(0, 2**32, t.keys.shape, dtype=torch.int64, generator=self._generator(device),
                               device=self.generator.device).to(device, non_blocking=True)
-        return torch.where(t.seeded.unsqueeze(1), t.seed_keys, fresh) if t.any_seeded else fresh
+        return torch.where(t.seeded.unsqueeze(1), t.keys, fresh) if t.any_seeded else fresh
 
     def _noise(self, t: SamplingTensors, x: Tensor) -> Tensor:
         """Gumbel noise [B, V] for the torch path. A seeded row's must be the hash of its keys (its
@@ -447,6 +468,17 @@ def sample_vocab_shard(logits: Tensor, inv_t: Tensor, greedy: Tensor, keys: Tens
                                                                                     device=x.device)))
     best = scores.argmax(dim=1)
     return scores.gather(1, best.unsqueeze(1)).squeeze(1), best + start
+
+
+def draw_plain(logits: Tensor, inv_t: Tensor, greedy: Tensor, keys: Tensor) -> Tensor:
+    """[B] int64: each row's Gumbel-max draw at its temperature (argmax on greedy rows) under its keys,
+    with no host sync, so a CUDA graph can hold it: on CUDA the Triton row pass whatever the batch
+    (inside a graph its launches cost no host time), elsewhere the same draw in torch."""
+    if logits.is_cuda:
+        from nanovllm.layers import sampling_kernels as kernels
+
+        return kernels.row_pass(logits, logits, inv_t, greedy, keys, None, kernels.DRAW_ALL, raw_stats=False).token
+    return sample_vocab_shard(logits, inv_t, greedy, keys, 0, logits.shape[1])[1]
 
 
 def best_of_shards(scores: Tensor, tokens: Tensor) -> Tensor:

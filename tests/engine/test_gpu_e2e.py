@@ -263,6 +263,28 @@ def test_cuda_graphs_match_eager(model_dir, llm, backend):
     free_cuda()
 
 
+def test_graph_draw_matches_the_sampler(model_dir, backend):
+    """Rows that ask only for a temperature (or greedy) are drawn inside the decode graph; asking for
+    logprobs sends the same graph's logits to the sampler instead. With the same seeds the two give
+    the same tokens (no prefix caching, so both runs compute the same logits)."""
+    engine = LLM(model_dir("qwen3"), **engine_args(backend, enable_prefix_caching=False))
+    prompts = random_prompts([30, 200, 75, 12, 140], seed=31, vocab=VOCAB)
+
+    def run(logprobs: int | None) -> list[list[int]]:
+        params = [SamplingParams(temperature=0.8, seed=100 + i, max_tokens=24, ignore_eos=True, logprobs=logprobs)
+                  for i in range(4)] + [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                                       logprobs=logprobs)]
+        return [o.outputs[0].token_ids for o in engine.generate(prompts, params, use_tqdm=False)]
+
+    graphs = engine.model_runner.graphs
+    plain = run(None)
+    assert sum(graphs.replays.values()) >= 23
+    assert plain == run(1)
+    assert len({tuple(t) for t in plain}) == len(plain)
+    del engine
+    free_cuda()
+
+
 def test_backend_matches_torch_backend(model_dir, llm, backend):
     fast = llm("qwen3")
     assert fast.model_runner.backend.name == backend[0]

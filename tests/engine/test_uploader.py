@@ -52,3 +52,14 @@ def test_cuda_upload_round_trips_through_the_ring():
     torch.cuda.synchronize()
     for tensors, arrays in results:
         assert_same(tensors, arrays)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_raw_writes_each_chunk_at_its_offset(device):
+    arrays = step_like_arrays()
+    offsets = [16 * 40 * i for i in range(len(arrays))]  # spread out, not packed
+    total = offsets[-1] + arrays[-1].nbytes
+    buffer = Uploader(torch.device(device)).raw(list(zip(offsets, arrays)), total)
+    assert buffer.dtype == torch.uint8 and buffer.numel() == total and buffer.device.type == device
+    assert_same(unpack(buffer, arrays, offsets), arrays)

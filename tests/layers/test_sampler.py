@@ -193,8 +193,8 @@ def test_from_rows_uploads_everything_in_one_call():
     assert t.greedy.tolist() == [False, True] and t.seeded.tolist() == [True, False]
     assert t.positions.tolist() == [4, 0] and t.want_logprobs and t.max_num_logprobs == 2
     # a seeded row's keys are mixed on the host, bit for bit the device function; zeros elsewhere
-    assert t.seed_keys[0].tolist() == row_keys(t.seeds[:1], t.positions[:1])[0].tolist()
-    assert t.seed_keys[1].tolist() == [0, 0]
+    assert t.keys[0].tolist() == row_keys(t.seeds[:1], t.positions[:1])[0].tolist()
+    assert t.keys[1].tolist() == [0, 0]
 
 
 def test_keys_seeded_from_seed_and_position_unseeded_fresh():
@@ -651,3 +651,51 @@ def test_gpu_seeded_top_k_1_is_greedy_and_seeds_ignore_batch():
     mixed = logits[:9].clone()
     mixed[3] = row[0]
     assert Sampler()(mixed, gpu_tensors(batch, vocab)).token_ids[3].item() == alone
+
+
+def test_host_keys_fresh_per_unseeded_row_and_reproducible():
+    """With a key generator, unseeded rows get their keys on the host (a CUDA graph's draw reads them):
+    fresh each step, reproducible from its seed; seeded rows keep (seed, position)'s, greedy rows 0."""
+    import numpy as np
+
+    from nanovllm.layers.sampler import SamplingArrays
+
+    seqs = [make_seq(seed=11), make_seq(), make_seq(temperature=0), make_seq()]
+    rng = np.random.default_rng(3)
+    first, second = (SamplingArrays.from_rows(seqs, V, EOS, rng) for _ in range(2))
+    again = SamplingArrays.from_rows(seqs, V, EOS, np.random.default_rng(3))
+    k1, k2 = first.arrays[8], second.arrays[8]
+    assert first.host_keys and np.array_equal(k1, again.arrays[8])
+    assert np.array_equal(k1[0], k2[0]) and k1[2].tolist() == [0, 0]
+    assert not np.array_equal(k1[[1, 3]], k2[[1, 3]]) and ((k1 >= 0) & (k1 < 2**32)).all()
+    t = first.tensors([torch.from_numpy(a) for a in first.arrays])
+    assert torch.equal(Sampler().keys(t, torch.device("cpu")), torch.from_numpy(k1))
+
+
+def test_at_tokens_places_rows_at_their_logit_rows():
+    import numpy as np
+
+    from nanovllm.layers.sampler import SamplingArrays
+
+    seqs = [make_seq(temperature=0.5, seed=1), make_seq(temperature=2.0, seed=2)]
+    host = SamplingArrays.from_rows(seqs, V, EOS, np.random.default_rng(0))
+    inv_t, greedy, keys = host.at_tokens(np.array([1, 4]), 6)
+    assert inv_t.tolist() == [1, 2, 1, 1, 0.5, 1] and greedy.tolist() == [True, False, True, True, False, True]
+    assert np.array_equal(keys[[1, 4]], host.arrays[8]) and not keys[[0, 2, 3, 5]].any()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_draw_plain_is_the_samplers_draw(device):
+    """A CUDA graph's draw (temperature or greedy) picks the sampler's token for the same keys: seeded
+    rows (the sampler hashes their keys) on the CPU's torch path and the GPU's Triton kernels alike."""
+    from nanovllm.layers.sampler import draw_plain
+
+    g = torch.Generator().manual_seed(5)
+    seqs = [make_seq(temperature=t, seed=s) for t, s in [(0.7, 1), (1.0, 2), (0.0, None), (1.3, 4)] * 9]
+    logits = (torch.randn(len(seqs), 3000, generator=g) * 3).to(device)
+    t = SamplingTensors.from_rows(seqs, 3000, EOS, device)
+    want = Sampler()(logits, t).token_ids
+    got = draw_plain(logits, t.inv_temperatures, t.greedy, t.keys)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    assert got[2].item() == logits[2].argmax().item()
