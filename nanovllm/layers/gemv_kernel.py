@@ -12,7 +12,7 @@ W (N x K)       F.linear  this GEMV
 ==============  ========  ==========
 
 Qwen3-0.6B's four projections per layer go from 28 to 14 us. Up to `MAX_ROWS` rows (decode at small
-batches, a verify step of k + 1 <= 4 tokens at batch 1) a program reads its W tile once and reduces each
+batches, a verify step of k + 1 <= 5 tokens at batch 1) a program reads its W tile once and reduces each
 row from it in turn: compiled for sm90 each row adds ~200 instructions per thread (no spills; 96
 registers at 5-8 rows), against cuBLAS's 5-12 us per projection at 4 rows, which read the weights at
 a fraction of the bandwidth. `bench.py --num-seqs n` (128-token prompts, 1,024 tokens out) on the H200,
@@ -22,9 +22,12 @@ is 4. With 4, in call U: batch 2 1.61 -> 1.30, batch 4 1.58 -> 1.44, batch 8 1.6
 Batch decode pads 5-8 sequences to 8 rows (`cuda_graph.graph_batch_sizes`), so a layer sees 5 rows
 in a verify step (k = 4 at batch 1): with the GEMV at 5 rows everywhere (the LM head too) such a step
 went 1.64 -> 1.45 ms (call AI), while batch-5 decode, whose 5 rows reach only the LM head (eager,
-after the graph), went 1.57 -> 1.71 ms (call AH). Hence `LOGITS_MAX_ROWS`: with the LM head kept at
-4 rows, batch 5 is unchanged (1.50 ms per step against 1.50-1.55, twice each) and a verify step takes
-2.01 -> 1.72 ms (calls AL, AM).
+after the graph), went 1.57 -> 1.71 ms (call AH), so the LM head kept cuBLAS at 5 rows. Since the graphs
+run the LM head too (`cuda_graph`), on a graph's padded rows, decode at batch 5 gives it 8 rows, and
+only a verify step at batch 1 (or an eager step's 5 sampled rows) gives it 5: the GEMV takes them
+(call AZ: a verify step unchanged within its noise, 1.48-1.65 ms per step either way). The RMSNorm
+before a projection done in its GEMV (every program normalising the rows itself, one kernel fewer)
+left batch 1 at 0.86 ms per step and made batch 4 slower, 1.34 -> 1.43 ms (call AZ): not kept.
 
 With PDL (`nanovllm/utils/pdl.py`, sm90+) a program reads its whole W tile before it waits for x,
 while the kernel before it still runs. Tiles of 8,192 weights (a row of up to 4,096, so 2-8 output
@@ -41,9 +44,7 @@ import triton.language as tl
 from nanovllm.utils.pdl import pdl_launch_dependents, pdl_wait, use_pdl
 
 TILE = 8192  # weight elements a program reads per iteration with PDL (16 KB of bf16)
-MAX_ROWS = 5  # rows a layer's GEMV takes (a verify step of k + 1 = 5 tokens at batch 1); more go to cuBLAS
-# rows the LM head's GEMV takes: over a 151,936-word vocabulary 5 rows made batch-5 decode slower (call AH)
-LOGITS_MAX_ROWS = 4
+MAX_ROWS = 5  # rows the GEMV takes (a verify step of k + 1 = 5 tokens at batch 1); more go to cuBLAS
 
 
 @triton.jit

@@ -66,7 +66,7 @@ def test_lm_head_logits_take_gemv_up_to_their_max_rows():
 
     torch.manual_seed(0)
     weight = (torch.randn(49152, 576, device="cuda") / 24).bfloat16()
-    for rows in (1, gemv_kernel.LOGITS_MAX_ROWS, gemv_kernel.LOGITS_MAX_ROWS + 1):
+    for rows in (1, gemv_kernel.MAX_ROWS, gemv_kernel.MAX_ROWS + 1):
         hidden = torch.randn(rows, 576, device="cuda").bfloat16()
         logits = float32_logits(hidden, weight)
         assert logits.dtype == torch.float32
