@@ -41,8 +41,7 @@ def main() -> None:
     runner, seqs = llm.model_runner, list(llm.scheduler.running)
     t0 = time.perf_counter()
     build_layout([1] * len(seqs), [s.num_tokens for s in seqs], [s.block_table for s in seqs], runner.block_size,
-                 num_rows=runner.graphs.bucket(len(seqs)) if runner.graphs else None,
-                 table_width=runner.graphs.table_width if runner.graphs else None)
+                 num_rows=runner.graphs.bucket(len(seqs)) if runner.graphs else None)
     t1 = time.perf_counter()
     print(f"host input arrays: {(t1 - t0) * 1e3:.2f} ms")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
