@@ -175,7 +175,8 @@ class DecodeGraphs:
         """Replay the graph of the loaded step's shape: its output (see the class docstring), valid
         until the next replay."""
         rows, query_len = step.layout.block_tables.shape[0], step.layout.max_query_len
-        assert len(step.input_ids) == rows * query_len, f"{len(step.input_ids)} tokens for a graph of {rows} x {query_len}"
+        tokens = len(step.input_ids)
+        assert tokens == rows * query_len, f"{tokens} tokens for a graph of {rows} x {query_len}"
         self.graphs[rows, query_len].replay()
         self.replays[rows, query_len] += 1
         return self.outputs[rows, query_len]
