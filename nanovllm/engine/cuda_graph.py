@@ -94,7 +94,8 @@ class DecodeGraphs:
 
     `tokens` holds the last step's sampled tokens, row by row in sampling order: a graph's
     draw writes them there, and the runner copies there what an eager step samples, so the
-    next step's rows can read theirs (`prev_rows`). With `sample` (a single rank) a graph
+    next step's rows can read theirs (`prev_rows`); it has room for `max_sampled_rows`, the
+    most rows any step samples. With `sample` (a single rank) a graph
     ends in the logits (float32) and a plain draw at every query token; without (tensor
     parallelism, where the ranks sample together), in the hidden states.
     """
