@@ -3,9 +3,10 @@
 Each row is drawn with the Gumbel-max trick: argmax(logit / T + G) over the tokens the
 filters keep, G a Gumbel variate that is a pure function of (key, token index). Seeded rows
 take their key from (seed, position), so the same seed gives the same tokens whatever else
-is in the batch, eager or in a CUDA graph; other rows draw a fresh key per step from the
-sampler's `torch.Generator` (never the global RNG), or, in a torch-path batch with no seeded
-row, their Gumbel variates straight from it.
+is in the batch, eager or in a CUDA graph; other rows draw a fresh key per step, in the engine
+from a host generator seeded by `seed` (a CUDA graph's draw reads the keys with the step's
+inputs), else from the sampler's `torch.Generator` (never the global RNG), or, in a torch-path
+batch with no seeded row, their Gumbel variates straight from it.
 
 The filters keep exactly the tokens HF's TopK, TopP then MinP warpers keep
 (min_tokens_to_keep=1), as a per-row threshold on the scaled logits: `z >= tau`. On CUDA,
