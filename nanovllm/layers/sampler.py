@@ -130,10 +130,9 @@ class SamplingTensors:
         eos_token_ids: list[int],
         device: torch.device | str,
         upload: Callable[[list[np.ndarray]], list[Tensor]] | None = None,
-        key_rng: np.random.Generator | None = None,
     ) -> SamplingTensors:
         """Build the step's arrays on the host and move them all with one `upload` call."""
-        host = SamplingArrays.from_rows(rows, vocab_size, eos_token_ids, key_rng)
+        host = SamplingArrays.from_rows(rows, vocab_size, eos_token_ids)
         tensors = upload(host.arrays) if upload is not None else [torch.from_numpy(a).to(device) for a in host.arrays]
         return host.tensors(tensors)
 
