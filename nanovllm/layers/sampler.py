@@ -56,8 +56,8 @@ TRITON_MIN_ROWS = 32
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = (1 << 64) - 1
-ArrayT = TypeVar("ArrayT", Tensor, np.ndarray)
-DrawArrays = tuple[np.ndarray, np.ndarray, np.ndarray]  # (inv_t, greedy, keys) of a plain draw (`draw_plain`)  # the key hash runs on torch tensors and numpy arrays alike
+ArrayT = TypeVar("ArrayT", Tensor, np.ndarray)  # the key hash runs on torch tensors and numpy arrays alike
+DrawArrays = tuple[np.ndarray, np.ndarray, np.ndarray]  # (inv_t, greedy, keys) of a plain draw (`draw_plain`)
 
 
 class SamplingRow(Protocol):
