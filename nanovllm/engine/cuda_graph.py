@@ -98,11 +98,14 @@ class DecodeGraphs:
     most rows any step samples. With `sample` (a single rank) a graph
     ends in the logits (float32) and a plain draw at every query token; without (tensor
     parallelism, where the ranks sample together), in the hidden states.
+
+    Without `capture` nothing is recorded and a replay runs the step eagerly: the same inputs,
+    lookup, forward and draw, so that the path can be tested where there is no CUDA.
     """
 
     def __init__(self, model: nn.Module, max_num_seqs: int, max_blocks_per_seq: int, max_model_len: int,
                  device: torch.device, sample: bool, max_sampled_rows: int, verify_query_len: int = 1,
-                 max_verify_rows: int = 0):
+                 max_verify_rows: int = 0, capture: bool = True):
         self.sizes = graph_batch_sizes(max_num_seqs)
         self.verify_query_len = verify_query_len
         self.verify_sizes = graph_batch_sizes(min(max_verify_rows, max_num_seqs)) \
@@ -116,7 +119,10 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}  # each graph's logits, or hidden states
         self.replays: Counter[tuple[int, int]] = Counter()  # by (rows, query tokens per row)
-        self._capture(model)
+        self.model = model
+        self.capture = capture
+        if capture:
+            self._capture(model)
 
     def _meta(self, size: int, query_len: int) -> AttentionMetadata:
         i = self.inputs
@@ -178,6 +184,8 @@ class DecodeGraphs:
         rows, query_len = step.layout.block_tables.shape[0], step.layout.max_query_len
         tokens = len(step.input_ids)
         assert tokens == rows * query_len, f"{tokens} tokens for a graph of {rows} x {query_len}"
-        self.graphs[rows, query_len].replay()
         self.replays[rows, query_len] += 1
+        if not self.capture:
+            return self._step(self.model, rows, query_len)
+        self.graphs[rows, query_len].replay()
         return self.outputs[rows, query_len]

@@ -267,12 +267,17 @@ class ModelRunner:
     def _capture_graphs(self) -> DecodeGraphs | None:
         if self.device.type != "cuda" or self.config.enforce_eager or not self.backend.supports_cuda_graphs:
             return None
+        return self._timed("CUDA graphs", self.decode_graphs, True)
+
+    def decode_graphs(self, capture: bool) -> DecodeGraphs:
+        """The runner's `DecodeGraphs`: decode, and verify steps while speculation runs (k + 1 tokens per
+        row); without `capture` they run eagerly (tests on CPU)."""
         blocks_per_seq = -(-self.config.max_model_len // self.block_size)
-        spec = self.config.speculative_config  # verify steps: k + 1 tokens per row, while speculation runs
+        spec = self.config.speculative_config
         verify = (spec.num_speculative_tokens + 1, spec.disable_by_batch_size) if spec is not None else (1, 0)
-        return self._timed("CUDA graphs", DecodeGraphs, self.model, min(self.config.max_num_seqs, 512), blocks_per_seq,
-                           self.config.max_model_len, self.device, self.tp.size == 1,
-                           self.config.max_num_seqs * verify[0], *verify)
+        return DecodeGraphs(self.model, min(self.config.max_num_seqs, 512), blocks_per_seq, self.config.max_model_len,
+                            self.device, self.tp.size == 1, self.config.max_num_seqs * verify[0], *verify,
+                            capture=capture)
 
     # -- running ----------------------------------------------------------------
 

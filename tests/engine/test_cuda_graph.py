@@ -71,3 +71,39 @@ def test_verify_step_without_device_tokens_reads_none():
 def test_graph_batch_sizes_cover_every_batch():
     assert graph_batch_sizes(512)[:6] == [1, 2, 4, 8, 16, 32] and graph_batch_sizes(512)[-1] == 512
     assert graph_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
+
+
+def test_graph_steps_without_capture_give_the_eager_engines_tokens(tiny_model, monkeypatch):
+    """The graphs' path run eagerly on the CPU (no capture): decode and verify steps through the fixed
+    inputs, the lookup of the last step's tokens, the LM head and the plain draw inside the step, and rows
+    that ask for logprobs or a top-k taking its logits to the sampler, give the eager engine's tokens:
+    greedy, and seeded sampling (the same noise keys), with and without n-gram speculation."""
+    from conftest import random_prompts
+
+    from nanovllm import LLM, SamplingParams
+    from nanovllm.engine.model_runner import ModelRunner
+
+    path, _ = tiny_model("qwen3")
+    pattern = random_prompts([12], seed=81)[0]
+    prompts = [pattern * 4 + tail for tail in random_prompts([3, 7, 5], seed=82)]  # 3 rows: a graph pads to 4
+    plain = [SamplingParams(temperature=t, seed=s, max_tokens=20, ignore_eos=True)
+             for t, s in ((0, None), (0.05, 5), (1.5, 6))]  # every step drawn inside the graph
+    mixed = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2),
+             SamplingParams(temperature=0.8, seed=7, top_k=40, max_tokens=20, ignore_eos=True),
+             SamplingParams(temperature=1.5, seed=8, max_tokens=20, ignore_eos=True)]  # by the sampler
+    spec = dict(method="ngram", num_speculative_tokens=3, prompt_lookup_min=2, prompt_lookup_max=4)
+
+    def tokens(llm: LLM) -> list[list[int]]:
+        return [o.outputs[0].token_ids for params in (plain, mixed)
+                for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    for speculative in (None, spec):
+        eager = LLM(path, skip_tokenizer_init=True, device="cpu", max_num_seqs=8, speculative_config=speculative)
+        assert eager.model_runner.graphs is None
+        with monkeypatch.context() as m:
+            m.setattr(ModelRunner, "_capture_graphs", lambda self: self.decode_graphs(capture=False))
+            graphed = LLM(path, skip_tokenizer_init=True, device="cpu", max_num_seqs=8,
+                          speculative_config=speculative)
+        assert tokens(graphed) == tokens(eager)
+        replays = graphed.model_runner.graphs.replays
+        assert replays[4, 1] > 0 and (speculative is None or replays[4, 4] > 0), replays
