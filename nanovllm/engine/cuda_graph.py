@@ -66,7 +66,6 @@ class StaticInputs:
         chunks = [(offset, np.asarray(a, dtype)) for offset, a, (_, dtype, _) in zip(self.offsets, values, _FIELDS)
                   if a is not None]
         tables = np.asarray(layout.block_tables, dtype=np.int32)
-        extra = [np.ascontiguousarray(a) for a in extra]
         extra_offsets, extra_size = byte_offsets([tables, *extra])
         chunks += [(self.size + offset, a) for offset, a in zip(extra_offsets, [tables, *extra])]
         device = upload.raw(chunks, self.size + extra_size)

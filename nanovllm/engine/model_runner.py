@@ -342,10 +342,16 @@ class ModelRunner:
         step, sampling = self._step_inputs(batch)
         host = SamplingArrays.from_rows(sampling, self.hf_config.vocab_size, self.config.eos_token_ids,
                                         self.key_rng) if sampling else None
-        if step.graphed and self.graphs.sample:
-            out = self._run_graph(step, host)
-            self.prev_rows = {seq.seq_id: row for row, seq in enumerate(sampling)}
-            return PendingSample(out)
+        out = self._run_graph(step, host) if step.graphed and self.graphs.sample else self._run(step, host)
+        if out is None:
+            return PendingSample(None)
+        self.prev_rows = {seq.seq_id: row for row, seq in enumerate(sampling)}
+        return PendingSample(out)
+
+    def _run(self, step: StepInputs, host: SamplingArrays | None) -> SamplerOutput | None:
+        """A step eager, or in a graph without the LM head (tensor parallelism), with its workers: the
+        forward, then the sampler (or in a plain decode step on several ranks, a draw from each rank's
+        vocabulary shard); None when nothing is sampled."""
         # Plain decode sampling on several ranks: each draws from its own shard of the vocabulary
         step.vocab_parallel = self.tp.size > 1 and step.is_decode and host is not None and host.plain
         with self.workers.watch() if self.workers is not None else nullcontext():
@@ -353,7 +359,7 @@ class ModelRunner:
                 self.workers.send(step)
             logits, uploaded = self.execute(step, host.arrays if host is not None else [])
             if logits is None:
-                return PendingSample(None)
+                return None
             t = host.tensors(uploaded)
             if step.vocab_parallel:
                 params = torch.stack([*self.sampler.keys(t, self.device).unbind(1),
@@ -363,8 +369,7 @@ class ModelRunner:
             else:
                 out = self.sampler(logits, t)
                 self.prev_tokens = self._keep(self.tp.broadcast(out.token_ids))
-        self.prev_rows = {seq.seq_id: row for row, seq in enumerate(sampling)}
-        return PendingSample(out)
+        return out
 
     def _run_graph(self, step: StepInputs, host: SamplingArrays) -> SamplerOutput:
         """A step whose CUDA graph also runs the LM head and a plain draw (a single rank): the draw's
