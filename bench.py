@@ -134,7 +134,8 @@ def timed_run(llm: LLM, args: argparse.Namespace, run: int) -> dict[str, float]:
     after = llm.stats()
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     delta = {k: after[k] - before[k] for k in ("prefill_tokens", "decode_tokens", "prefill_time", "decode_time",
-                                               "decode_steps", "spec_proposed_tokens", "spec_accepted_tokens")}
+                                               "decode_steps", "spec_proposed_tokens", "spec_accepted_tokens",
+                                               "spec_voided_tokens")}
     return {
         "output_tokens": tokens,
         "seconds": round(seconds, 3),
@@ -146,6 +147,7 @@ def timed_run(llm: LLM, args: argparse.Namespace, run: int) -> dict[str, float]:
         "decode_ms_per_step": round(1e3 * delta["decode_time"] / max(delta["decode_steps"], 1), 3),
         "spec_proposed_tokens": delta["spec_proposed_tokens"],
         "spec_accepted_tokens": delta["spec_accepted_tokens"],
+        "spec_voided_tokens": delta["spec_voided_tokens"],
     }
 
 
@@ -211,7 +213,8 @@ def main() -> None:
           f"{stats['kv_waste_fraction']:.2%}")
     if best["spec_proposed_tokens"]:
         print(f"speculation: {best['spec_accepted_tokens']} of {best['spec_proposed_tokens']} proposed tokens "
-              f"accepted ({best['spec_accepted_tokens'] / best['spec_proposed_tokens']:.0%})")
+              f"accepted ({best['spec_accepted_tokens'] / best['spec_proposed_tokens']:.0%}); "
+              f"{best['spec_voided_tokens']} proposed in overlapped steps that a rollback voided")
     if args.kv_report:
         kv_report(args.kv_report, timeline, args.max_model_len)
         print(f"KV report: {args.kv_report}")

@@ -252,11 +252,12 @@ class LLMEngine:
         sampling), the device runs step N while the host reads step N-1's
         tokens and finishes sequences: the GPU never waits for this
         bookkeeping. Tokens not read yet are placeholders in `token_ids`; the
-        next decode takes them straight from the device. Speculative steps never
-        overlap: proposing reads the tokens so far.
+        next decode takes them straight from the device. Speculative steps
+        overlap when the proposer guesses past the tokens in flight (prompt
+        lookup); a draft model reads the tokens so far, so its steps do not.
         """
         outputs, self._unclaimed = self._unclaimed, []
-        overlap = self.overlap_steps and not self._num_sync_requests and not self.scheduler.speculating()
+        overlap = self.overlap_steps and not self._num_sync_requests and self.scheduler.overlaps()
         if self._in_flight is not None and not overlap:
             outputs += self._complete()
         batch = self.scheduler.schedule() if self.scheduler.has_work() else None
@@ -376,6 +377,7 @@ class LLMEngine:
             "decode_steps": self.num_decode_steps,
             "spec_proposed_tokens": self.scheduler.num_proposed_tokens,
             "spec_accepted_tokens": self.scheduler.num_accepted_tokens,
+            "spec_voided_tokens": self.scheduler.num_voided_tokens,
         }
 
     # -- generate -------------------------------------------------------------

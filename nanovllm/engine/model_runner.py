@@ -54,9 +54,13 @@ class PendingSample:
     def __init__(self, out: SamplerOutput | None):
         self.out = out
         self.event = None
-        if out is not None and out.token_ids.is_cuda:
-            self.out = SamplerOutput(*(t.to("cpu", non_blocking=True) if t is not None else None
-                                       for t in (out.token_ids, out.logprobs, out.top_logprobs, out.top_token_ids)))
+        if out is None:
+            return
+        # copies taken now: the next step may overwrite what they view (the graphs' `tokens`) before `wait`
+        cuda = out.token_ids.is_cuda
+        self.out = SamplerOutput(*(None if t is None else t.to("cpu", non_blocking=True) if cuda else t.clone()
+                                   for t in (out.token_ids, out.logprobs, out.top_logprobs, out.top_token_ids)))
+        if cuda:
             self.event = torch.cuda.Event()
             self.event.record()
 
@@ -282,21 +286,26 @@ class ModelRunner:
     # -- running ----------------------------------------------------------------
 
     def _input_ids(self, batch: ScheduledBatch, rows: int, num_tokens: int | None) -> tuple[np.ndarray, np.ndarray]:
-        """Each token's id, and for a decode row whose id is still on the device its row in
-        prev_tokens (else -1). Padding (rows, or tokens up to `num_tokens`) reads token 0."""
-        ids, src = [], np.full(rows if batch.is_decode else 0, -1, dtype=np.int64)
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+        """Each token's id, and in a decode or verify step each token's row in prev_tokens where its
+        id is still on the device (a sequence's first token: sampled by the step before), else -1.
+        Padding (rows, or tokens up to `num_tokens`) reads token 0."""
+        ids, on_device = [], []
+        steps = batch.is_decode or batch.num_proposed is not None
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
             tokens = seq.token_ids[start : start + n]
-            if batch.is_decode and tokens[0] == PLACEHOLDER:
-                src[i] = self.prev_rows.get(seq.seq_id, -1)
-            else:
-                assert PLACEHOLDER not in tokens, "a token not read back yet is only read by decode"
+            if tokens[0] == PLACEHOLDER:
+                assert steps, "a token not read back yet is only read by decode and verify steps"
+                on_device.append((len(ids), self.prev_rows.get(seq.seq_id, -1)))
+            assert PLACEHOLDER not in tokens[1:], "only a sequence's first new token may be on the device"
             ids.extend(tokens)
         if batch.is_decode:
             ids += [0] * (rows - len(batch.seqs))
         elif num_tokens is not None:
             ids += [0] * (num_tokens - len(ids))
+        src = np.full(len(ids) if steps else 0, -1, dtype=np.int64)
+        for index, row in on_device:
+            src[index] = row
         return np.asarray(ids, dtype=np.int64), src
 
     def _graph_shape(self, batch: ScheduledBatch) -> tuple[int, int] | None:
@@ -444,7 +453,7 @@ class ModelRunner:
             hidden = hidden[: step.num_seqs] if step.is_decode else hidden
         else:
             positions, meta = step.layout.metadata(meta_tensors)
-            if step.is_decode:
+            if len(step.prev_rows):
                 ids = torch.where(src >= 0, self.prev_tokens[src.clamp(min=0)], ids)
             hidden = self.model(ids, positions, meta)
         if not len(step.logit_rows):

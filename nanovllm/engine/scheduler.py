@@ -37,6 +37,8 @@ class ScheduledBatch:
     sampled: list[tuple[Sequence, int]] = field(default_factory=list)
     # each sequence's num_computed_tokens once this batch has run, set by `advance`
     computed_after: list[int] = field(default_factory=list)
+    # each sequence's num_rollbacks when launched, set by `advance`: a later rollback voids its rows
+    rollbacks: list[int] = field(default_factory=list)
     # a speculative step: seqs[i] ends in num_proposed[i] proposed tokens, each position sampled
     num_proposed: list[int] | None = None
     # every sequence computes just its last token: the shape a decode CUDA graph runs
@@ -93,7 +95,8 @@ class Scheduler:
         self.kv_usage = KVUsage()
         self.proposer = proposer
         self.spec = config.speculative_config if proposer is not None else None
-        self.num_proposed_tokens = self.num_accepted_tokens = 0
+        # proposals verified and accepted; those in a step an earlier rollback voided count as voided
+        self.num_proposed_tokens = self.num_accepted_tokens = self.num_voided_tokens = 0
         self._seq_ids = itertools.count()
 
     # -- admission --------------------------------------------------------------
@@ -169,6 +172,11 @@ class Scheduler:
         """Whether decode steps speculate now: a proposer, and no more running than disable_by_batch_size."""
         return self.proposer is not None and len(self.running) <= self.spec.disable_by_batch_size
 
+    def overlaps(self) -> bool:
+        """Whether the next step may be scheduled while the last one runs: always without speculation;
+        with it when the proposer guesses past the tokens in flight (prompt lookup: its match goes on)."""
+        return not self.speculating() or self.proposer.guesses_ahead
+
     def _schedule_decode(self) -> ScheduledBatch | None:
         speculate = self.speculating()
         scheduled: list[Sequence] = []
@@ -202,9 +210,9 @@ class Scheduler:
                               num_proposed=num_proposed)
 
     def _max_proposals(self, seq: Sequence) -> int:
-        """k, or fewer where the step's tokens would pass max_tokens or the context, or the last
-        token's value is still on the device (an overlapped step)."""
-        if seq.token_ids[-1] == PLACEHOLDER:
+        """k, or fewer where the step's tokens would pass max_tokens or the context; none while the
+        last token's value is still on the device (an overlapped step) unless the proposer guesses it."""
+        if seq.token_ids[-1] == PLACEHOLDER and not self.proposer.guesses_ahead:
             return 0
         left = min(seq.sampling_params.max_tokens - seq.num_completion_tokens, self.max_model_len - seq.num_tokens)
         return max(min(self.spec.num_speculative_tokens, left - 1), 0)
@@ -214,9 +222,7 @@ class Scheduler:
         proposals = self.proposer.propose(seqs, max_lens)
         for seq, tokens, k in zip(seqs, proposals, max_lens):
             seq.token_ids.extend(tokens[:k])
-        counts = [min(len(tokens), k) for tokens, k in zip(proposals, max_lens)]
-        self.num_proposed_tokens += sum(counts)
-        return counts
+        return [min(len(tokens), k) for tokens, k in zip(proposals, max_lens)]
 
     # -- stepping ---------------------------------------------------------------
 
@@ -229,6 +235,7 @@ class Scheduler:
         for seq, n, num_sampled in zip(batch.seqs, batch.num_new_tokens, batch.sample_counts):
             seq.num_computed_tokens += n
             computed_after.append(seq.num_computed_tokens)
+            batch.rollbacks.append(seq.num_rollbacks)
             if num_sampled:
                 if seq.pending_forks:
                     children += self.fork(seq, seq.pending_forks, recompute_last=True)
@@ -279,13 +286,15 @@ class Scheduler:
         stop token id or EOS, then on a stop string (`stop_string(seq, index)`, the
         engine's detokenizer), then on the length rule. Returns (row, sequence, token
         index) for every token a sequence got; a sequence that finished at an earlier
-        token (under overlap, or earlier in its accepted run) gets none after it.
+        token (under overlap, or earlier in its accepted run) gets none after it, and
+        neither does one rolled back since the batch was launched (its rows are void).
         """
+        void = {seq.seq_id for seq, n in zip(batch.seqs, batch.rollbacks) if seq.num_rollbacks != n}
         if batch.num_proposed is not None and token_ids is not None:
-            self._accept(batch, token_ids)
+            self._accept(batch, token_ids, void)
         bs = self.block_manager.block_size
         for seq, computed in zip(batch.seqs, batch.computed_after):
-            if seq.status == SequenceStatus.RUNNING and seq.block_table:
+            if seq.status == SequenceStatus.RUNNING and seq.block_table and seq.seq_id not in void:
                 before = seq.num_committed_tokens
                 seq.num_committed_tokens = max(before, min(computed, seq.num_computed_tokens))
                 if seq.num_committed_tokens // bs > before // bs:  # a block filled: hash it
@@ -294,32 +303,45 @@ class Scheduler:
             return []
         live = []
         for row, (seq, index) in enumerate(batch.sampled):
-            if seq.is_finished or index >= seq.num_tokens:  # finished, or a rejected proposal's row
+            if seq.is_finished or index >= seq.num_tokens or seq.seq_id in void:  # or a rejected proposal's row
                 continue
             seq.token_ids[index] = token_ids[row]
             live.append((row, seq, index))
             self._check_stop(seq, index, stop_string)
         return live
 
-    def _accept(self, batch: ScheduledBatch, token_ids: list[int]) -> None:
+    def _accept(self, batch: ScheduledBatch, token_ids: list[int], void: set[int]) -> None:
         """Speculative rollback, its one owner: keep each sequence's proposals up to the first the
         target's sample there disagrees with (greedy: its argmax; sampling: its draw, which
         equals the proposal with probability p(proposal)), plus the target's token at that
-        position; drop the rejected proposals' tokens, computed count and blocks."""
+        position; drop the rejected proposals' tokens, computed count and blocks.
+
+        A step launched after this one (overlapped: its proposer guessed that every proposal here
+        is accepted) computed tokens past a rejection: the rollback cuts them too and voids its
+        rows for the sequence (`num_rollbacks`). A sequence preempted since keeps only its tokens."""
         row = 0
         for seq, num_proposed in zip(batch.seqs, batch.num_proposed):  # a decode batch: every sequence samples
             samples = token_ids[row : row + num_proposed + 1]
+            first = batch.sampled[row][1]  # index of the first proposal (or the placeholder)
             row += len(samples)
             if seq.is_finished:
                 continue
-            first = seq.num_tokens - len(samples)  # index of the first proposal (or the placeholder)
+            if seq.seq_id in void:
+                self.num_voided_tokens += num_proposed
+                continue
             accepted = 0
             while accepted < num_proposed and samples[accepted] == seq.token_ids[first + accepted]:
                 accepted += 1
-            del seq.token_ids[first + accepted + 1 :]
-            seq.num_computed_tokens -= num_proposed - accepted
-            self.block_manager.free_tail(seq)
+            self.num_proposed_tokens += num_proposed
             self.num_accepted_tokens += accepted
+            running = seq.status == SequenceStatus.RUNNING
+            if accepted < num_proposed:
+                del seq.token_ids[first + accepted + 1 :]
+                seq.num_rollbacks += 1
+                if running:
+                    seq.num_computed_tokens = first + accepted
+            if running:
+                self.block_manager.free_tail(seq)
 
     def _check_stop(self, seq: Sequence, index: int, stop_string: StopStringCheck | None) -> None:
         params, token = seq.sampling_params, seq.token_ids[index]

@@ -44,6 +44,8 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.pending_forks = 0  # n > 1: children to fork once the prompt is computed
+        # speculative rollbacks that cut this sequence's tokens: a step launched before one is void for it
+        self.num_rollbacks = 0
 
     @property
     def num_tokens(self) -> int:

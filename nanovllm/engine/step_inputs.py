@@ -18,7 +18,7 @@ _HEADER = 13  # int64s before the arrays
 @dataclass
 class StepInputs:
     input_ids: np.ndarray  # [T] int64; decode padding rows read token 0
-    prev_rows: np.ndarray  # decode: each row's token in the previous step's samples, -1 if in input_ids; else []
+    prev_rows: np.ndarray  # decode, verify: each token's row in the last step's samples, -1 if in input_ids; else []
     logit_rows: np.ndarray  # [S] the query tokens whose logits are sampled, in sampling order
     layout: BatchLayout
     block_copies: np.ndarray  # [C, 2] (src, dst): copy-on-write, in every layer before the forward

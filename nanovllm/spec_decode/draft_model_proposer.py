@@ -68,6 +68,8 @@ class Shadow:
 
 
 class DraftModelProposer:
+    guesses_ahead = False  # the draft runs over known tokens only
+
     def __init__(self, spec: SpeculativeConfig, target: Config):
         self.k = spec.num_speculative_tokens
         try:

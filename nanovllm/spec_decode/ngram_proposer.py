@@ -1,7 +1,7 @@
 """Prompt-lookup proposals: what followed the sequence's last n tokens where they occurred before."""
 from __future__ import annotations
 
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.sequence import PLACEHOLDER, Sequence
 
 
 class NgramIndex:
@@ -24,6 +24,7 @@ class NgramIndex:
         self.latest: dict[tuple[int, ...], int] = {}
         self.indexed = 0  # n-grams ending before this position are in `latest`
         self.match: tuple[int, int] | None = None  # (where the last proposal's match ended, len(tokens) then)
+        self.num_pending = 0  # the last call's proposals: not verified yet while a placeholder follows them
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
         """Up to k tokens: the continuation of the last proposal's match where the tokens since
@@ -38,6 +39,8 @@ class NgramIndex:
         4.36. The bench itself on CPU (batch 1, k=4, 300 tokens, seeds 1 and 2): 109 -> 97 and
         117 -> 98 decode steps, 64 -> 78 % and 56 -> 79 % accepted.
         """
+        if tokens[-1] == PLACEHOLDER:
+            return self._propose_ahead(tokens, k)
         e = None
         if self.match is not None:
             aligned = self.match[0] + len(tokens) - self.match[1]
@@ -45,13 +48,38 @@ class NgramIndex:
                 e = aligned
         if e is None:
             e = self.latest_match(tokens)
-        self.match = None if e is None else (e, len(tokens))
-        return [] if e is None else tokens[e + 1 : e + 1 + k]
+        return self._take(tokens, e, len(tokens), k)
 
-    def latest_match(self, tokens: list[int]) -> int | None:
-        """Where the latest earlier occurrence of the last n tokens ends, the longest n first (vLLM's
-        prompt lookup, preferring the most recent match)."""
-        end = len(tokens) - 1
+    def _propose_ahead(self, tokens: list[int], k: int) -> list[int]:
+        """Up to k tokens to follow the last one, still on the device, in a step launched before the
+        one computing it is read back: the match's continuation, as if all its proposals (which
+        precede the placeholder) are accepted and the placeholder is the token that follows them
+        there; proposing goes on at the device's pace. Only when the last call proposed nothing
+        (every token before the placeholder is known) is the latest match of those tokens looked
+        up. A wrong guess costs the step: its rows are void when the rollback reaches them."""
+        last = len(tokens) - 1  # the placeholder's index
+        e = None
+        if self.match is not None:
+            aligned = self.match[0] + len(tokens) - self.match[1]  # where the placeholder's token would come from
+            if aligned < last and tokens[aligned - self.n_min : aligned] == tokens[last - self.n_min : last]:
+                e = aligned
+        if e is None and not self.num_pending:
+            before = self.latest_match(tokens, last)
+            e = before + 1 if before is not None and before + 1 < last else None
+        return self._take(tokens, e, last, k)
+
+    def _take(self, tokens: list[int], e: int | None, end: int, k: int) -> list[int]:
+        """The up to k known tokens (before index `end`) after a match ending at e, appended at
+        len(tokens); remembered as the match to continue."""
+        self.match = None if e is None else (e, len(tokens))
+        proposals = [] if e is None else tokens[e + 1 : min(e + 1 + k, end)]
+        self.num_pending = len(proposals)
+        return proposals
+
+    def latest_match(self, tokens: list[int], length: int | None = None) -> int | None:
+        """Where the latest earlier occurrence of the last n of the first `length` tokens (default:
+        all) ends, the longest n first (vLLM's prompt lookup, preferring the most recent match)."""
+        end = (len(tokens) if length is None else length) - 1
         assert end >= self.indexed, "tokens only grow between lookups"
         for n in range(self.n_min, self.n_max + 1):  # the n-grams ending at indexed..end-1, in C loops
             first = max(self.indexed, n - 1)  # the first of those positions that ends a whole n-gram
@@ -59,13 +87,15 @@ class NgramIndex:
             self.latest.update(zip(grams, range(first, end)))  # in order: the latest position wins
         self.indexed = end
         for n in range(min(self.n_max, end), self.n_min - 1, -1):
-            e = self.latest.get(tuple(tokens[-n:]))
+            e = self.latest.get(tuple(tokens[end + 1 - n : end + 1]))
             if e is not None:
                 return e
         return None
 
 
 class NgramProposer:
+    guesses_ahead = True
+
     def __init__(self, n_min: int, n_max: int):
         self.n_min, self.n_max = n_min, n_max
         self.indexes: dict[int, NgramIndex] = {}  # by seq_id

@@ -9,8 +9,14 @@ if TYPE_CHECKING:
 
 
 class Proposer(Protocol):
+    # Whether `propose` takes sequences whose last token is still on the device (PLACEHOLDER), after
+    # proposals not verified yet: it then guesses that all are accepted and what that token is, and
+    # proposes what follows it. Speculative steps then overlap like plain ones (the engine's `step`).
+    guesses_ahead: bool
+
     def propose(self, seqs: list[Sequence], max_lens: list[int]) -> list[list[int]]:
-        """Up to `max_lens[i]` tokens guessed to follow `seqs[i]`'s tokens (all of them known)."""
+        """Up to `max_lens[i]` tokens guessed to follow `seqs[i]`'s tokens (all known, unless
+        `guesses_ahead`)."""
 
     def release(self, seq: Sequence) -> None:
         """Forget what the proposer keeps for seq (it finished or was preempted)."""

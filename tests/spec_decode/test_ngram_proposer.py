@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.sequence import PLACEHOLDER, Sequence
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.spec_decode.ngram_proposer import NgramIndex, NgramProposer
 
@@ -68,6 +68,41 @@ def test_proposals_follow_the_last_match_while_the_tokens_do():
     assert index.propose(tokens, 2) == lookup(tokens, 2, 3, 2) == []
     tokens += [0, 2]
     assert index.propose(tokens, 3) == lookup(tokens, 2, 3, 3) == [3, 4, 7]
+
+
+def test_proposals_past_a_token_in_flight_guess_that_every_proposal_is_accepted():
+    """A step launched before the last is read back: the tokens end in that step's proposals and a
+    placeholder for its bonus token. The match goes on as if every proposal is accepted and the
+    placeholder is the text's next token; no unverified token is ever indexed."""
+    text = [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
+    tokens = text + [1, 2]
+    known = len(tokens)
+    index = NgramIndex(2, 3)
+    assert index.propose(tokens, 2) == [3, 4]
+    tokens += [3, 4, PLACEHOLDER]  # in flight; the placeholder would be 5
+    assert index.propose(tokens, 3) == [6, 7, 8]
+    assert max(index.latest.values()) < known  # the proposals in flight are not indexed
+    tokens[-1] = 5  # read back: all accepted, the bonus as guessed
+    tokens += [6, 7, 8, PLACEHOLDER]
+    assert index.propose(tokens, 12) == [0, 1, 2, 3, 4, 5, 6, 7, 8]  # known tokens only: up to the placeholder
+    # a bonus token other than the guess, followed by fewer proposals than n_min: no match to go on,
+    # and the tokens before the placeholder hold a proposal not verified yet: no lookup either
+    text = [1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 5, 8]
+    tokens = text + [1, 2]
+    index = NgramIndex(2, 3)
+    assert index.propose(tokens, 1) == [3]
+    tokens += [3, PLACEHOLDER]
+    assert index.propose(tokens, 1) == [5]
+    tokens[-1] = 0
+    tokens += [5, PLACEHOLDER]  # the last two, 0 5, are not the text's 4 5 (though 0 5 occurs there)
+    assert index.propose(tokens, 2) == []
+    # nothing pending (the last step proposed nothing): the latest match of the known tokens
+    tokens[-1] = 7
+    tokens += [PLACEHOLDER]  # 5 7 occurs nowhere before: no proposal, and then
+    assert index.propose(tokens, 2) == []
+    tokens[-1] = 8
+    tokens += [PLACEHOLDER]  # "7 8" ended at index 7: the placeholder would be 9, then 0, 5
+    assert index.propose(tokens, 2) == [0, 5]
 
 
 def test_every_proposal_continues_an_earlier_occurrence_of_the_last_tokens():

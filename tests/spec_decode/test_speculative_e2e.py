@@ -53,6 +53,26 @@ def test_ngram_greedy_is_identical(qwen3, k):
     assert_no_leak(llm)
 
 
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_overlapped_ngram_steps_are_identical(qwen3, k, monkeypatch):
+    """As on a GPU, each step launches before the last one's tokens are read back: prompt lookup
+    guesses that the proposals in flight are all accepted and proposes past them, and a rollback
+    voids the next step's rows for the sequence. Greedy stays token-identical."""
+    from nanovllm.spec_decode.ngram_proposer import NgramIndex
+
+    path, prompts, expected = qwen3
+    guesses = []
+    propose_ahead = NgramIndex._propose_ahead
+    monkeypatch.setattr(NgramIndex, "_propose_ahead",
+                        lambda self, t, n: guesses.append(propose_ahead(self, t, n)) or guesses[-1])
+    llm = LLM(path, skip_tokenizer_init=True, device="cpu", speculative_config=ngram(k), num_kvcache_blocks=64)
+    llm.overlap_steps = True
+    assert tokens(llm, prompts) == expected
+    stats = llm.stats()
+    assert any(guesses) and stats["spec_accepted_tokens"] > 0 and stats["spec_voided_tokens"] > 0
+    assert_no_leak(llm)
+
+
 @pytest.fixture(scope="module")
 def random_draft(tiny_model, tmp_path_factory):
     """A second tiny Qwen3 with the same vocabulary and other random weights: it almost never agrees."""
@@ -77,7 +97,8 @@ def test_draft_model_greedy_is_identical(qwen3, random_draft, k):
         assert not llm.scheduler.proposer.shadows and llm.scheduler.proposer.block_manager.num_used_blocks == 0
 
 
-def test_greedy_through_preemption_and_prefix_hits(tiny_model):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_greedy_through_preemption_and_prefix_hits(tiny_model, overlap):
     path, _ = tiny_model("llama")
     prefix = repetitive_prompts([12], seed=2)[0]
     prompts = [prefix + tail for tail in repetitive_prompts([2, 5, 9, 4], seed=3)]
@@ -85,6 +106,7 @@ def test_greedy_through_preemption_and_prefix_hits(tiny_model):
     small = dict(skip_tokenizer_init=True, device="cpu", kvcache_block_size=8, num_kvcache_blocks=16)
     expected = tokens(LLM(path, **small), prompts)
     llm = LLM(path, speculative_config=ngram(4), **small)
+    llm.overlap_steps = overlap  # preempted with a step in flight, then its proposals verified
     assert tokens(llm, prompts) == expected
     assert tokens(llm, prompts[:2]) == expected[:2]  # again: the prompts' blocks are prefix-cache hits
     stats = llm.stats()
@@ -92,15 +114,17 @@ def test_greedy_through_preemption_and_prefix_hits(tiny_model):
     assert_no_leak(llm)
 
 
-def test_sampling_params_hold_within_accepted_runs(qwen3):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_sampling_params_hold_within_accepted_runs(qwen3, overlap):
     """Seeds, penalties, logprobs, stop ids and min_tokens inside an accepted run, max_tokens exactly:
-    every output equals the one without speculation."""
+    every output equals the one without speculation. Overlapped (penalties need every token's value
+    before sampling, so they would turn overlap off): a greedy row with logprobs in their place."""
     path, prompts, expected = qwen3
     stop_id, early_id = expected[2][9], expected[2][3]  # tokens in the middle of a greedy output
+    penalties = dict(repetition_penalty=1.3, frequency_penalty=0.2, presence_penalty=0.1) if not overlap else {}
     params = [
         SamplingParams(temperature=0.8, top_k=20, seed=5, max_tokens=17, ignore_eos=True, logprobs=2),
-        SamplingParams(temperature=0, repetition_penalty=1.3, frequency_penalty=0.2, presence_penalty=0.1,
-                       max_tokens=20, ignore_eos=True, logprobs=0),
+        SamplingParams(temperature=0, **penalties, max_tokens=20, ignore_eos=True, logprobs=0),
         SamplingParams(temperature=0, stop_token_ids=[stop_id], max_tokens=24),
         SamplingParams(temperature=0, stop_token_ids=[early_id], min_tokens=6, max_tokens=24),
         SamplingParams(temperature=1.0, top_p=0.9, min_p=0.05, seed=11, max_tokens=13, ignore_eos=True),
@@ -109,8 +133,10 @@ def test_sampling_params_hold_within_accepted_runs(qwen3):
     base = LLM(path, skip_tokenizer_init=True, device="cpu", num_kvcache_blocks=64)
     base = base.generate(batch, params, use_tqdm=False)
     llm = LLM(path, skip_tokenizer_init=True, device="cpu", num_kvcache_blocks=64, speculative_config=ngram(5))
+    llm.overlap_steps = overlap
     spec = llm.generate(batch, params, use_tqdm=False)
     assert llm.stats()["spec_accepted_tokens"] > 0
+    assert (llm.stats()["spec_voided_tokens"] > 0) == overlap
     for p, a, b in zip(params, base, spec):
         a, b = a.outputs[0], b.outputs[0]
         assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason and b.stop_reason == a.stop_reason
