@@ -65,9 +65,12 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, stride_wn, stride_xm, stride_o
             w = tl.load(w_ptr + n[:, None] * stride_wn + (k0 + k)[None, :],
                         mask=(n[:, None] < N) & ((k0 + k)[None, :] < K), other=0.0)
         w32 = w.to(tl.float32)
+        # every row of x in one load: a load per row inside the loop waited on each reduction before it
+        xs = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + k)[None, :],
+                     mask=(rows[:, None] < ROWS) & ((k0 + k)[None, :] < K), other=0.0).to(tl.float32)
         for r in tl.static_range(ROWS):  # each row reduced on its own, from the W tile read once
-            x = tl.load(x_ptr + r * stride_xm + k0 + k, mask=k0 + k < K, other=0.0)
-            row = tl.sum(w32 * x[None, :].to(tl.float32), axis=1)
+            x = tl.sum(tl.where(rows[:, None] == r, xs, 0.0), axis=0)
+            row = tl.sum(w32 * x[None, :], axis=1)
             acc = tl.where(rows[:, None] == r, acc + row[None, :], acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]

@@ -510,7 +510,8 @@ def paged_attention(
     causally (speculative verification: a few tokens over a long prefix). All of a program's rows
     share each K/V tile, and the partitions split the context as for decode, which a prefill
     kernel's grid (one program per sequence and KV head at this size) cannot. Query rows no
-    sequence owns come out as zeros.
+    sequence owns (a CUDA graph's padding) are not written: zeroing them cost a fill kernel per
+    layer, which also broke the chain of PDL launches.
 
     ``k_sink``/``v_sink`` (an FP8 cache's float16 first blocks, see ``check_sinks``): the tokens of
     blocks below ``k_sink.shape[0]``, which must be sequences' first blocks, are read from them.
@@ -535,7 +536,7 @@ def paged_attention(
     if num_partitions is not None and num_partitions < 1:
         raise ValueError(f"num_partitions must be >= 1 or None, got {num_partitions}")
     if out is None:
-        out = torch.zeros_like(query) if multi else torch.empty_like(query)
+        out = torch.empty_like(query)
     elif out.shape != query.shape or out.dtype != query.dtype or out.stride(-1) != 1 or multi:
         raise ValueError(f"out must be {query.dtype} {tuple(query.shape)} with a contiguous head_dim "
                          f"(and no query_start_loc), got {out.dtype} {tuple(out.shape)}")

@@ -119,7 +119,6 @@ def test_decode_of_several_query_tokens_is_causal(shape, dtype, num_partitions):
     case, query, qsl, ref = verify_case(q_lens, lens, *shape, dtype)
     out = decode(case, query, num_partitions=num_partitions, query_start_loc=qsl, max_query_len=max(q_lens))
     assert out.shape == query.shape and out.dtype == dtype
-    assert torch.equal(out[-2:], torch.zeros_like(out[-2:]))  # tokens no sequence owns
     assert rel_err(out[: sum(q_lens)], ref) < TOL[dtype]
 
 
@@ -293,9 +292,10 @@ def test_gpu_decode_of_several_query_tokens_sweep(fp8):
                   for n in lens]
         case, query, qsl, ref = verify_case(q_lens, lens, heads, kv_heads, head_dim, block, torch.bfloat16, fp8)
         out = decode(case, query, query_start_loc=qsl, max_query_len=max(q_lens))
-        err = rel_err(out[: sum(q_lens)], ref)
+        owned = out[: sum(q_lens)]  # the rest (padding) is not written
+        err = rel_err(owned, ref)
         shape = f"group {heads // kv_heads}, {kv_heads} KV heads, head dim {head_dim}, block {block}"
-        assert not out.isnan().any() and err <= (4e-3 if fp8 else 2e-3), (shape, lens, q_lens, err)
+        assert not owned.isnan().any() and err <= (4e-3 if fp8 else 2e-3), (shape, lens, q_lens, err)
         worst = max(worst, err)
     print(f"decode of several query tokens {'fp8' if fp8 else 'bf16'}: worst rel err {worst:.2e}")
     assert worst <= (4e-3 if fp8 else 2e-3)
