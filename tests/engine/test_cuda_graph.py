@@ -104,7 +104,8 @@ def test_graph_steps_without_capture_give_the_eager_engines_tokens(tiny_model, m
             m.setattr(ModelRunner, "_capture_graphs", lambda self: self.decode_graphs(capture=False))
             graphed = LLM(path, skip_tokenizer_init=True, device="cpu", max_num_seqs=8,
                           speculative_config=speculative)
-        graphed.overlap_steps = True  # as on a GPU: a step (plain, or verifying guesses) launches before the last is read
+        graphed.overlap_steps = True  # as on a GPU: a step (plain, or verifying guesses) launches before the last
+        # one is read back
         assert tokens(graphed) == tokens(eager)
         replays = graphed.model_runner.graphs.replays
         assert replays[4, 1] > 0 and (speculative is None or replays[4, 4] > 0), replays

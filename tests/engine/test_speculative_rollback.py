@@ -67,7 +67,8 @@ class FakeKV:
         for seq in scheduler.running:
             # no block past the tokens (a rejected proposal's is freed); the newest token's may come later
             num_blocks = len(seq.block_table)
-            assert bm.num_blocks_for(seq.num_computed_tokens) <= num_blocks <= bm.num_blocks_for(seq.num_tokens + reserved)
+            most = bm.num_blocks_for(seq.num_tokens + reserved)
+            assert bm.num_blocks_for(seq.num_computed_tokens) <= num_blocks <= most
             assert seq.num_committed_tokens <= seq.num_computed_tokens <= seq.num_tokens
             for block in seq.block_table:
                 refs[block] += 1
