@@ -24,8 +24,12 @@ seeded request gives the same tokens with and without speculation.
 
 On CUDA, verify steps replay CUDA graphs of k + 1 query tokens per row (`DecodeGraphs`,
 captured for up to `disable_by_batch_size` rows; a row whose proposals ran short owns fewer
-tokens of its k + 1). They run synchronously (the proposer reads every token's value), like
-penalty requests.
+tokens of its k + 1). With prompt lookup they overlap like plain steps: the next step is
+scheduled while the last one runs, the proposer guessing that every proposal in flight is
+accepted and what the bonus token is (the text's next token); its first token is read on the
+device. When `update` rolls a sequence back it also bumps `Sequence.num_rollbacks`, which voids
+that sequence's rows in the step launched before the rollback. A draft model reads every
+token's value, so its steps run synchronously, like penalty requests.
 Above `disable_by_batch_size` running sequences the engine does not speculate (plain
 decode steps with CUDA graphs and overlap), since large batches are compute-bound.
 """
