@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import math
+import random
 
 import pytest
 import torch
@@ -205,3 +206,46 @@ def test_sampled_tokens_keep_the_target_distribution(tiny_model):
     assert len(expected) >= 10  # the test has power
     chi2 = float(((observed - expected) ** 2 / expected).sum())
     assert chi2 < chi_square_quantile(len(observed) - 1, z=3.7)  # p ~ 1e-4
+
+
+def test_overlapped_speculation_with_preemption_aborts_and_mixed_requests(qwen3):
+    """Requests arriving while others run (greedy and seeded, stop ids, max_tokens, logprobs, top-k),
+    some aborted mid-run, a cache small enough to preempt often; steps overlapped as on a GPU. Every
+    request that finishes gives what it gives without speculation, and no block leaks."""
+    path, _, _ = qwen3
+    rng = random.Random(3)
+    requests = []
+    for _ in range(16):
+        pattern = [rng.randrange(384) for _ in range(rng.randint(2, 8))]
+        greedy = rng.random() < 0.6
+        params = SamplingParams(temperature=0 if greedy else 0.8, seed=None if greedy else rng.randrange(100),
+                                top_k=-1 if greedy else 20, max_tokens=rng.randint(1, 40), ignore_eos=True,
+                                stop_token_ids=[rng.randrange(384)] if rng.random() < 0.3 else [],
+                                logprobs=rng.choice([None, 2]))
+        requests.append(((pattern * 6)[: rng.randint(3, 60)], params))
+    aborts = {5: "3", 9: "7", 14: "12"}  # step -> request
+
+    def run(spec: dict | None) -> tuple[dict[str, tuple[list[int], str]], LLM]:
+        llm = LLM(path, skip_tokenizer_init=True, device="cpu", num_kvcache_blocks=20, kvcache_block_size=8,
+                  max_num_seqs=6, speculative_config=spec)
+        llm.overlap_steps = spec is not None
+        outputs, queue, steps = {}, list(enumerate(requests)), 0
+        while queue or llm.has_unfinished_requests():
+            while queue and len(llm.scheduler.running) + len(llm.scheduler.waiting) < 8:
+                i, (prompt, params) = queue.pop(0)
+                llm.add_request(str(i), prompt, params)
+            for out in llm.step():  # streamed: deltas
+                tokens, reason = outputs.get(out.request_id, ([], None))
+                outputs[out.request_id] = (tokens + out.outputs[0].token_ids, out.outputs[0].finish_reason or reason)
+            steps += 1
+            if spec is not None and steps in aborts:
+                llm.abort_request(aborts[steps])
+        assert_no_leak(llm)
+        return outputs, llm
+
+    expected, _ = run(None)
+    outputs, llm = run(ngram(4))
+    finished = {rid: out for rid, out in outputs.items() if out[1] is not None}
+    assert len(finished) >= 13 and all(finished[rid] == expected[rid] for rid in finished)
+    stats = llm.stats()
+    assert stats["num_preemptions"] > 0 and stats["spec_accepted_tokens"] > 0 and stats["spec_voided_tokens"] > 0
