@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny random HF models saved to disk, and HF's greedy continuation."""
+"""Shared fixtures: tiny random HF models saved to disk, and HF's greedy continuation; scripts as modules."""
 from __future__ import annotations
 
+import importlib.util
 import os
+from types import ModuleType
 
 import pytest
 import torch
@@ -12,6 +14,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import transformers  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(relative_path: str) -> ModuleType:
+    """A script of the repository (e.g. "scripts/step_time.py") imported as a module, its main() not run."""
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(relative_path))[0],
+                                                  os.path.join(ROOT, relative_path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 TINY = dict(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             max_position_embeddings=1024, rms_norm_eps=1e-6, initializer_range=0.08)

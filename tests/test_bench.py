@@ -1,18 +1,14 @@
 """bench.py end to end on CPU with a tiny model: its JSON line, the KV report's timeline and PNG, the profile."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, load_script
 
 from nanovllm import LLM, SamplingParams
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def test_kv_timeline_matches_the_waste_metric(tiny_model):
     """Per step: stored <= allocated <= a static max_model_len per running sequence; summed, the
@@ -56,9 +52,7 @@ def test_bench_cli_fp8_with_sink_blocks(tiny_model):
 
 
 def test_speculation_keeps_the_engine_defaults_unless_given():
-    spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "bench.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench.py")
     assert bench.speculative_config(bench.parse_args([])) is None
     config = bench.speculative_config(bench.parse_args(["--speculative-method", "ngram"]))
     assert "disable_by_batch_size" not in config  # the engine's default (8) applies

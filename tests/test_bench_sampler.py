@@ -1,23 +1,12 @@
 """scripts/bench_sampler.py runs against the current sampler API (it once drifted out of date unnoticed)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_sampler.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_sampler", SCRIPT)
-    bench_sampler = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_sampler)
-    return bench_sampler
+from conftest import load_script
 
 
 def test_table_times_every_mode_at_every_batch():
-    bench_sampler = load_script()
+    bench_sampler = load_script("scripts/bench_sampler.py")
     lines = bench_sampler.table(vocab=300, batches=[1, 3], iters=1, device="cpu")
     header, rows = lines[1], lines[3:]
     assert header.count("|") - 1 == 1 + 2 * len(bench_sampler.MODES) + 1  # batch, modes alone and +lp5, top-p flat
@@ -29,7 +18,7 @@ def test_table_times_every_mode_at_every_batch():
 
 def test_profile_shows_where_one_modes_time_goes():
     """On CPU the sampler's torch path sorts the rows for top-k: the profile must show the sort."""
-    bench_sampler = load_script()
+    bench_sampler = load_script("scripts/bench_sampler.py")
     title, table, summary = bench_sampler.profile_mode("top-k 50", vocab=300, batch=2, iters=2, device="cpu")
     assert title.startswith("sampler top-k 50, batch 2") and "aten::sort" in table
     assert summary.startswith("per call: ") and float(summary.split()[2]) > 0
@@ -41,7 +30,7 @@ def test_profile_shows_where_one_modes_time_goes():
 
 def test_profile_with_logprobs_computes_them():
     """With ' +lp3' the profiled calls ask for logprobs: the raw logits' logsumexp and top-k show."""
-    bench_sampler = load_script()
+    bench_sampler = load_script("scripts/bench_sampler.py")
     _, table, _ = bench_sampler.profile_mode("temperature +lp3", vocab=300, batch=2, iters=2, device="cpu")
     assert "aten::logsumexp" in table and "aten::topk" in table
     _, plain, _ = bench_sampler.profile_mode("temperature", vocab=300, batch=2, iters=2, device="cpu")

@@ -2,24 +2,14 @@
 what it instruments."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+from conftest import load_script
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.model_runner import ModelRunner
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "step_time.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("step_time", SCRIPT)
-    step_time = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(step_time)
-    return step_time
-
 
 def test_measure_times_every_decode_step(tiny_model):
-    step_time = load_script()
+    step_time = load_script("scripts/step_time.py")
     path, _ = tiny_model("qwen3")
     launch = ModelRunner.launch
     llm = LLM(path, device="cpu", skip_tokenizer_init=True, num_kvcache_blocks=64,
