@@ -42,16 +42,17 @@ class VocabParallelEmbedding(nn.Module):
 
 
 def float32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """hidden [T, H] @ weight.T in float32: on CUDA the Triton GEMV for up to `gemv_kernel.MAX_ROWS`
-    rows (a decode step at a small batch reads the whole vocabulary's weights for a few rows, which
-    cuBLAS does at a fraction of the bandwidth), else cuBLAS's half-precision GEMM with a float32
-    output; elsewhere the same products (exact in float32) from widened operands."""
+    """hidden [T, H] @ weight.T in float32: on CUDA the Triton GEMV for one row (decode at batch 1 reads
+    the whole vocabulary's weights for it), else cuBLAS's half-precision GEMM with a float32 output
+    (from 2 rows on cuBLAS reads these wide weights as fast or faster: call BF, SmolLM2's LM head at 5
+    rows 16 µs against the GEMV's 45); elsewhere the same products (exact in float32) from widened
+    operands."""
     if hidden.dtype == torch.float32:
         return F.linear(hidden, weight)
     if hidden.is_cuda:
-        from nanovllm.layers.gemv_kernel import MAX_ROWS, gemv
+        from nanovllm.layers.gemv_kernel import gemv
 
-        if hidden.shape[0] <= MAX_ROWS and hidden.is_contiguous():
+        if hidden.shape[0] == 1 and hidden.is_contiguous():
             return gemv(hidden, weight, out_dtype=torch.float32)
         return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
     return F.linear(hidden.float(), weight.float())

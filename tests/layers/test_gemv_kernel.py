@@ -16,11 +16,11 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     return F.linear(x.double(), weight.double(), None if bias is None else bias.double())
 
 
-# partial blocks of N and K, K over two tiles
-@pytest.mark.parametrize("n,k", [(40, 96), (16, 300), (33, 2048), (6, 5000)])
+# partial blocks of N and K, K over two tiles; N > K (the tensor-core kernel from DOT_ROWS rows on)
+@pytest.mark.parametrize("n,k", [(40, 96), (16, 300), (33, 2048), (6, 5000), (300, 40), (700, 600)])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("pdl_tiles", [False, True])  # the tiles PDL launches take (whole rows), without PDL
-@pytest.mark.parametrize("rows", [1, 3, gemv_kernel.MAX_ROWS])  # one, a padded row block, the most
+@pytest.mark.parametrize("rows", [1, 3, gemv_kernel.DOT_ROWS, gemv_kernel.MAX_ROWS])  # one, padded, dot, the most
 def test_gemv_matches_matmul(n, k, with_bias, pdl_tiles, rows, monkeypatch):
     if pdl_tiles:
         monkeypatch.setattr(gemv_kernel, "_config", lambda k, pdl, config=gemv_kernel._config: config(k, True))
@@ -61,13 +61,15 @@ def test_linear_takes_gemv_up_to_max_rows(dtype, n, k):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_lm_head_logits_take_gemv_up_to_their_max_rows():
+def test_lm_head_logits_take_gemv_at_one_row():
     from nanovllm.layers.embed_head import float32_logits
 
     torch.manual_seed(0)
     weight = (torch.randn(49152, 576, device="cuda") / 24).bfloat16()
-    for rows in (1, gemv_kernel.MAX_ROWS, gemv_kernel.MAX_ROWS + 1):
+    for rows in (1, 2, gemv_kernel.MAX_ROWS):
         hidden = torch.randn(rows, 576, device="cuda").bfloat16()
         logits = float32_logits(hidden, weight)
         assert logits.dtype == torch.float32
+        if rows == 1:
+            torch.testing.assert_close(logits, gemv(hidden, weight, out_dtype=torch.float32), rtol=0, atol=0)
         torch.testing.assert_close(logits.double(), reference(hidden, weight, None), rtol=1e-4, atol=1e-4)
