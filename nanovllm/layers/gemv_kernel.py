@@ -140,8 +140,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if x.shape[0] >= DOT_ROWS and n > k:
         _gemv_dot_kernel[(triton.cdiv(n, DOT_BLOCK_N),)](
             x, weight, bias_arg, out, n, weight.stride(0), x.stride(0), out.stride(0), K=k, ROWS=x.shape[0],
-            BLOCK_N=DOT_BLOCK_N, BLOCK_K=min(DOT_BLOCK_K, max(16, triton.next_power_of_2(k))), HAS_BIAS=bias is not None,
-            PDL=pdl, num_warps=4, launch_pdl=pdl)
+            BLOCK_N=DOT_BLOCK_N, BLOCK_K=min(DOT_BLOCK_K, max(16, triton.next_power_of_2(k))),
+            HAS_BIAS=bias is not None, PDL=pdl, num_warps=4, launch_pdl=pdl)
         return out
     block_n, block_k, num_warps = _config(k, pdl)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
