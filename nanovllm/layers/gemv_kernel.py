@@ -24,10 +24,13 @@ in a verify step (k = 4 at batch 1): with the GEMV at 5 rows everywhere (the LM 
 went 1.64 -> 1.45 ms (call AI), while batch-5 decode, whose 5 rows reach only the LM head (eager,
 after the graph), went 1.57 -> 1.71 ms (call AH), so the LM head kept cuBLAS at 5 rows. Since the graphs
 run the LM head too (`cuda_graph`), on a graph's padded rows, decode at batch 5 gives it 8 rows, and
-only a verify step at batch 1 (or an eager step's 5 sampled rows) gives it 5: the GEMV takes them
-(call AZ: a verify step unchanged within its noise, 1.48-1.65 ms per step either way). The RMSNorm
-before a projection done in its GEMV (every program normalising the rows itself, one kernel fewer)
-left batch 1 at 0.86 ms per step and made batch 4 slower, 1.34 -> 1.43 ms (call AZ): not kept.
+only a verify step at batch 1 (or an eager step's 5 sampled rows) gives it 5: the GEMV took them
+(call AZ: a verify step unchanged within its noise, 1.48-1.65 ms per step either way) until call BF
+timed cuBLAS ahead at 4-5 rows (SmolLM2's LM head 16 against 39-45 us, Qwen3's 77-80 against 118-141)
+and within 5 us either way at 2 (16.0 against 20.5; 75.9 against 71.6): `embed_head.float32_logits`
+takes the GEMV at one row only. The RMSNorm before a projection done in its GEMV (every program
+normalising the rows itself, one kernel fewer) left batch 1 at 0.86 ms per step and made batch 4
+slower, 1.34 -> 1.43 ms (call AZ): not kept.
 
 With PDL (`nanovllm/utils/pdl.py`, sm90+) a program reads its whole W tile before it waits for x,
 while the kernel before it still runs. Tiles of 8,192 weights (a row of up to 4,096, so 2-8 output
