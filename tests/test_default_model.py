@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.attention.metadata import build_layout
+from nanovllm.outputs import CompletionOutput
 from nanovllm.utils import model_source
 from nanovllm.utils.model_source import resolve_model
 
@@ -77,26 +78,36 @@ def test_greedy_matches_hf(model_dir: str) -> None:
     assert "Paris" in answer, answer
 
 
-def test_ngram_speculation_is_greedy_exact(model_dir: str) -> None:
-    """On the real model a repeat-the-text prompt gets many n-gram proposals accepted; the tokens,
-    and a stop string met inside an accepted run, are those of plain greedy decoding."""
+@pytest.fixture(scope="module")
+def repeat_case(model_dir: str) -> tuple[str, CompletionOutput, str]:
+    """A repeat-the-text chat prompt, its greedy output without speculation, and its greedy text with the
+    stop string "lazy"."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     text = tokenizer.apply_chat_template([{"role": "user", "content": (
         "Repeat the following text: The quick brown fox jumps over the lazy dog while the cat sleeps "
         "on the warm windowsill and the birds sing in the old oak tree.")}], add_generation_prompt=True, tokenize=False)
-    greedy = SamplingParams(temperature=0, max_tokens=32)
     base = LLM(model_dir, device="cpu", dtype="float32", num_kvcache_blocks=64)
-    expected = base.generate([text], greedy, use_tqdm=False)[0].outputs[0]
+    expected = base.generate([text], SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)[0].outputs[0]
+    stop = SamplingParams(temperature=0, max_tokens=32, stop=["lazy"])
+    return text, expected, base.generate([text], stop, use_tqdm=False)[0].outputs[0].text
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+def test_ngram_speculation_is_greedy_exact(model_dir: str, repeat_case: tuple[str, CompletionOutput, str],
+                                           k: int) -> None:
+    """On the real model a repeat-the-text prompt gets many n-gram proposals accepted; for every k the
+    tokens, and a stop string met inside an accepted run, are those of plain greedy decoding."""
+    text, expected, stopped_text = repeat_case
     spec = LLM(model_dir, device="cpu", dtype="float32", num_kvcache_blocks=64, speculative_config={
-        "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5})
-    got = spec.generate([text], greedy, use_tqdm=False)[0].outputs[0]
+        "method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 2, "prompt_lookup_max": 5})
+    got = spec.generate([text], SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)[0].outputs[0]
     assert got.token_ids == expected.token_ids and got.text == expected.text
     stats = spec.stats()
     assert stats["spec_accepted_tokens"] >= 0.5 * stats["spec_proposed_tokens"] > 0
     stop = SamplingParams(temperature=0, max_tokens=32, stop=["lazy"])
     stopped = spec.generate([text], stop, use_tqdm=False)[0].outputs[0]
     assert stopped.finish_reason == "stop" and stopped.stop_reason == "lazy"
-    assert stopped.text == base.generate([text], stop, use_tqdm=False)[0].outputs[0].text
+    assert stopped.text == stopped_text
 
 
 def test_tensor_parallel_greedy_equals_one_rank(model_dir: str) -> None:
