@@ -7,6 +7,7 @@
     ... --speculative-method draft_model --draft-model DRAFT_PATH
     python bench.py --model preset:qwen3-8b --tensor-parallel-size 2    # two GPUs, dummy weights
     python bench.py --kv-report kv.png   # KV tokens stored vs slots allocated vs static reservation (`[plot]`)
+    python bench.py --step-times --max-num-batched-tokens 16384   # wall / launch time per step, bigger chunks
 
 The `repeat` workload asks the model to repeat a 1-2k-token text of words and numbers with every
 number doubled (chat template of the model's tokenizer): output that n-gram lookup can predict.
@@ -23,6 +24,7 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.attention.kv_cache import KV_CACHE_DTYPES
 from nanovllm.attention.selector import BACKENDS
 from nanovllm.config import PRESET_PREFIX
+from nanovllm.engine.llm_engine import StepTime
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-output-len", type=int, default=100)
     p.add_argument("--max-output-len", type=int, default=1024)
     p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per step, the prefill chunk (default: the engine's, 8192)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--attention-backend", default="auto", choices=BACKENDS)
@@ -57,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="no speculation while more sequences than this run (default: the engine's, 8)")
     p.add_argument("--profile", action="store_true",
                    help="after the timed runs, one more under torch.profiler: where the device time goes")
+    p.add_argument("--step-times", action="store_true",
+                   help="print the first timed run's wall and launch time per step, prefill steps one by one")
     p.add_argument("--kv-report", metavar="PNG", default=None,
                    help="draw the first timed run's KV use per step (matplotlib: the [plot] extra)")
     return p.parse_args(argv)
@@ -125,6 +131,23 @@ def kv_report(path: str, timeline: list[tuple[int, int, int]], max_model_len: in
     plt.close(fig)
 
 
+def step_times(log: list[StepTime]) -> list[str]:
+    """Each kind of step's count, wall time and the host's time to launch it, and every prefill step's
+    wall / launch ms: a launch near its step's wall time means the host sets the pace."""
+    lines = []
+    for kind in ("prefill", "decode", "verify"):
+        steps = [s for s in log if s.kind == kind]
+        if steps:
+            wall, launch = sum(s.seconds for s in steps), sum(s.launch_seconds for s in steps)
+            lines.append(f"{kind}: {len(steps)} steps, {sum(s.tokens for s in steps)} "
+                         f"{'tokens' if kind == 'prefill' else 'sequence steps'}, {wall:.3f} s of wall time "
+                         f"({1e3 * wall / len(steps):.2f} ms per step), {launch:.3f} s launching")
+    prefill = [f"{1e3 * s.seconds:.1f}/{1e3 * s.launch_seconds:.1f}" for s in log if s.kind == "prefill"]
+    if prefill:
+        lines.append("prefill steps, wall / launch ms: " + " ".join(prefill))
+    return lines
+
+
 def timed_run(llm: LLM, args: argparse.Namespace, run: int) -> dict[str, float]:
     prompts, params = workload(llm, args, run)
     before = llm.stats()
@@ -183,18 +206,21 @@ def main() -> None:
               fp8_sink_blocks=args.fp8_sink_blocks, enforce_eager=args.enforce_eager, device=args.device,
               skip_tokenizer_init=args.workload != "repeat", seed=args.seed,
               speculative_config=speculative_config(args), tensor_parallel_size=args.tensor_parallel_size,
-              disable_custom_all_reduce=args.disable_custom_all_reduce)
+              disable_custom_all_reduce=args.disable_custom_all_reduce,
+              **({"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}))
     startup = time.perf_counter() - start
     print(f"startup: {startup:.1f} s")
     for i in range(args.warmup):
         llm.generate(*workload(llm, args, 1000 + i), use_tqdm=False)
     kv_usage = llm.scheduler.kv_usage
     kv_usage.timeline = [] if args.kv_report else None  # recorded over the first timed run
+    llm.step_log = [] if args.step_times else None
     runs = []
     for run in range(args.repeat):
         runs.append(timed_run(llm, args, run))
         if run == 0:
             timeline, kv_usage.timeline = kv_usage.timeline, None
+            log, llm.step_log = llm.step_log, None
     if args.profile:
         profile_run(llm, args)
     best = max(runs, key=lambda r: r["throughput_tok_s"])
@@ -215,6 +241,8 @@ def main() -> None:
         print(f"speculation: {best['spec_accepted_tokens']} of {best['spec_proposed_tokens']} proposed tokens "
               f"accepted ({best['spec_accepted_tokens'] / best['spec_proposed_tokens']:.0%}); "
               f"{best['spec_voided_tokens']} proposed in overlapped steps that a rollback voided")
+    if args.step_times:
+        print("\n".join(["step times of the first timed run:"] + step_times(log)))
     if args.kv_report:
         kv_report(args.kv_report, timeline, args.max_model_len)
         print(f"KV report: {args.kv_report}")

@@ -155,9 +155,10 @@ class BeamSearch:
             raise RuntimeError("beam search ran out of KV blocks; this is a bug in its admission")
         start = time.perf_counter()
         pending = engine.model_runner.launch(batch)
+        launched = time.perf_counter()
         self.scheduler.advance(batch)
         sampled = pending.wait()
-        engine._record_time(batch, time.perf_counter() - start)
+        engine._record_time(batch, time.perf_counter() - start, launched - start)
         if sampled is None:  # a prompt chunk that samples nothing
             self.scheduler.update(batch, None)
             return []

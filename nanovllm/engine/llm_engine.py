@@ -62,6 +62,18 @@ class Request:
         return all(seq.is_finished for seq in self.seqs) and not self.seqs[0].pending_forks
 
 
+@dataclass(frozen=True)
+class StepTime:
+    """One completed step, for `LLMEngine.step_log`: its wall time (overlapping steps split it, as
+    `stats()` counts it) and the host's time to launch it. A launch that takes most of its step's
+    wall time means the host sets the pace; a short one, that the device does (the rest is the wait)."""
+
+    kind: str  # "prefill", "decode" or "verify"
+    seconds: float
+    launch_seconds: float
+    tokens: int  # prefill: prompt tokens computed; decode and verify: sequences
+
+
 def tokenize_prompt(tokenizer: PreTrainedTokenizerBase | None, prompt: Prompt) -> tuple[str | None, list[int]]:
     """A prompt's text (None when it came as token ids) and its token ids."""
     if isinstance(prompt, str):
@@ -103,13 +115,14 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.overlap_steps = self.model_runner.device.type == "cuda"
         self._num_sync_requests = 0  # requests whose sampling reads earlier tokens' values (penalties)
-        self._in_flight: tuple[ScheduledBatch, PendingSample, float] | None = None
+        self._in_flight: tuple[ScheduledBatch, PendingSample, float, float] | None = None  # + start, launched
         self._last_completed = 0.0
         self._generate_ids = itertools.count()
         self._unclaimed: list[RequestOutput] = []  # other requests' deltas seen by `generate`
         self.num_prefill_tokens = self.num_decode_tokens = 0
         self.prefill_time = self.decode_time = 0.0
         self.num_decode_steps = 0  # decode and speculative verify steps: the latency a stream feels
+        self.step_log: list[StepTime] | None = None  # set to a list to record every step (`bench.py --step-times`)
 
     # -- setup ----------------------------------------------------------------
 
@@ -264,7 +277,8 @@ class LLMEngine:
         launched = None
         if batch is not None:
             start = time.perf_counter()
-            launched = (batch, self.model_runner.launch(batch), start)
+            pending = self.model_runner.launch(batch)
+            launched = (batch, pending, start, time.perf_counter())
             for child in self.scheduler.advance(batch):
                 self._track(self.requests[child.request_id], child)
         if self._in_flight is not None:
@@ -276,10 +290,10 @@ class LLMEngine:
 
     def _complete(self) -> list[RequestOutput]:
         """Read the launched step's tokens back, finish what stopped, return the requests' deltas."""
-        (batch, pending, start), self._in_flight = self._in_flight, None
+        (batch, pending, start, launched), self._in_flight = self._in_flight, None
         sampled = pending.wait()
         now = time.perf_counter()
-        self._record_time(batch, now - max(start, self._last_completed))  # overlapping steps split the wall time
+        self._record_time(batch, now - max(start, self._last_completed), launched - start)  # overlaps split it
         self._last_completed = now
         live = self.scheduler.update(batch, sampled.token_ids if sampled else None, self._stop_string)
         if batch.num_proposed is not None and not batch.is_decode:  # a verify step: count it as decode
@@ -307,17 +321,22 @@ class LLMEngine:
         may_stop = index + 1 - seq.num_prompt_tokens >= seq.sampling_params.min_tokens
         return detokenizer.add_and_check(seq.token_ids[index], may_stop)
 
-    def _record_time(self, batch: ScheduledBatch, seconds: float) -> None:
+    def _record_time(self, batch: ScheduledBatch, seconds: float, launch_seconds: float) -> None:
         if batch.num_proposed is not None and not batch.is_decode:  # tokens counted once known
+            kind, tokens = "verify", len(batch.seqs)
             self.decode_time += seconds
             self.num_decode_steps += 1
         elif batch.is_decode:
-            self.num_decode_tokens += len(batch.seqs)
+            kind, tokens = "decode", len(batch.seqs)
+            self.num_decode_tokens += tokens
             self.decode_time += seconds
             self.num_decode_steps += 1
         else:
-            self.num_prefill_tokens += sum(batch.num_new_tokens)
+            kind, tokens = "prefill", sum(batch.num_new_tokens)
+            self.num_prefill_tokens += tokens
             self.prefill_time += seconds
+        if self.step_log is not None:
+            self.step_log.append(StepTime(kind, seconds, launch_seconds, tokens))
 
     @staticmethod
     def _record(state: SeqState, seq: Sequence, row: int, sampled: SampledTokens) -> None:
