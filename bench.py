@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-output-len", type=int, default=1024)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="tokens per step, the prefill chunk (default: the engine's, 8192)")
+                   help="tokens per step, the prefill chunk (default: the engine's, 16384)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--attention-backend", default="auto", choices=BACKENDS)
