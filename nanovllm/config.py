@@ -50,9 +50,8 @@ class Config:
     attention_backend: str = "auto"
     kv_cache_dtype: str = "auto"
     # FP8 KV: each sequence's first block (the attention sinks) in float16 as well; off by default:
-    # on the H200 it costs 8 % of a decode step (3.92 -> 4.24 ms; 29 % before its kernels' sink loop
-    # went from 107 to 41 KB of shared memory) for GPU top-1 agreement 94.8 -> 96.7 % (call N; with
-    # Hadamard-rotated keys 96.0 -> 96.9 %, call T)
+    # on the H200 it costs 8-9 % of a decode step (calls O, AH) for GPU top-1 agreement 96.6 -> 97.1 %
+    # (call AF). Only the first 4 tokens in float16 cost 4 % for 96.7 % (call BR): not kept.
     fp8_sink_blocks: bool = False
     max_logprobs: int = 20
     # vLLM's dict ({"method": "ngram" | "draft_model", ...}), parsed into a SpeculativeConfig
