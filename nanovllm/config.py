@@ -34,7 +34,7 @@ class Config:
     max_model_len: int | None = None
     max_num_seqs: int = 256
     # Tokens per step, the prefill chunk: an eager prefill step is bound by the host's launches (~280 kernels,
-    # 17-21 ms of host time for 8,192 tokens on the H200, GPU done 1-2 ms after the last launch; twice that in
+    # 17-21 ms of host time for 8,192 tokens on the H200, GPU done 0-2 ms after the last launch; twice that in
     # processes whose host runs slow), so 16,384 halves them per token: bench.py's prefill 0.33-0.36 s in every
     # process against 0.37-0.75 s (calls BO, BP). nano-vllm's default too.
     max_num_batched_tokens: int = 16384
