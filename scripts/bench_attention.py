@@ -54,6 +54,11 @@ def block_table(num_seqs: int, max_len: int, block_size: int) -> torch.Tensor:
     return physical.view(num_seqs, per_seq).int()
 
 
+def longest_first(ctx: torch.Tensor) -> torch.Tensor:
+    """The order the engine's decode grid takes sequences in (`AttentionMetadata.seq_order`)."""
+    return torch.argsort(ctx, descending=True, stable=True).int()
+
+
 def timed(fn) -> float:
     """Milliseconds per call."""
     return do_bench_cudagraph(fn, rep=20)
@@ -77,12 +82,14 @@ def with_fp8_tile(block_n: int, fn):
 def backends(caches: Caches, lens: list[int], query: torch.Tensor, max_len: int) -> dict:
     """name -> (callable, bytes per KV element)."""
     ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    order = longest_first(ctx)
     table16 = block_table(len(lens), max_len, 16)
     scale = HEAD_DIM**-0.5
     out = {
-        "triton-bf16": (lambda: paged_attention(query, caches.key, caches.value, table16, ctx, 16, max_len, scale), 2),
+        "triton-bf16": (lambda: paged_attention(query, caches.key, caches.value, table16, ctx, 16, max_len, scale,
+                                                seq_order=order), 2),
         "triton-fp8": (lambda: paged_attention(query, caches.key_fp8, caches.value_fp8, table16, ctx, 16, max_len,
-                                               scale, caches.scale, caches.scale), 1),
+                                               scale, caches.scale, caches.scale, seq_order=order), 1),
     }
     out["triton-fp8 tile64"] = (with_fp8_tile(64, out["triton-fp8"][0]), 1)
     try:
@@ -122,8 +129,6 @@ def main_table(caches: Caches, batches: list[int], contexts: list[int]) -> None:
     query = torch.randn(256, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
     report("bench mix: 256 x 200-2048", lens, query, caches, max(lens))
     report("  same, graph max_len 8192", lens, query, caches, 8192)
-    # the grid's first programs are the first sequences': longest first would leave no long program for the tail
-    report("  same, longest first", sorted(lens, reverse=True), query, caches, max(lens))
 
 
 def bench_mix() -> list[int]:
@@ -147,12 +152,13 @@ def sweep(caches: Caches, batches: list[int], fp8: bool) -> None:
     cases += [(bench_mix(), 2048), (bench_mix(), 8192)]
     for lens, max_len in cases:
         ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        order = longest_first(ctx)
         table = block_table(len(lens), max_len, 16)
         query = torch.randn(len(lens), NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
 
         def run(parts):
             return lambda: paged_attention(query, key, value, table, ctx, 16, max_len, scale, *scales,
-                                           num_partitions=parts)
+                                           num_partitions=parts, seq_order=order)
 
         cells = [timed(run(1))]
         cells += [timed(run(triton.cdiv(max_len, s))) if s < max_len else float("nan") for s in sizes]

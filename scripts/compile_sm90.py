@@ -41,11 +41,12 @@ def build(group: int, query_len: int, head_dim: int, block: int, fp8: bool) -> o
     names = list(inspect.signature(kernel.fn).parameters)
     cache = "*fp8e4nv" if fp8 else "*bf16"
     pointers = dict(out_ptr="*bf16", q_ptr="*bf16", k_cache_ptr=cache, v_cache_ptr=cache, counters_ptr="*i32",
-                    block_tables_ptr="*i32", context_lens_ptr="*i32", query_start_loc_ptr="*i32")
+                    block_tables_ptr="*i32", context_lens_ptr="*i32", query_start_loc_ptr="*i32",
+                    seq_order_ptr="*i32")
     consts = dict(GROUP=group, ROWS=max(16, triton.next_power_of_2(group * query_len)), HEAD_DIM=head_dim,
                   BLOCK_SIZE=block, BLOCK_N=triton_decode.FP8_BLOCK_N if fp8 else triton_decode.BLOCK_N, FP8=fp8,
                   SINK=False, V_DIM_MAJOR=fp8, SINGLE=False, MULTI=query_len > 1, PRECISION="tf32",
-                  SPLIT_P=not fp8, PDL=True, k_sink_ptr=None, v_sink_ptr=None,
+                  SPLIT_P=not fp8, ORDERED=True, PDL=True, k_sink_ptr=None, v_sink_ptr=None,
                   **triton_decode._merge_constexprs(group, query_len, head_dim))
     if not fp8:
         consts.update(k_scale_ptr=None, v_scale_ptr=None, stride_vd=1)

@@ -26,6 +26,9 @@ class AttentionMetadata:
     - `slot_mapping` [T] int64: the cache slot (block * block_size + offset) each query
       token's K/V go to; -1 for padding, written nowhere.
     - `block_tables` [B, W] int32: physical blocks of each sequence; unused entries hold 0.
+    - `seq_order` [B] int32: the rows by decreasing `seq_lens`, the order in which the decode
+      kernel's programs take them: the longest start first and the short ones fill the tail
+      (launched in row order, a long sequence's programs could start last and run alone).
     - `max_query_len`, `max_seq_len`: host ints, upper bounds (a CUDA graph passes max_model_len).
     - `has_prefix`: some sequence attends to tokens cached before this step.
     """
@@ -35,6 +38,7 @@ class AttentionMetadata:
     seq_start_loc: torch.Tensor
     slot_mapping: torch.Tensor
     block_tables: torch.Tensor
+    seq_order: torch.Tensor
     max_query_len: int
     max_seq_len: int
     has_prefix: bool
@@ -54,6 +58,7 @@ class BatchLayout:
     seq_start_loc: np.ndarray
     slot_mapping: np.ndarray
     block_tables: np.ndarray
+    seq_order: np.ndarray
     max_query_len: int
     max_seq_len: int
     has_prefix: bool
@@ -61,14 +66,19 @@ class BatchLayout:
     def arrays(self) -> list[np.ndarray]:
         """What to upload, in the order `metadata` takes the device tensors back."""
         return [self.positions, self.query_start_loc, self.seq_lens, self.seq_start_loc, self.slot_mapping,
-                self.block_tables]
+                self.block_tables, self.seq_order]
 
     def metadata(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, AttentionMetadata]:
         """(positions, metadata) from the uploaded `arrays()`, int64 on arrival."""
-        positions, query_start, seq_lens, seq_start, slots, tables = tensors
+        positions, query_start, seq_lens, seq_start, slots, tables, order = tensors
         return positions, AttentionMetadata(
-            query_start.int(), seq_lens.int(), seq_start.int(), slots, tables.int(),
+            query_start.int(), seq_lens.int(), seq_start.int(), slots, tables.int(), order.int(),
             self.max_query_len, self.max_seq_len, self.has_prefix)
+
+
+def longest_first(seq_lens: np.ndarray) -> np.ndarray:
+    """Row indices by decreasing length (ties in row order): `AttentionMetadata.seq_order`."""
+    return np.argsort(-seq_lens, kind="stable")
 
 
 def build_layout(query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], block_size: int,
@@ -109,7 +119,7 @@ def build_layout(query_lens: list[int], seq_lens: list[int], block_tables: list[
     p = positions[real]
     slots[real] = tables[row_of_token[real[:owned]], p // block_size] * block_size + p % block_size
     positions = np.maximum(positions, 0)
-    return BatchLayout(positions, query_start, s_lens, seq_start, slots, tables,
+    return BatchLayout(positions, query_start, s_lens, seq_start, slots, tables, longest_first(s_lens),
                        max_query_len=max_query_len or int(q_lens.max(initial=1)),
                        max_seq_len=max_seq_len or int(s_lens.max(initial=1)),
                        has_prefix=bool((s_lens[:n] > q_lens[:n]).any()))

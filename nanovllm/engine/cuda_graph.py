@@ -25,7 +25,7 @@ from nanovllm.layers.sampler import DrawArrays, draw_plain
 _FIELDS = (("input_ids", np.int64, "token"), ("prev_rows", np.int64, "token"), ("positions", np.int64, "token"),
            ("slot_mapping", np.int64, "token"), ("keys", np.int64, "token2"), ("inv_t", np.float32, "token"),
            ("query_start_loc", np.int32, "row1"), ("seq_lens", np.int32, "row"), ("seq_start_loc", np.int32, "row1"),
-           ("greedy", np.bool_, "token"))
+           ("seq_order", np.int32, "row"), ("greedy", np.bool_, "token"))
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -48,7 +48,7 @@ class StaticInputs:
         self.offsets, self.size = byte_offsets(shapes)
         self.buffer = torch.zeros(self.size, dtype=torch.uint8, device=device)
         (self.input_ids, self.prev_rows, self.positions, self.slot_mapping, keys, self.inv_t, self.query_start_loc,
-         self.seq_lens, self.seq_start_loc, self.greedy) = unpack(self.buffer, shapes, self.offsets)
+         self.seq_lens, self.seq_start_loc, self.seq_order, self.greedy) = unpack(self.buffer, shapes, self.offsets)
         self.keys = keys.view(max_tokens, 2)
         self.block_tables = torch.zeros(max_rows, max_blocks_per_seq, dtype=torch.int32, device=device)
 
@@ -62,7 +62,7 @@ class StaticInputs:
         prev_rows = step.prev_rows if len(step.prev_rows) else np.full(num_tokens, -1, dtype=np.int64)
         inv_t, greedy, keys = draw if draw is not None else (None, None, None)
         values = (step.input_ids, prev_rows, layout.positions, layout.slot_mapping, keys, inv_t,
-                  layout.query_start_loc, layout.seq_lens, layout.seq_start_loc, greedy)
+                  layout.query_start_loc, layout.seq_lens, layout.seq_start_loc, layout.seq_order, greedy)
         chunks = [(offset, np.asarray(a, dtype)) for offset, a, (_, dtype, _) in zip(self.offsets, values, _FIELDS)
                   if a is not None]
         tables = np.asarray(layout.block_tables, dtype=np.int32)
@@ -126,7 +126,8 @@ class DecodeGraphs:
     def _meta(self, size: int, query_len: int) -> AttentionMetadata:
         i = self.inputs
         return AttentionMetadata(i.query_start_loc[: size + 1], i.seq_lens[:size], i.seq_start_loc[: size + 1],
-                                 i.slot_mapping[: size * query_len], i.block_tables[:size], query_len,
+                                 i.slot_mapping[: size * query_len], i.block_tables[:size], i.seq_order[:size],
+                                 query_len,
                                  self.max_model_len, True)
 
     def _step(self, model: nn.Module, size: int, query_len: int) -> torch.Tensor:

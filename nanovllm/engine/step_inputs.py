@@ -42,10 +42,10 @@ class StepInputs:
         (num_tokens, num_prev, num_logits, rows, width, num_copies, max_query_len, max_seq_len, has_prefix,
          is_decode, num_seqs, graphed, vocab_parallel) = data[:_HEADER].tolist()
         sizes = [num_tokens, num_prev, num_logits, num_tokens, rows + 1, rows, rows + 1, num_tokens, rows * width,
-                 2 * num_copies]
-        (ids, prev, logits, positions, query_start, seq_lens, seq_start, slots, tables,
+                 rows, 2 * num_copies]
+        (ids, prev, logits, positions, query_start, seq_lens, seq_start, slots, tables, order,
          copies) = np.split(data[_HEADER:], np.cumsum(sizes)[:-1])
-        layout = BatchLayout(positions, query_start, seq_lens, seq_start, slots, tables.reshape(rows, width),
+        layout = BatchLayout(positions, query_start, seq_lens, seq_start, slots, tables.reshape(rows, width), order,
                              max_query_len, max_seq_len, bool(has_prefix))
         return cls(ids, prev, logits, layout, copies.reshape(num_copies, 2), bool(is_decode), num_seqs, bool(graphed),
                    bool(vocab_parallel))

@@ -108,6 +108,14 @@ batch  cache     v1      ps=512  ps=1024 ps=2048
 
 ``bench.py --kv-cache-dtype fp8`` (same call) went from 3.93 to 3.80 ms per decode step; bf16 was
 unchanged with v1 there (5.30 ms either way), so it keeps its 1024-token partitions.
+
+Grid order: the GPU starts a grid's programs roughly in order, and ~500 of them run at a time. Taking
+the sequences in row order, the last programs to start could be a long sequence's, running on while
+the rest of the GPU idles; taking them longest first (``seq_order``, which the engine builds on the
+host with each step's lengths) the short ones fill the tail. On the H200 (call BT, us per call over the
+bench's contexts at steps 50/300/600/900 of its run, CUDA graphs): FP8 104.1/107.7/88.9/51.5 ->
+102.3/105.5/82.5/49.6, bf16 178.5/184.2/153.3/78.1 -> 175.0/185.0/146.0/78.1; ``bench.py`` decode
+5.00 -> 4.89 ms per step (bf16) and 3.61-3.68 -> 3.50 ms (FP8).
 """
 from __future__ import annotations
 
@@ -133,6 +141,10 @@ FP8_BLOCK_N = 128  # the same bytes per tile from an FP8 cache
 # Warps per program with an FP8 cache: on the H200 8 warps made the bench's decode step slower (4.75
 # against 3.91 ms per step with dim-major values; 294 against 275 us per call with token-major ones).
 FP8_NUM_WARPS = 4
+# K/V tiles in flight per program (bf16 and FP8 caches): 3 or 4 were slower on the bench's contexts on the H200
+# (call BT, FP8 166 -> 180 us per call over the 256-sequence mix, bf16 306 -> 309 us).
+NUM_STAGES = 2
+FP8_NUM_STAGES = 2
 LOG2E = 1.4426950408889634
 
 
@@ -363,18 +375,23 @@ def _merge_partials(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, v_scale_p
 @triton.jit
 def _decode_kernel(
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, counters_ptr,
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr, seq_order_ptr,
     k_scale_ptr, v_scale_ptr, k_sink_ptr, v_sink_ptr, num_sink_blocks, scale_log2, partition_size, num_partitions,
     stride_qs, stride_qh, stride_os, stride_oh, stride_cb, stride_ct, stride_ch, stride_bt, stride_vb, stride_vh,
     stride_vd, num_heads,
     GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, FP8: tl.constexpr, SINK: tl.constexpr, V_DIM_MAJOR: tl.constexpr, SINGLE: tl.constexpr,
     MULTI: tl.constexpr, MERGE_ROWS: tl.constexpr, STAT_CHUNK: tl.constexpr, ACC_CHUNK: tl.constexpr,
-    PRECISION: tl.constexpr, SPLIT_P: tl.constexpr, PDL: tl.constexpr,
+    PRECISION: tl.constexpr, SPLIT_P: tl.constexpr, ORDERED: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_start(PDL)  # before the counters too: the previous layer's merges reset them
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if ORDERED:  # the programs launched first take the longest sequences, all their KV heads together
+        flat = tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)
+        seq = tl.load(seq_order_ptr + flat // tl.num_programs(1))
+        kv_head = flat % tl.num_programs(1)
+    else:
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
     part = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     num_live = 1  # partitions with tokens (one for an empty context, which writes zeros)
@@ -497,6 +514,7 @@ def paged_attention(
     max_query_len: int = 1,
     k_sink: Tensor | None = None,
     v_sink: Tensor | None = None,
+    seq_order: Tensor | None = None,
 ) -> Tensor:
     """Decode attention: ``query`` ``[num_seqs, num_heads, head_dim]`` over each sequence's first
     ``context_lens[i]`` cached tokens (``<= max_context_len``). Returns ``[num_seqs, num_heads, head_dim]``
@@ -515,6 +533,11 @@ def paged_attention(
 
     ``k_sink``/``v_sink`` (an FP8 cache's float16 first blocks, see ``check_sinks``): the tokens of
     blocks below ``k_sink.shape[0]``, which must be sequences' first blocks, are read from them.
+
+    ``seq_order`` (``[num_seqs]`` int32, a permutation of the sequences, longest first): the order in
+    which the grid's programs take the sequences, all KV heads of one after another. The GPU starts
+    programs in grid order, so in row order a long sequence's programs may start last and run alone
+    while the rest of the GPU idles; longest first, the short ones fill the tail.
     """
     v_dim_major = check_cache(key_cache, value_cache, block_size)
     fp8 = check_scales(key_cache, k_scale, v_scale)
@@ -530,6 +553,8 @@ def paged_attention(
     check_int_vector("context_lens", context_lens, num_seqs)
     if multi:
         check_int_vector("query_start_loc", query_start_loc, num_seqs + 1)
+    if seq_order is not None:
+        check_int_vector("seq_order", seq_order, num_seqs)
     if not 0 <= max_context_len <= block_tables.shape[1] * block_size:
         raise ValueError(f"max_context_len ({max_context_len}) must be in [0, block table capacity "
                          f"{block_tables.shape[1] * block_size}]")
@@ -561,7 +586,7 @@ def paged_attention(
     pdl = use_pdl(query.device)
     _decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
         out, part_acc, part_max, part_sum, counters,
-        query, key_cache, value_cache, block_tables, context_lens, query_start_loc, k_scale, v_scale,
+        query, key_cache, value_cache, block_tables, context_lens, query_start_loc, seq_order, k_scale, v_scale,
         k_sink, v_sink, num_sink_blocks, scale * LOG2E, partition_size, num_partitions,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), *key_cache.stride()[:3],
         block_tables.stride(0), value_cache.stride(0), value_cache.stride(2), value_cache.stride(3), num_heads,
@@ -569,7 +594,8 @@ def paged_attention(
         FP8=fp8, SINK=num_sink_blocks > 0, V_DIM_MAJOR=v_dim_major, SINGLE=single, MULTI=multi,
         **_merge_constexprs(group, max_query_len, head_dim),
         PRECISION="ieee" if query.dtype == torch.float32 and not fp8 else "tf32",
-        SPLIT_P=query.dtype == torch.bfloat16 and not fp8,
-        PDL=pdl, num_warps=FP8_NUM_WARPS if fp8 else 4, num_stages=2, launch_pdl=pdl,
+        SPLIT_P=query.dtype == torch.bfloat16 and not fp8, ORDERED=seq_order is not None,
+        PDL=pdl, num_warps=FP8_NUM_WARPS if fp8 else 4, num_stages=FP8_NUM_STAGES if fp8 else NUM_STAGES,
+        launch_pdl=pdl,
     )
     return out

@@ -173,6 +173,32 @@ def test_split_kv_merges_in_the_last_partition_and_resets_its_counter(multi):
         assert rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("num_partitions", [1, 4])
+@pytest.mark.parametrize("multi", [False, True], ids=["decode", "verify"])
+def test_longest_first_order_writes_every_row_as_row_order_does(num_partitions, multi):
+    """With ``seq_order`` the grid's programs take the sequences longest first: every (sequence, KV
+    head) must still be computed once, into its own rows (a program mapped to the wrong row, or a
+    pair left out, leaves NaN or another row's output)."""
+    torch.manual_seed(9)
+    case = PagedKV(SPLIT_LENS[0], 2, 64, 16, torch.float32, DEVICE)
+    order = torch.argsort(case.lens, descending=True, stable=True).int()
+    qsl = torch.tensor([0, *torch.tensor(SPLIT_Q_LENS).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    rows = sum(SPLIT_Q_LENS) if multi else len(SPLIT_LENS[0])
+    query = torch.randn(rows, 8, 64, device=DEVICE)
+    if multi:
+        kwargs = dict(query_start_loc=qsl, max_query_len=max(SPLIT_Q_LENS))
+        ref = causal_reference(case, query, qsl)
+    else:
+        kwargs = dict(out=torch.full_like(query, float("nan")))
+        ref = reference(case, query)
+    out = decode(case, query, 256, num_partitions=num_partitions, seq_order=order, **kwargs)
+    assert order.tolist() != list(range(len(order)))
+    assert rel_err(out, ref) < 1e-5
+    if not multi:
+        kwargs["out"] = None
+    assert torch.equal(out, decode(case, query, 256, num_partitions=num_partitions, **kwargs))
+
+
 def test_arrival_counters_grow_into_new_zeroed_buffers_and_keep_the_old():
     """A CUDA graph keeps the counters' address it captured, so a larger grid gets a new buffer."""
     device = torch.device(DEVICE)
@@ -251,6 +277,9 @@ def test_decode_rejects_bad_input():
         paged_attention(query, case.key_cache, case.value_cache, case.block_tables, case.lens.long(), 16, 16, 0.1)
     with pytest.raises(ValueError, match="max_context_len"):
         paged_attention(query, case.key_cache, case.value_cache, case.block_tables, case.lens, 16, 10**6, 0.1)
+    with pytest.raises(ValueError, match="seq_order"):
+        paged_attention(query, case.key_cache, case.value_cache, case.block_tables, case.lens, 16, 16, 0.1,
+                        seq_order=torch.zeros(2, dtype=torch.int32))
 
 
 # -- GPU ------------------------------------------------------------------------------------------
