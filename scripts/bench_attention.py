@@ -19,7 +19,7 @@ from triton.testing import do_bench_cudagraph
 
 from nanovllm.attention.kv_cache import dim_major
 from nanovllm.attention.ops import triton_decode
-from nanovllm.attention.ops.triton_decode import BLOCK_N, choose_num_partitions, paged_attention
+from nanovllm.attention.ops.triton_decode import BLOCK_N, choose_num_partitions, longest_first_pays, paged_attention
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128
 BATCHES = (1, 16, 64, 256, 512)
@@ -54,8 +54,10 @@ def block_table(num_seqs: int, max_len: int, block_size: int) -> torch.Tensor:
     return physical.view(num_seqs, per_seq).int()
 
 
-def longest_first(ctx: torch.Tensor) -> torch.Tensor:
-    """The order the engine's decode grid takes sequences in (`AttentionMetadata.seq_order`)."""
+def longest_first(ctx: torch.Tensor) -> torch.Tensor | None:
+    """The order the engine's decode grid takes sequences in (`AttentionMetadata.seq_order`), where it has one."""
+    if not longest_first_pays(len(ctx), NUM_KV_HEADS, ctx.device):
+        return None
     return torch.argsort(ctx, descending=True, stable=True).int()
 
 

@@ -145,6 +145,19 @@ FP8_NUM_WARPS = 4
 # (call BT, FP8 166 -> 180 us per call over the 256-sequence mix, bf16 306 -> 309 us).
 NUM_STAGES = 2
 FP8_NUM_STAGES = 2
+
+
+def _max_registers(split_p: bool, head_dim: int, rows: int, many: bool) -> int | None:
+    """A register cap for the program, or None for the compiler's choice.
+
+    bf16 queries at head dim 128 (probabilities split in two bf16 halves, ``SPLIT_P``) compile to 144-150
+    registers for sm90, so 3 programs of 4 warps share an SM; at 128 (a few bytes of spill) 4 fit. On the
+    H200 (call BU, the bench's contexts): 305 -> 295 us per call over the 256-sequence mix, ``bench.py``
+    4.90 -> 4.83 ms per decode step. Only with ``many`` programs (`longest_first_pays`), where programs
+    wait for room on an SM; not for FP8 (128 registers already: 96-112 gained nothing), other head dims
+    or float16 (under 128 already: a cap makes ptxas use more), or more rows (several query tokens:
+    spills grow to kilobytes)."""
+    return 128 if many and split_p and head_dim == 128 and rows == 16 else None
 LOG2E = 1.4426950408889634
 
 
@@ -446,6 +459,13 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _sm_count(device: torch.device) -> int:
+    """The device's SMs; an H100's 132 for the CPU (the interpreter), so that it takes the GPU's paths."""
+    if device.type != "cuda":
+        return 132
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
 # Arrival counters of v2 (see `_last_to_arrive`), per device: every buffer handed out stays alive (a
 # CUDA graph keeps the address it captured) and the newest, the largest, serves new calls.
 _COUNTERS: dict[torch.device, list[Tensor]] = {}
@@ -482,8 +502,7 @@ def _merge_constexprs(group: int, max_query_len: int, head_dim: int) -> dict[str
 def choose_num_partitions(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device,
                           fp8: bool = False) -> int:
     """Partition count for decode (1 = v1); see the table in the module docstring."""
-    num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 132
+    num_sms = _sm_count(device)
     programs = num_seqs * num_kv_heads  # per partition
     if fp8 and programs >= 3 * num_sms:
         return 1
@@ -495,6 +514,15 @@ def choose_num_partitions(num_seqs: int, num_kv_heads: int, max_context_len: int
     else:
         partition_size = 512 if programs < 3 * num_sms else 1024
     return triton.cdiv(max_context_len, partition_size)
+
+
+def longest_first_pays(num_seqs: int, num_kv_heads: int, device: torch.device) -> bool:
+    """Whether to pass ``seq_order``: only with more (sequence, KV head) pairs than one wave of programs
+    takes, where a tail can form (the heuristic's threshold for short partitions, 1.5 x SMs). Below it the
+    order's extra dependent load at each program's start is all it brings: batch 1 went 0.86 -> 0.89 ms
+    per step and batch 16 1.67 -> 1.70 ms with it (call BV, H200).
+    """
+    return 2 * num_seqs * num_kv_heads >= 3 * _sm_count(device)
 
 
 def paged_attention(
@@ -584,6 +612,7 @@ def paged_attention(
                                device=query.device)
         counters = arrival_counters(query.device, num_seqs * num_kv_heads)
     pdl = use_pdl(query.device)
+    split_p = query.dtype == torch.bfloat16 and not fp8
     _decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
         out, part_acc, part_max, part_sum, counters,
         query, key_cache, value_cache, block_tables, context_lens, query_start_loc, seq_order, k_scale, v_scale,
@@ -594,8 +623,9 @@ def paged_attention(
         FP8=fp8, SINK=num_sink_blocks > 0, V_DIM_MAJOR=v_dim_major, SINGLE=single, MULTI=multi,
         **_merge_constexprs(group, max_query_len, head_dim),
         PRECISION="ieee" if query.dtype == torch.float32 and not fp8 else "tf32",
-        SPLIT_P=query.dtype == torch.bfloat16 and not fp8, ORDERED=seq_order is not None,
+        SPLIT_P=split_p, ORDERED=seq_order is not None,
         PDL=pdl, num_warps=FP8_NUM_WARPS if fp8 else 4, num_stages=FP8_NUM_STAGES if fp8 else NUM_STAGES,
+        maxnreg=_max_registers(split_p, head_dim, rows, longest_first_pays(num_seqs, num_kv_heads, query.device)),
         launch_pdl=pdl,
     )
     return out

@@ -19,7 +19,12 @@ from paged_kv_case import PagedKV
 
 from nanovllm.attention.ops import triton_decode
 from nanovllm.attention.ops.paged_attention_ref import paged_attention_v1, paged_prefill_attention
-from nanovllm.attention.ops.triton_decode import arrival_counters, choose_num_partitions, paged_attention
+from nanovllm.attention.ops.triton_decode import (
+    arrival_counters,
+    choose_num_partitions,
+    longest_first_pays,
+    paged_attention,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -251,6 +256,13 @@ def test_partition_heuristic():
     assert choose_num_partitions(64, 8, 4096, cpu, fp8=True) == 1  # FP8 from 3 x SMs programs: v1
     assert choose_num_partitions(48, 8, 4096, cpu, fp8=True) == 8  # below: as bf16
     assert choose_num_partitions(64, 8, 4096, cpu) == 4
+
+
+def test_longest_first_only_past_one_wave_of_sequence_head_pairs():
+    cpu = torch.device("cpu")  # counted as 132 SMs
+    assert not longest_first_pays(1, 8, cpu) and not longest_first_pays(16, 8, cpu)
+    assert not longest_first_pays(24, 8, cpu) and longest_first_pays(25, 8, cpu)  # 1.5 x 132 = 198 pairs
+    assert longest_first_pays(256, 8, cpu)
 
 
 def test_decode_rejects_bad_input():
