@@ -27,8 +27,9 @@ class AttentionMetadata:
       token's K/V go to; -1 for padding, written nowhere.
     - `block_tables` [B, W] int32: physical blocks of each sequence; unused entries hold 0.
     - `seq_order` [B] int32: the rows by decreasing `seq_lens`, the order in which the decode
-      kernel's programs take them: the longest start first and the short ones fill the tail
-      (launched in row order, a long sequence's programs could start last and run alone).
+      kernel's programs take them in a large batch (`triton_decode.longest_first_pays`): the
+      longest start first and the short ones fill the tail (launched in row order, a long
+      sequence's programs could start last and run alone).
     - `max_query_len`, `max_seq_len`: host ints, upper bounds (a CUDA graph passes max_model_len).
     - `has_prefix`: some sequence attends to tokens cached before this step.
     """
