@@ -13,11 +13,13 @@ import argparse
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 from triton.testing import do_bench_cudagraph
 
 from nanovllm.attention.kv_cache import dim_major
+from nanovllm.attention.metadata import longest_first
 from nanovllm.attention.ops import triton_decode
 from nanovllm.attention.ops.triton_decode import BLOCK_N, choose_num_partitions, longest_first_pays, paged_attention
 
@@ -54,11 +56,11 @@ def block_table(num_seqs: int, max_len: int, block_size: int) -> torch.Tensor:
     return physical.view(num_seqs, per_seq).int()
 
 
-def longest_first(ctx: torch.Tensor) -> torch.Tensor | None:
+def engine_order(lens: list[int]) -> torch.Tensor | None:
     """The order the engine's decode grid takes sequences in (`AttentionMetadata.seq_order`), where it has one."""
-    if not longest_first_pays(len(ctx), NUM_KV_HEADS, ctx.device):
+    if not longest_first_pays(len(lens), NUM_KV_HEADS, torch.device("cuda")):
         return None
-    return torch.argsort(ctx, descending=True, stable=True).int()
+    return torch.from_numpy(longest_first(np.asarray(lens))).int().cuda()
 
 
 def timed(fn) -> float:
@@ -84,7 +86,7 @@ def with_fp8_tile(block_n: int, fn):
 def backends(caches: Caches, lens: list[int], query: torch.Tensor, max_len: int) -> dict:
     """name -> (callable, bytes per KV element)."""
     ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    order = longest_first(ctx)
+    order = engine_order(lens)
     table16 = block_table(len(lens), max_len, 16)
     scale = HEAD_DIM**-0.5
     out = {
@@ -154,7 +156,7 @@ def sweep(caches: Caches, batches: list[int], fp8: bool) -> None:
     cases += [(bench_mix(), 2048), (bench_mix(), 8192)]
     for lens, max_len in cases:
         ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
-        order = longest_first(ctx)
+        order = engine_order(lens)
         table = block_table(len(lens), max_len, 16)
         query = torch.randn(len(lens), NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
 
