@@ -6,6 +6,7 @@ import torch
 import triton_cpu  # noqa: F401  (before the kernels: interpreter on CPU)
 
 from nanovllm.attention.kv_cache import dim_major
+from nanovllm.attention.ops import triton_store_kv
 from nanovllm.attention.ops.triton_store_kv import store_kv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -28,11 +29,14 @@ def same_bits(a, b):
     return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
-@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                               (torch.float16, torch.float16), (torch.bfloat16, FP8),
-                                               (torch.float32, FP8)], ids=str)
+@pytest.mark.parametrize("dtype,cache_dtype,per_head_max", [
+    (torch.float32, torch.float32, 4096), (torch.bfloat16, torch.bfloat16, 4096), (torch.float16, torch.float16, 4096),
+    (torch.bfloat16, FP8, 4096), (torch.float32, FP8, 4096), (torch.bfloat16, FP8, 0)], ids=str)
 @pytest.mark.parametrize("num_kv_heads,head_dim,block_size", [(2, 64, 16), (3, 128, 32)])
-def test_store_kv_writes_slots(dtype, cache_dtype, num_kv_heads, head_dim, block_size):
+def test_store_kv_writes_slots(dtype, cache_dtype, per_head_max, num_kv_heads, head_dim, block_size, monkeypatch):
+    """Both grids: an FP8 cache's decode-sized stores take a program per (token, KV head), larger ones
+    (forced here with a limit of 0) and every other cache a program per token."""
+    monkeypatch.setattr(triton_store_kv, "FP8_PER_HEAD_MAX_PROGRAMS", per_head_max)
     torch.manual_seed(0)
     shape = (5, block_size, num_kv_heads, head_dim)
     key_cache = torch.randn(shape, device=DEVICE).to(cache_dtype)
@@ -66,10 +70,12 @@ def test_store_kv_strided_cache_and_input():
     assert torch.equal(key_cache, want_k) and torch.equal(value_cache, want_v)
 
 
-def test_store_kv_into_dim_major_fp8_values_writes_no_nan():
+@pytest.mark.parametrize("per_head_max", [4096, 0], ids=["per-head", "per-token"])
+def test_store_kv_into_dim_major_fp8_values_writes_no_nan(per_head_max, monkeypatch):
     """An FP8 value cache stored dim-major in each block (`kv_cache.dim_major`, the engine's FP8 layout):
     the same logical entries as indexing writes, and a NaN value stored as 0 (readers load its
-    blocks whole and weigh entries past a length by 0, which a NaN would defeat)."""
+    blocks whole and weigh entries past a length by 0, which a NaN would defeat); with both grids."""
+    monkeypatch.setattr(triton_store_kv, "FP8_PER_HEAD_MAX_PROGRAMS", per_head_max)
     torch.manual_seed(2)
     shape = (4, 16, 2, 64)
     key_cache = torch.zeros(shape, device=DEVICE).to(FP8)
