@@ -22,8 +22,8 @@ from nanovllm.utils.pdl import pdl_start, use_pdl
 # 16, while a prefill's 8,192 tokens took 48 us with a program per token against 80 us per (token, head)
 # (65,536 programs). In the engine, where rows need not be in L2, less is left: `bench.py --kv-cache-dtype
 # fp8` decode 3.54 -> 3.51 ms per step, the mean of three runs each alternating with main (call CC,
-# within the runs' spread). So up to this many (token, KV head) pairs FP8 takes a program each; bf16
-# keeps one program per token (token-major rows: 1.8 us at 256 tokens, 1.4-2.9 with other grids).
+# within the runs' spread). So up to this many (token, KV head) pairs FP8 takes a program each; other caches
+# keep one program per token (token-major rows; bf16: 1.8 us at 256 tokens, 1.4-2.9 with other grids).
 FP8_PER_HEAD_MAX_PROGRAMS = 4096
 
 
