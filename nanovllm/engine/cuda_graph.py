@@ -127,8 +127,7 @@ class DecodeGraphs:
         i = self.inputs
         return AttentionMetadata(i.query_start_loc[: size + 1], i.seq_lens[:size], i.seq_start_loc[: size + 1],
                                  i.slot_mapping[: size * query_len], i.block_tables[:size], i.seq_order[:size],
-                                 query_len,
-                                 self.max_model_len, True)
+                                 query_len, self.max_model_len, True)
 
     def _step(self, model: nn.Module, size: int, query_len: int) -> torch.Tensor:
         """What a graph runs: logits (and the draw into `tokens`) with `sample`, else hidden states."""
