@@ -146,7 +146,7 @@ def sweep(caches: Caches, batches: list[int], fp8: bool) -> None:
     bench's mix; ``maxlen`` rows pass a CUDA graph's max_context_len (8192) over shorter real contexts."""
     sizes = (64, 128, 256, 512, 1024, 2048)
     print(f"sweep ({'FP8' if fp8 else 'bf16'} cache, us): batch ctx maxlen | v1 | "
-          + " | ".join(f"v2 ps={s}" for s in sizes) + " | heuristic P", flush=True)
+          + " | ".join(f"v2 ps={s}" for s in sizes) + " | the pick (P)", flush=True)
     scale = HEAD_DIM**-0.5
     key, value = (caches.key_fp8, caches.value_fp8) if fp8 else (caches.key, caches.value)
     scales = (caches.scale, caches.scale) if fp8 else (None, None)
@@ -166,9 +166,10 @@ def sweep(caches: Caches, batches: list[int], fp8: bool) -> None:
 
         cells = [timed(run(1))]
         cells += [timed(run(triton.cdiv(max_len, s))) if s < max_len else float("nan") for s in sizes]
+        cells.append(timed(run(None)))  # one wave or less: partitions cut from each sequence's own length
         context = "mix" if len(set(lens)) > 1 else f"{lens[0]:4d}"
         print(f"sweep {len(lens):3d} {context:>4} {max_len:4d} | " + " | ".join(f"{c * 1e3:7.1f}" for c in cells)
-              + f" | {choose_num_partitions(len(lens), NUM_KV_HEADS, max_len, query.device, fp8)}", flush=True)
+              + f" (P={choose_num_partitions(len(lens), NUM_KV_HEADS, max_len, query.device, fp8)})", flush=True)
     print(f"(tile BLOCK_N={triton_decode.FP8_BLOCK_N if fp8 else BLOCK_N})")
 
 

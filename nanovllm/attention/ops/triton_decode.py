@@ -44,12 +44,14 @@ key scale is folded into the softmax scale per KV head and the value scale is ap
 the output.
 
 Heuristic (:func:`choose_num_partitions`): with few sequences (``num_seqs * num_kv_heads`` programs
-per partition < 1.5 x SMs) the shortest partitions of 64, 128 or 256 tokens that keep the grid within
-2 x SMs programs; otherwise 512 tokens below 3 x SMs programs per partition, else 1024 (FP8: v1, see
-below). v1 whenever ``max_context_len`` fits in one partition. Measured on an H100 (132 SMs), bf16, 8 KV heads, head dim
-128, block 16, us per call in a CUDA graph (``scripts/bench_attention.py --sweep``; * = the
-heuristic's pick; the first rows' short partitions were measured on an H200, the same column
-otherwise within 1 us; v2 then merged in a separate reduce kernel):
+per partition < 1.5 x SMs, one wave or less) up to 3 x SMs programs, and each sequence cuts its own
+length into its partitions (whole tiles; two tiles or fewer stay whole; see "Own lengths" below);
+otherwise 512 tokens below 3 x SMs programs per partition, else 1024 (FP8: v1, see below), the same
+partition size for every sequence. v1 whenever ``max_context_len`` fits in one partition. Measured on an
+H100 (132 SMs), bf16, 8 KV heads, head dim 128, block 16, us per call in a CUDA graph
+(``scripts/bench_attention.py --sweep``; * = the heuristic's pick, for batches 1-16 the earlier rule
+below; the first rows' short partitions were measured on an H200, the same column otherwise within 1 us;
+v2 then merged in a separate reduce kernel):
 
 =====  ======  =======  ======  ======  ======  ======  =======  =======
 batch  ctx     v1       ps=64   ps=128  ps=256  ps=512  ps=1024  ps=2048
@@ -81,6 +83,24 @@ switches. With a CUDA graph's ``max_context_len`` = 8192 over real contexts of 2
 1-3% over its time at ``max_context_len`` = 2048 (2 us at batch 4); partitions past a length exit at once.
 Scoring by elementwise multiply-reduce instead of ``tl.dot`` (group padded to 16) measured
 2.6-4.2x slower at every shape, so only ``tl.dot`` is kept.
+
+Own lengths: the rule behind the table's picks for batches 1-16 took the shortest partitions of 64, 128 or 256
+tokens that kept the grid within 2 x SMs programs for ``max_context_len``, which the engine's CUDA graphs set
+to ``max_model_len``: at batch 1 under a graph of 4,096 tokens every context was cut into 128-token
+partitions, at batch 4-16 into 256-token ones, however short it was. Now the grid has up to 3 x SMs //
+(sequences x KV heads) partitions per sequence and KV head (at most one per 64 tokens of ``max_context_len``),
+and each sequence sizes them from its own length: cdiv(length, partitions) rounded up to whole tiles, one
+partition up to two tiles (a merge costs more than a second tile). On the H200 (calls CJ and CK,
+max_context_len 4,096, us per call, before -> after): batch 1 at 640 / 1,152 tokens 7.4 / 8.7 -> 6.6 / 7.8,
+batch 4 10.9 / 13.2 -> 7.7 / 10.0, batch 16 16.7 / 28.8 -> 16.1 / 26.2, FP8 at batch 4 and 640 tokens 12.7 ->
+9.3. Aiming at 2 x SMs programs was slower from batch 8 (batch 24 at 4,096 tokens 151.7 against 103.4 us), at
+4 x SMs at some long contexts (batch 16 at 4,096 tokens 91.7 against 72.8; ``--num-seqs 16`` 1.69 / 1.67 ms
+per step against 1.62 at 3 x SMs in CJ). Short contexts cost a little more: bf16 up to 128 tokens at batch
+4-16 +0.2-1.0 us, though both rules keep them whole, and FP8 up to 256 tokens at batch 1 and 16 +0.3-1.6 us,
+where FP8 at batch 4 gains 2.5-3.7 us (not explained; a one-wave grid's fixed costs). ``bench.py --num-seqs
+1`` (128-token prompts, 1,024 tokens out) went 0.86 -> 0.82 ms per step, ``--num-seqs 16`` 1.67 -> 1.63 ms,
+``bench.py`` 4.82 / 4.86 -> 4.84 / 4.87 ms (CK / CJ; its 256 sequences take the other path, with one compare
+more per program). With ``num_partitions`` given, every sequence takes the same partition size, as before.
 
 FP8: the first version widened FP8 to bfloat16 and ran at only 0.85-0.9x flash-attn bf16's time
 (bound by the conversion, not memory). Widening to float16 (native ``cvt.rn.f16x2.e4m3x2``, checked
@@ -147,6 +167,9 @@ FP8_NUM_WARPS = 4
 # (call BT, FP8 166 -> 180 us per call over the 256-sequence mix, bf16 306 -> 309 us).
 NUM_STAGES = 2
 FP8_NUM_STAGES = 2
+# Live decode programs per SM that a grid of one wave or less (`longest_first_pays` false) aims at: each sequence's
+# own length is cut into up to this many x SMs / (sequences x KV heads) partitions (`choose_num_partitions`).
+FEW_PROGRAMS_PER_SM = 3
 
 
 def _max_registers(split_p: bool, head_dim: int, rows: int, many: bool) -> int | None:
@@ -393,9 +416,9 @@ def _merge_partials(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, v_scale_p
 def _decode_kernel(
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, counters_ptr,
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr, seq_order_ptr,
-    k_scale_ptr, v_scale_ptr, k_sink_ptr, v_sink_ptr, num_sink_blocks, scale_log2, partition_size, num_partitions,
-    stride_qs, stride_qh, stride_os, stride_oh, stride_cb, stride_ct, stride_ch, stride_bt, stride_vb, stride_vh,
-    stride_vd, num_heads,
+    k_scale_ptr, v_scale_ptr, k_sink_ptr, v_sink_ptr, num_sink_blocks, scale_log2, min_partition_size, whole_up_to,
+    num_partitions, stride_qs, stride_qh, stride_os, stride_oh, stride_cb, stride_ct, stride_ch, stride_bt, stride_vb,
+    stride_vh, stride_vd, num_heads,
     GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, FP8: tl.constexpr, SINK: tl.constexpr, V_DIM_MAJOR: tl.constexpr, SINGLE: tl.constexpr,
     MULTI: tl.constexpr, MERGE_ROWS: tl.constexpr, STAT_CHUNK: tl.constexpr, ACC_CHUNK: tl.constexpr,
@@ -411,6 +434,11 @@ def _decode_kernel(
         kv_head = tl.program_id(1)
     part = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
+    # the sequence's own length cut into at most num_partitions of at least min_partition_size tokens, or whole up to
+    # whole_up_to tokens (see `paged_attention`)
+    partition_size = tl.maximum(min_partition_size, tl.cdiv(tl.cdiv(context_len, num_partitions), BLOCK_N) * BLOCK_N)
+    if context_len <= whole_up_to:
+        partition_size = tl.maximum(partition_size, whole_up_to)
     num_live = 1  # partitions with tokens (one for an empty context, which writes zeros)
     if not SINGLE:  # clamped: a context past max_context_len must not leave its counter short of num_live
         num_live = tl.minimum(tl.maximum(tl.cdiv(context_len, partition_size), 1), num_partitions)
@@ -510,13 +538,9 @@ def choose_num_partitions(num_seqs: int, num_kv_heads: int, max_context_len: int
     programs = num_seqs * num_kv_heads  # per partition
     if fp8 and programs >= 3 * num_sms:
         return 1
-    if 2 * programs < 3 * num_sms:
-        for size in (64, 128):
-            if programs * triton.cdiv(max_context_len, size) <= 2 * num_sms:
-                return triton.cdiv(max_context_len, size)
-        partition_size = 256
-    else:
-        partition_size = 512 if programs < 3 * num_sms else 1024
+    if 2 * programs < 3 * num_sms:  # one wave or less: partitions cut from each sequence's own length
+        return max(1, min(FEW_PROGRAMS_PER_SM * num_sms // programs, triton.cdiv(max_context_len, BLOCK_N)))
+    partition_size = 512 if programs < 3 * num_sms else 1024
     return triton.cdiv(max_context_len, partition_size)
 
 
@@ -552,8 +576,9 @@ def paged_attention(
     ``context_lens[i]`` cached tokens (``<= max_context_len``). Returns ``[num_seqs, num_heads, head_dim]``
     in the query's dtype, written into ``out`` when given.
 
-    ``num_partitions`` = 1 forces v1, > 1 forces v2 with that many partitions, ``None`` lets
-    :func:`choose_num_partitions` pick.
+    ``num_partitions`` = 1 forces v1, > 1 forces v2 with that many partitions of one size (cut from
+    ``max_context_len``), ``None`` lets :func:`choose_num_partitions` pick; with one wave of programs or
+    less each sequence then sizes its partitions from its own length (the module docstring's "Own lengths").
 
     With ``query_start_loc`` (``[num_seqs + 1]`` int32) sequence ``i`` has up to ``max_query_len``
     query rows, ``query_start_loc[i]:[i+1]``, the last positions of its context, each attending
@@ -599,11 +624,19 @@ def paged_attention(
                          f"(and no query_start_loc), got {out.dtype} {tuple(out.shape)}")
     if num_seqs == 0:
         return out
-    if num_partitions is None:
+    chosen = num_partitions is None
+    if chosen:
         num_partitions = choose_num_partitions(num_seqs, num_kv_heads, max_context_len, query.device, fp8)
     block_n = FP8_BLOCK_N if fp8 else BLOCK_N
     partition_size = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_partitions), block_n) * block_n
     num_partitions = triton.cdiv(max(max_context_len, 1), partition_size)
+    many = longest_first_pays(num_seqs, num_kv_heads, query.device)
+    # A one-wave grid cuts each sequence's own length into up to num_partitions (each a multiple of block_n), but
+    # keeps two tiles or fewer whole: a merge costs more than a second tile. Otherwise, or with num_partitions
+    # given, every sequence takes the same partition size.
+    few = chosen and not many
+    min_partition_size = block_n if few else partition_size
+    whole_up_to = 2 * block_n if few else 0
     single = num_partitions == 1
     rows = max(16, triton.next_power_of_2(max_query_len * group))  # tl.dot needs M >= 16
     if single:
@@ -620,7 +653,7 @@ def paged_attention(
     _decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
         out, part_acc, part_max, part_sum, counters,
         query, key_cache, value_cache, block_tables, context_lens, query_start_loc, seq_order, k_scale, v_scale,
-        k_sink, v_sink, num_sink_blocks, scale * LOG2E, partition_size, num_partitions,
+        k_sink, v_sink, num_sink_blocks, scale * LOG2E, min_partition_size, whole_up_to, num_partitions,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), *key_cache.stride()[:3],
         block_tables.stride(0), value_cache.stride(0), value_cache.stride(2), value_cache.stride(3), num_heads,
         GROUP=group, ROWS=rows, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
@@ -629,7 +662,7 @@ def paged_attention(
         PRECISION="ieee" if query.dtype == torch.float32 and not fp8 else "tf32",
         SPLIT_P=split_p, ORDERED=seq_order is not None,
         PDL=pdl, num_warps=FP8_NUM_WARPS if fp8 else 4, num_stages=FP8_NUM_STAGES if fp8 else NUM_STAGES,
-        maxnreg=_max_registers(split_p, head_dim, rows, longest_first_pays(num_seqs, num_kv_heads, query.device)),
+        maxnreg=_max_registers(split_p, head_dim, rows, many),
         launch_pdl=pdl,
     )
     return out

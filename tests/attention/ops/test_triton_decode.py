@@ -178,6 +178,35 @@ def test_split_kv_merges_in_the_last_partition_and_resets_its_counter(multi):
         assert rel_err(out, ref) < 1e-5
 
 
+# one wave of programs (6 sequences x 8 KV heads) with the partition count chosen for a CUDA graph's
+# max_context_len (2,048) far past most contexts: each sequence's own length is cut into up to 8 partitions
+# of whole tiles (bf16: 1,500 tokens into 8 of 192, 300 into 5 of 64, 129 into 3; FP8's 128-token tiles:
+# 6 of 256, 3 of 128), two tiles or fewer stay whole (128 and 1 tokens; FP8: up to 256)
+OWN_LENS, OWN_Q_LENS = [1500, 129, 128, 0, 300, 1], [3, 2, 1, 0, 3, 1]
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("multi", [False, True], ids=["decode", "verify"])
+def test_one_wave_cuts_each_sequence_by_its_own_length(fp8, multi):
+    """Partitions of different sizes in one grid (one per sequence, from its length) merge into the
+    reference, and every merge resets its counter (a count of live partitions that disagreed with the
+    partitions' bounds would leave a counter short, or a row unmerged)."""
+    torch.manual_seed(10)
+    case = PagedKV(OWN_LENS, 8, 64, 16, torch.bfloat16, DEVICE, fp8=fp8, extra_cols=34)
+    capacity = case.block_tables.shape[1] * 16
+    assert capacity == 2048 and choose_num_partitions(len(OWN_LENS), 8, capacity, torch.device(DEVICE)) == 8
+    if multi:
+        qsl = torch.tensor([0, *torch.tensor(OWN_Q_LENS).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+        query = torch.randn(sum(OWN_Q_LENS) + 2, 16, 64, device=DEVICE).bfloat16()
+        out = decode(case, query, query_start_loc=qsl, max_query_len=3)[: sum(OWN_Q_LENS)]
+        ref = causal_reference(case, query, qsl)
+    else:
+        query = torch.randn(len(OWN_LENS), 16, 64, device=DEVICE).bfloat16()
+        out, ref = decode(case, query, out=torch.full_like(query, float("nan"))), reference(case, query)
+    assert not arrival_counters(query.device, 0).any()
+    assert rel_err(out, ref) < 2e-3
+
+
 @pytest.mark.parametrize("num_partitions", [1, 4])
 @pytest.mark.parametrize("multi", [False, True], ids=["decode", "verify"])
 def test_longest_first_order_writes_every_row_as_row_order_does(num_partitions, multi):
@@ -250,9 +279,11 @@ def test_partition_heuristic():
     assert choose_num_partitions(512, 8, 1024, cpu) == 1  # one partition of 1024 tokens: v1
     assert choose_num_partitions(512, 8, 8192, cpu) == 8
     assert choose_num_partitions(32, 8, 8192, cpu) == 16
-    assert choose_num_partitions(1, 8, 8192, cpu) == 32  # few programs: short partitions
-    assert choose_num_partitions(1, 8, 200, cpu) == 4  # 64-token partitions while the grid stays small
-    assert choose_num_partitions(4, 8, 2048, cpu) == 8  # 64 or 128 tokens would be > 2 x SMs programs
+    # one wave or less: up to 3 x SMs programs (each sequence's partitions cut from its own length)
+    assert choose_num_partitions(1, 8, 8192, cpu) == 49
+    assert choose_num_partitions(1, 8, 200, cpu) == 4  # at most one per 64 tokens of max_context_len
+    assert choose_num_partitions(4, 8, 2048, cpu) == 12
+    assert choose_num_partitions(16, 8, 4096, cpu) == 3
     assert choose_num_partitions(64, 8, 4096, cpu, fp8=True) == 1  # FP8 from 3 x SMs programs: v1
     assert choose_num_partitions(48, 8, 4096, cpu, fp8=True) == 8  # below: as bf16
     assert choose_num_partitions(64, 8, 4096, cpu) == 4
