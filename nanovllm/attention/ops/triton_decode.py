@@ -538,7 +538,7 @@ def choose_num_partitions(num_seqs: int, num_kv_heads: int, max_context_len: int
     programs = num_seqs * num_kv_heads  # per partition
     if fp8 and programs >= 3 * num_sms:
         return 1
-    if 2 * programs < 3 * num_sms:  # one wave or less: partitions cut from each sequence's own length
+    if not longest_first_pays(num_seqs, num_kv_heads, device):  # one wave or less: cut from each own length
         return max(1, min(FEW_PROGRAMS_PER_SM * num_sms // programs, triton.cdiv(max_context_len, BLOCK_N)))
     partition_size = 512 if programs < 3 * num_sms else 1024
     return triton.cdiv(max_context_len, partition_size)
