@@ -18,7 +18,7 @@ kernels per layer at batch 1-16) each kernel boundary costs a couple of microsec
 (call AG, before and after in one call) `bench.py` went 5.24 -> 5.10 ms per decode step and batch 16
 1.78 -> 1.76; batch 1 stayed at 0.92. Each (sequence, KV head) has an int32 arrival counter
 (`arrival_counters`, zero between kernels). A partition program writes its partials, then adds 1 to
-the counter (acq_rel, GPU scope; `_last_to_arrive` has the ordering argument); the one that reads
+the counter (acq_rel, GPU scope; `nanovllm.utils.arrival` has the ordering argument); the one that reads
 ``live - 1``, where ``live`` = cdiv(context length, partition size) counts the partitions that do
 not exit early, resets the counter to 0 for the next layer (or graph replay) and merges all partials
 as the separate reduce kernel did: the rows' global max, weights 2^(max - global max), float32 sums
@@ -156,6 +156,7 @@ from nanovllm.attention.ops.paged_cache_checks import (
     check_scales,
     check_sinks,
 )
+from nanovllm.utils.arrival import arrival_counters, last_to_arrive
 from nanovllm.utils.pdl import pdl_start, use_pdl
 
 BLOCK_N = 64  # tokens per K/V tile
@@ -356,20 +357,6 @@ def _store_out(out_ptr, acc, denom, v_scale_ptr, kv_head, q_row, heads, row_mask
 
 
 @triton.jit
-def _last_to_arrive(counter_ptr, num_live):
-    """Whether this program is the last of its ``num_live`` partitions to have written its partials.
-
-    The barrier orders every thread's partial stores before the one thread's atomic (a CTA-scope
-    synchronization), and the atomic's release at GPU scope is cumulative, so it publishes them all;
-    each arrival also acquires, so the count the last program reads carries every earlier program's
-    partials (each release includes what its program acquired). The result reaches all threads
-    through a barrier after the acquire, so their loads of the partials come after it too."""
-    tl.debug_barrier()
-    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-    return arrived == num_live - 1
-
-
-@triton.jit
 def _global_max(part_max_ptr, base, row_mask, used, ROWS: tl.constexpr, CHUNK: tl.constexpr):
     """Each row's largest partition max (row r's partitions at ``base[r]`` on), at least -1e30."""
     maxes = tl.full([ROWS, CHUNK], -1.0e30, tl.float32)  # no partition: stays finite
@@ -479,7 +466,7 @@ def _decode_kernel(
         tl.store(part_sum_ptr + stat, running_sum, mask=row_mask)
         tl.store(part_acc_ptr + stat[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_mask[:, None])
         counter = counters_ptr + seq * tl.num_programs(1) + kv_head
-        if _last_to_arrive(counter, num_live):
+        if last_to_arrive(counter, num_live):
             tl.store(counter, 0)  # all live partitions have arrived: zero for the next call (or graph replay)
             _merge_partials(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, v_scale_ptr, kv_head, q_start, q_len,
                             num_live, num_partitions, num_heads, stride_os, stride_oh, GROUP, HEAD_DIM, FP8,
@@ -498,29 +485,9 @@ def _sm_count(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-# Arrival counters of v2 (see `_last_to_arrive`), per device: every buffer handed out stays alive (a
-# CUDA graph keeps the address it captured) and the newest, the largest, serves new calls.
-_COUNTERS: dict[torch.device, list[Tensor]] = {}
 MERGE_ELEMENTS = 4096  # floats of a merge chunk's partials: 32 registers per thread at 4 warps
 MERGE_STAT_PARTS = 64  # most partitions per chunk of the maxes
 MERGE_ACC_PARTS = 16  # most partitions per chunk of the outputs (as the separate reduce kernel had)
-
-
-def arrival_counters(device: torch.device, count: int) -> Tensor:
-    """At least ``count`` int32 counters on ``device``, zero between kernels: the last partition of each
-    (sequence, KV head) to arrive resets its counter, so the buffer is zeroed only when allocated.
-
-    A new buffer can only come outside CUDA-graph capture (the zeroing would be a node of the graph and
-    the buffer unzeroed outside it): the eager warm-up of the same call before a capture allocates it.
-    Calls on one device must not overlap on different streams (the engine runs its steps on one)."""
-    held = _COUNTERS.setdefault(device, [])
-    if held and held[-1].numel() >= count:
-        return held[-1]
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(f"paged_attention needs {count} arrival counters on {device}, more than any call "
-                           "before the CUDA graph capture: run the call once before capturing it")
-    held.append(torch.zeros(max(count, 2 * held[-1].numel() if held else 0), dtype=torch.int32, device=device))
-    return held[-1]
 
 
 def _merge_constexprs(group: int, max_query_len: int, head_dim: int) -> dict[str, int]:

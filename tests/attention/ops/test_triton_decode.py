@@ -17,14 +17,9 @@ import torch
 import triton_cpu  # noqa: F401  (before the kernels: interpreter on CPU)
 from paged_kv_case import PagedKV
 
-from nanovllm.attention.ops import triton_decode
 from nanovllm.attention.ops.paged_attention_ref import paged_attention_v1, paged_prefill_attention
-from nanovllm.attention.ops.triton_decode import (
-    arrival_counters,
-    choose_num_partitions,
-    longest_first_pays,
-    paged_attention,
-)
+from nanovllm.attention.ops.triton_decode import choose_num_partitions, longest_first_pays, paged_attention
+from nanovllm.utils.arrival import arrival_counters
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -231,17 +226,6 @@ def test_longest_first_order_writes_every_row_as_row_order_does(num_partitions, 
     if not multi:
         kwargs["out"] = None
     assert torch.equal(out, decode(case, query, 256, num_partitions=num_partitions, **kwargs))
-
-
-def test_arrival_counters_grow_into_new_zeroed_buffers_and_keep_the_old():
-    """A CUDA graph keeps the counters' address it captured, so a larger grid gets a new buffer."""
-    device = torch.device(DEVICE)
-    first = arrival_counters(device, 1)
-    assert arrival_counters(device, first.numel()) is first
-    grown = arrival_counters(device, first.numel() + 1)
-    assert grown.numel() >= 2 * first.numel() and grown.dtype == torch.int32 and not grown.any()
-    assert arrival_counters(device, 1) is grown
-    assert any(held is first for held in triton_decode._COUNTERS[device])
 
 
 COMPILE_SM90 = Path(__file__).resolve().parents[3] / "scripts" / "compile_sm90.py"
