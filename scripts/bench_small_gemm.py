@@ -1,7 +1,8 @@
-"""Linear layers of a small decode batch (1 to `MAX_ROWS` rows) on CUDA: cuBLAS (`F.linear`) against the Triton
-GEMV of `layers/gemv_kernel.py`, in CUDA graphs as decode runs them.
+"""Linear layers of a small decode batch (1 to 16 rows) on CUDA: cuBLAS (`F.linear`) against the Triton kernels
+`linear` takes there (the GEMV of `layers/gemv_kernel.py` up to its `MAX_ROWS`, then `layers/split_k_gemm.py`),
+in CUDA graphs as decode runs them.
 
-    python scripts/bench_small_gemm.py [--rows 1 2 4]
+    python scripts/bench_small_gemm.py [--rows 1 2 4 8 16]
 
 Shapes: Qwen3-0.6B's four projections (the bench model) and SmolLM2-135M's (the default model).
 Prints us per call. Each call here follows the previous one directly, so PDL overlaps only a
@@ -15,7 +16,9 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from nanovllm.layers import split_k_gemm
 from nanovllm.layers.gemv_kernel import MAX_ROWS, gemv
+from nanovllm.layers.linear import linear
 
 SHAPES = {  # name: (N, K) of W
     "qwen3-0.6b qkv": (4096, 1024), "qwen3-0.6b o": (1024, 2048),
@@ -46,7 +49,8 @@ def time_us(fn) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4], choices=range(1, MAX_ROWS + 1))
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                   choices=range(1, split_k_gemm.MAX_ROWS + 1))
     args = p.parse_args()
     print(f"{'shape':<20} {'rows':>4} {'cuBLAS':>7} {'Triton':>7}")
     for name, (n, k) in SHAPES.items():
@@ -54,10 +58,12 @@ def main() -> None:
         for m in args.rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             if name.endswith("lm_head"):  # as `embed_head.float32_logits` runs them
+                if m > MAX_ROWS:
+                    continue
                 ours, theirs = (lambda: gemv(x, weight, out_dtype=torch.float32),
                                 lambda: torch.mm(x, weight.t(), out_dtype=torch.float32))
             else:
-                ours, theirs = lambda: gemv(x, weight), lambda: F.linear(x, weight)
+                ours, theirs = lambda: linear(x, weight), lambda: F.linear(x, weight)
             torch.testing.assert_close(ours().float(), theirs().float(), rtol=2e-2, atol=2e-2)
             print(f"{name:<20} {m:>4} {time_us(theirs):>7.1f} {time_us(ours):>7.1f}", flush=True)
 

@@ -54,7 +54,7 @@ import triton.language as tl
 from nanovllm.utils.pdl import pdl_launch_dependents, pdl_wait, use_pdl
 
 TILE = 8192  # weight elements a program reads per iteration with PDL (16 KB of bf16)
-MAX_ROWS = 5  # rows the GEMV takes (a verify step of k + 1 = 5 tokens at batch 1); more go to cuBLAS
+MAX_ROWS = 5  # rows the GEMV takes (a verify step of k + 1 = 5 tokens at batch 1); more: `split_k_gemm`
 DOT_ROWS = 4  # from here on a layer with N > K reduces on tensor cores (`_gemv_dot_kernel`)
 DOT_BLOCK_N, DOT_BLOCK_K = 32, 512  # the best of 16 x 1,024, 32 x 512 and 16 x 4,096 at 4-5 rows (call BF)
 

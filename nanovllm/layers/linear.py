@@ -21,16 +21,18 @@ from nanovllm.layers.weight_slice import Loaded, copy_slice
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, except up to `gemv_kernel.MAX_ROWS` bf16/fp16 rows on CUDA (decode at small
-    batches, a verify step at batch 1): the Triton GEMV of `gemv_kernel`, since cuBLAS reads the
-    weights at a fraction of the bandwidth there. Eager, its Python launch costs a little more host
-    time than cuBLAS's; decode runs in CUDA graphs, whose warm-up (eager, before capture) is also
-    where the kernel gets compiled (once per row count)."""
+    """`F.linear`, except up to 16 bf16/fp16 rows on CUDA (decode at small batches, a verify step): up to
+    `gemv_kernel.MAX_ROWS` the Triton GEMV of `gemv_kernel`, since cuBLAS reads the weights at a fraction of
+    the bandwidth there, and up to `split_k_gemm.MAX_ROWS` its split-K GEMM, which reads them while the
+    kernel before it runs. Eager, their Python launch costs a little more host time than cuBLAS's; decode
+    runs in CUDA graphs, whose warm-up (eager, before capture) is also where the kernels get compiled."""
     if x.is_cuda and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous():
-        from nanovllm.layers.gemv_kernel import MAX_ROWS, gemv
+        from nanovllm.layers import gemv_kernel, split_k_gemm
 
-        if x.shape[0] <= MAX_ROWS:
-            return gemv(x, weight, bias)
+        if x.shape[0] <= gemv_kernel.MAX_ROWS:
+            return gemv_kernel.gemv(x, weight, bias)
+        if x.shape[0] <= split_k_gemm.MAX_ROWS:
+            return split_k_gemm.split_k_gemm(x, weight, bias)
     return F.linear(x, weight, bias)
 
 

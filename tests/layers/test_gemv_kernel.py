@@ -1,11 +1,12 @@
-"""The Triton GEMV (1 to MAX_ROWS rows) against a float64 matmul (Triton's interpreter on CPU), and the dispatch."""
+"""The Triton GEMV (1 to MAX_ROWS rows) against a float64 matmul (Triton's interpreter on CPU), and `linear`'s
+dispatch to it, the split-K GEMM and cuBLAS."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nanovllm.layers import gemv_kernel
+from nanovllm.layers import gemv_kernel, split_k_gemm
 from nanovllm.layers.gemv_kernel import gemv
 from nanovllm.layers.linear import linear
 
@@ -49,13 +50,16 @@ def test_gemv_float32_out_from_half_inputs():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)])  # Qwen3-0.6B's layers
-def test_linear_takes_gemv_up_to_max_rows(dtype, n, k):
+def test_linear_takes_gemv_then_split_k_up_to_16_rows(dtype, n, k):
     torch.manual_seed(0)
     weight = (torch.randn(n, k, device="cuda") / k**0.5).to(dtype)
-    for rows in (1, 3, gemv_kernel.MAX_ROWS, gemv_kernel.MAX_ROWS + 1):
+    for rows in (1, 3, gemv_kernel.MAX_ROWS, gemv_kernel.MAX_ROWS + 1, split_k_gemm.MAX_ROWS,
+                 split_k_gemm.MAX_ROWS + 1):
         x = torch.randn(rows, k, device="cuda").to(dtype)
         if rows <= gemv_kernel.MAX_ROWS:
             torch.testing.assert_close(linear(x, weight), gemv(x, weight), rtol=0, atol=0)
+        elif rows <= split_k_gemm.MAX_ROWS:
+            torch.testing.assert_close(linear(x, weight), split_k_gemm.split_k_gemm(x, weight), rtol=0, atol=0)
         torch.testing.assert_close(linear(x, weight).double(), reference(x, weight, None), rtol=2e-2, atol=2e-2)
 
 
