@@ -7,11 +7,13 @@ in CUDA graphs as decode runs them.
 Shapes: Qwen3-0.6B's four projections (the bench model) and SmolLM2-135M's (the default model).
 Prints us per call. Each call here follows the previous one directly, so PDL overlaps only a
 kernel with its own predecessor; in a decode step the GEMM's weight read overlaps a norm or an
-attention kernel instead (`bench.py --num-seqs N` measures that).
+attention kernel instead (`bench.py --num-seqs N` measures that). Successive calls read different
+copies of W, at least `L2_BYTES` in all, so that W comes from memory as in a decode step, not from L2.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -27,15 +29,18 @@ SHAPES = {  # name: (N, K) of W
     "qwen3-0.6b lm_head": (151936, 1024), "smollm2 lm_head": (49152, 576),  # float32 logits
 }
 CALLS = 50
+L2_BYTES = 2 * 50 * 2**20  # twice the L2 of the GPUs we run on (H100 and H200: 50 MB)
 
 
-def time_us(fn) -> float:
-    fn()
+def time_us(fn, weights: list[torch.Tensor]) -> float:
+    """us per call of ``fn(weight)`` in a CUDA graph of CALLS calls, each on the next of ``weights``."""
+    fn(weights[0])
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
+    cycle = itertools.cycle(weights)
     with torch.cuda.graph(graph):
         for _ in range(CALLS):
-            fn()
+            fn(next(cycle))
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -54,18 +59,19 @@ def main() -> None:
     args = p.parse_args()
     print(f"{'shape':<20} {'rows':>4} {'cuBLAS':>7} {'Triton':>7}")
     for name, (n, k) in SHAPES.items():
-        weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+        copies = -(-L2_BYTES // (2 * n * k))
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
         for m in args.rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             if name.endswith("lm_head"):  # as `embed_head.float32_logits` runs them
                 if m > MAX_ROWS:
                     continue
-                ours, theirs = (lambda: gemv(x, weight, out_dtype=torch.float32),
-                                lambda: torch.mm(x, weight.t(), out_dtype=torch.float32))
+                ours, theirs = (lambda w: gemv(x, w, out_dtype=torch.float32),
+                                lambda w: torch.mm(x, w.t(), out_dtype=torch.float32))
             else:
-                ours, theirs = lambda: linear(x, weight), lambda: F.linear(x, weight)
-            torch.testing.assert_close(ours().float(), theirs().float(), rtol=2e-2, atol=2e-2)
-            print(f"{name:<20} {m:>4} {time_us(theirs):>7.1f} {time_us(ours):>7.1f}", flush=True)
+                ours, theirs = lambda w: linear(x, w), lambda w: F.linear(x, w)
+            torch.testing.assert_close(ours(weights[0]).float(), theirs(weights[0]).float(), rtol=2e-2, atol=2e-2)
+            print(f"{name:<20} {m:>4} {time_us(theirs, weights):>7.1f} {time_us(ours, weights):>7.1f}", flush=True)
 
 
 if __name__ == "__main__":
