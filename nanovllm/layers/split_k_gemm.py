@@ -8,16 +8,19 @@ tile before it waits for x, while the kernel before it still runs, then does one
 into ``cdiv(K, BLOCK_K)`` such parts, so even a layer with few outputs (o_proj, down_proj) fills the GPU;
 each part writes its float32 partial sums and the last part of an output tile to arrive
 (`nanovllm.utils.arrival`) adds them in a fixed order (the same bits whatever the arrival order), adds
-the bias and writes the output. Qwen3-0.6B's layers at 16 rows: 256 / 128 / 384 / 192 programs for
-qkv / o / gate_up / down.
+the bias and writes the output. Qwen3-0.6B's layers at 16 rows: 128 / 64 / 192 / 96 programs for
+qkv / o / gate_up / down (64-feature tiles: 190 registers for sm90, no spills).
 
 On the H200 (call CN, µs per call in a CUDA graph, W rotated over 8 copies so that L2 cannot hold it,
-16 rows, cuBLAS / this kernel): qkv 4.85 / 4.69, o 5.13 / 3.40, gate_up 5.48 / 5.95, down 6.87 / 4.25. In a
-decode step it gains more, since each GEMM now overlaps the kernel before it: `bench.py --num-seqs 16`
-(128-token prompts, 1,024 tokens out) 1.63 / 1.64 -> 1.39 / 1.39 ms per step, `--num-seqs 8` 1.44 ->
-1.21 ms (call CN); main against this tree in call CO: 1.64 / 1.63 -> 1.39 / 1.39 and 1.46 -> 1.20 ms.
-Tiles of 16 features (twice the programs) took 1.52 and 1.30 ms (CN). cuBLASLt instead of cuBLAS
-(`torch.backends.cuda.preferred_blas_library`) changed nothing (call CM: the same nvjet kernels).
+16 rows, cuBLAS / this kernel with 32-feature tiles): qkv 4.85 / 4.69, o 5.13 / 3.40, gate_up 5.48 / 5.95,
+down 6.87 / 4.25. In a decode step it gains more, since each GEMM now overlaps the kernel before it:
+`bench.py --num-seqs 16` (128-token prompts, 1,024 tokens out) 1.63 / 1.64 -> 1.39 / 1.39 ms per step,
+`--num-seqs 8` 1.44 -> 1.21 ms (call CN); main against this tree in call CO: 1.64 / 1.63 -> 1.39 / 1.39 and
+1.46 -> 1.20 ms. Tiles (features x inputs) in call CP, µs for qkv / o / gate_up / down, then ms per step at
+batch 16: 32 x 512 4.7 / 3.6 / 5.9 / 4.3, 1.39; **64 x 512** 4.2 / 3.4 / 5.6 / 3.9, 1.33; 32 x 256 5.1 /
+4.2 / 6.0 / 5.0, 1.46; 64 x 256 4.7 / 4.1 / 5.8 / 5.3, 1.46 (cuBLAS 4.9 / 5.5 / 5.9 / 6.9). Tiles of 16
+features took 1.52 ms (CN). cuBLASLt instead of cuBLAS (`torch.backends.cuda.preferred_blas_library`)
+changed nothing (call CM: the same nvjet kernels).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from nanovllm.utils.arrival import arrival_counters, last_to_arrive
 from nanovllm.utils.pdl import pdl_launch_dependents, pdl_wait, use_pdl
 
 MAX_ROWS = 16  # rows padded to one tensor-core tile
-BLOCK_N = 32  # output features per program
+BLOCK_N = 64  # output features per program
 BLOCK_K = 512  # inputs per program: K is split into cdiv(K, BLOCK_K) parts
 
 

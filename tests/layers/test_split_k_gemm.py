@@ -13,8 +13,9 @@ from nanovllm.utils.arrival import arrival_counters
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-# K in one part (short of a tile), in three with a partial last one, N over partial tiles of BLOCK_N
-@pytest.mark.parametrize("n,k", [(40, 300), (70, 2 * module.BLOCK_K + 76), (32, module.BLOCK_K)])
+# K in one part (short of a tile), in three with a partial last one; N in part of a tile, a tile and a bit, one tile
+@pytest.mark.parametrize("n,k", [(40, 300), (module.BLOCK_N + 6, 2 * module.BLOCK_K + 76),
+                                 (module.BLOCK_N, module.BLOCK_K)])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("rows", [6, 11, module.MAX_ROWS])
 def test_split_k_gemm_matches_matmul(n, k, with_bias, rows):
