@@ -11,8 +11,8 @@ W (N x K)       F.linear  this GEMV
 1024 x 3072     6.4       4.2
 ==============  ========  ==========
 
-Qwen3-0.6B's four projections per layer go from 28 to 14 us. Up to `MAX_ROWS` rows (decode at small
-batches, a verify step of k + 1 <= 5 tokens at batch 1) a program reads its W tile once and reduces each
+Qwen3-0.6B's four projections per layer go from 28 to 14 us. Up to `MAX_ROWS` rows (decode at batch 2, an
+eager step of 3) a program reads its W tile once and reduces each
 row from it in turn: compiled for sm90 each row adds ~200 instructions per thread (no spills; 96
 registers at 5-8 rows), against cuBLAS's 5-12 us per projection at 4 rows, which read the weights at
 a fraction of the bandwidth. `bench.py --num-seqs n` (128-token prompts, 1,024 tokens out) on the H200,
@@ -38,12 +38,11 @@ features) with 4 warps gave the fastest batch-1 decode step of the shapes tried 
 (`bench.py --num-seqs 1`, 128-token prompt, 1,024 tokens out): 0.93 ms, against 1.06-1.21 ms with
 16,384 and 8 warps, 1.08 ms with 32,768 and 8 warps, 1.08 ms with the loop tiles below.
 
-From `DOT_ROWS` rows on, a layer with more outputs than inputs (qkv, gate_up) takes `_gemv_dot_kernel`
-instead: rows padded to 16 and reduced on tensor cores (`tl.dot`), so a program's time no longer grows
-with its rows. µs per call at 5 rows on the H200 (call BF, `bench_small_gemm.py`'s timing), cuBLAS / the
-row-by-row kernel / the dot kernel: SmolLM2 qkv 3.2 / 3.8 / 2.4, gate_up 3.0 / 4.5 / 2.7; Qwen3-0.6B qkv
-3.6 / 4.9 / 4.1, gate_up 4.3 / 6.9 / 4.7. Where outputs are at most the inputs (o, down) its 32-feature
-programs are too few: SmolLM2 o 2.2 -> 2.4, Qwen3 down 4.3 -> 6.3, so those stay row by row.
+From 4 rows on `linear` takes `split_k_gemm` instead. Before it (call BF) 4-5 rows of a layer with more
+outputs than inputs (qkv, gate_up) took a tensor-core kernel here, rows padded to 16 and one `tl.dot` per W tile
+(µs per call at 5 rows, cuBLAS / row by row / that kernel: SmolLM2 qkv 3.2 / 3.8 / 2.4, gate_up 3.0 / 4.5 / 2.7;
+Qwen3-0.6B qkv 3.6 / 4.9 / 4.1, gate_up 4.3 / 6.9 / 4.7), while o and down, whose 32-feature programs were too
+few, stayed row by row; the split-K GEMM is that kernel with K cut into parts, which fills the GPU for every layer.
 """
 from __future__ import annotations
 
@@ -54,9 +53,7 @@ import triton.language as tl
 from nanovllm.utils.pdl import pdl_launch_dependents, pdl_wait, use_pdl
 
 TILE = 8192  # weight elements a program reads per iteration with PDL (16 KB of bf16)
-MAX_ROWS = 5  # rows the GEMV takes (a verify step of k + 1 = 5 tokens at batch 1); more: `split_k_gemm`
-DOT_ROWS = 4  # from here on a layer with N > K reduces on tensor cores (`_gemv_dot_kernel`)
-DOT_BLOCK_N, DOT_BLOCK_K = 32, 512  # the best of 16 x 1,024, 32 x 512 and 16 x 4,096 at 4-5 rows (call BF)
+MAX_ROWS = 3  # rows the GEMV takes; more: `split_k_gemm`
 
 
 @triton.jit
@@ -90,32 +87,6 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, stride_wn, stride_xm, stride_o
              mask=(rows[:, None] < ROWS) & (n[None, :] < N))
 
 
-@triton.jit
-def _gemv_dot_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, stride_wn, stride_xm, stride_om, K: tl.constexpr,
-                     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     PDL: tl.constexpr):
-    """The same product for `DOT_ROWS`+ rows: x's rows padded to 16 (the smallest tensor-core tile) and
-    one `tl.dot` per W tile, the first tile read before the PDL wait."""
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = tl.arange(0, BLOCK_K)
-    rows = tl.arange(0, 16)
-    pdl_launch_dependents(PDL)
-    w = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
-    pdl_wait(PDL)
-    acc = tl.zeros([16, BLOCK_N], tl.float32)
-    for k0 in tl.static_range(0, K, BLOCK_K):
-        if k0 > 0:
-            w = tl.load(w_ptr + n[:, None] * stride_wn + (k0 + k)[None, :],
-                        mask=(n[:, None] < N) & ((k0 + k)[None, :] < K), other=0.0)
-        xs = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + k)[None, :],
-                     mask=(rows[:, None] < ROWS) & ((k0 + k)[None, :] < K), other=0.0)
-        acc = tl.dot(xs, tl.trans(w), acc)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=(rows[:, None] < ROWS) & (n[None, :] < N))
-
-
 def _config(k: int, pdl: bool) -> tuple[int, int, int]:
     """(output features per program, K tile, warps). With PDL a program reads all of its W tile
     before waiting for x, so the tile spans the whole row (up to 4096) and the launch overlaps the
@@ -140,12 +111,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     out = torch.empty(x.shape[0], n, dtype=out_dtype or x.dtype, device=x.device)
     pdl = use_pdl(x.device)
     bias_arg = bias if bias is not None else weight
-    if x.shape[0] >= DOT_ROWS and n > k:
-        _gemv_dot_kernel[(triton.cdiv(n, DOT_BLOCK_N),)](
-            x, weight, bias_arg, out, n, weight.stride(0), x.stride(0), out.stride(0), K=k, ROWS=x.shape[0],
-            BLOCK_N=DOT_BLOCK_N, BLOCK_K=min(DOT_BLOCK_K, max(16, triton.next_power_of_2(k))),
-            HAS_BIAS=bias is not None, PDL=pdl, num_warps=4, launch_pdl=pdl)
-        return out
     block_n, block_k, num_warps = _config(k, pdl)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias_arg, out, n, weight.stride(0), x.stride(0), out.stride(0),

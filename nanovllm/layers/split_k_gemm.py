@@ -1,6 +1,6 @@
-"""A Triton GEMM for decode batches of 6-16 rows (`linear`; the CUDA graphs pad batches of 5-16 sequences to 8
-or 16 rows), where a step is a chain of short kernels and cuBLAS's cannot start before the kernel ahead of
-them ends.
+"""A Triton GEMM for decode batches of 4-16 rows (`linear`; the CUDA graphs pad batches of 3-4, 5-8 and 9-16
+sequences to 4, 8 or 16 rows; a verify step at batch 1 has 5), where a step is a chain of short kernels and
+cuBLAS's cannot start before the kernel ahead of them ends.
 
 x's rows are padded to 16 (the smallest tensor-core tile) and W is cut into tiles of `BLOCK_N` output
 features x `BLOCK_K` inputs, one program each: with PDL (`nanovllm.utils.pdl`) a program reads its whole W
