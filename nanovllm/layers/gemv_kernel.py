@@ -43,6 +43,7 @@ outputs than inputs (qkv, gate_up) took a tensor-core kernel here, rows padded t
 (µs per call at 5 rows, cuBLAS / row by row / that kernel: SmolLM2 qkv 3.2 / 3.8 / 2.4, gate_up 3.0 / 4.5 / 2.7;
 Qwen3-0.6B qkv 3.6 / 4.9 / 4.1, gate_up 4.3 / 6.9 / 4.7), while o and down, whose 32-feature programs were too
 few, stayed row by row; the split-K GEMM is that kernel with K cut into parts, which fills the GPU for every layer.
+Call CQ (H200, `bench.py --num-seqs 4`, alternating twice): 1.33 / 1.11 -> 1.00 / 0.99 ms per step.
 """
 from __future__ import annotations
 

@@ -19,8 +19,10 @@ down 6.87 / 4.25. In a decode step it gains more, since each GEMM now overlaps t
 1.46 -> 1.20 ms. Tiles (features x inputs) in call CP, µs for qkv / o / gate_up / down, then ms per step at
 batch 16: 32 x 512 4.7 / 3.6 / 5.9 / 4.3, 1.39; **64 x 512** 4.2 / 3.4 / 5.6 / 3.9, 1.33; 32 x 256 5.1 /
 4.2 / 6.0 / 5.0, 1.46; 64 x 256 4.7 / 4.1 / 5.8 / 5.3, 1.46 (cuBLAS 4.9 / 5.5 / 5.9 / 6.9). Tiles of 16
-features took 1.52 ms (CN). cuBLASLt instead of cuBLAS (`torch.backends.cuda.preferred_blas_library`)
-changed nothing (call CM: the same nvjet kernels).
+features took 1.52 ms (CN); 64 features with 8 warps 1.35, 128 with 8 warps 1.33 (CQ). Call CQ, 32 x 512
+against 64 x 512 tiles alternating twice: batch 16 1.39 / 1.39 -> 1.33 / 1.33 ms, batch 8 1.19 -> 1.11 ms.
+cuBLASLt instead of cuBLAS (`torch.backends.cuda.preferred_blas_library`) changed nothing (call CM: the same
+nvjet kernels).
 """
 from __future__ import annotations
 
