@@ -199,6 +199,9 @@ def main() -> None:
     args = parse_args()
     if args.kv_report and importlib.util.find_spec("matplotlib") is None:
         raise SystemExit("--kv-report draws with matplotlib: pip install -e '.[plot]'")
+    if args.workload == "repeat" and args.model.startswith(PRESET_PREFIX):
+        raise SystemExit(f"--workload repeat writes its prompts with the model's tokenizer and chat template; "
+                         f"--model {args.model} (dummy weights) has none: pass a model directory")
     start = time.perf_counter()
     llm = LLM(args.model, load_format="dummy" if args.model.startswith(PRESET_PREFIX) else "auto",
               max_model_len=args.max_model_len, kvcache_block_size=args.block_size,

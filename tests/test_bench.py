@@ -53,6 +53,15 @@ def test_bench_cli_fp8_with_sink_blocks(tiny_model):
     assert bad.returncode != 0 and "fp8_sink_blocks=True needs kv_cache_dtype='fp8'" in bad.stderr
 
 
+def test_bench_cli_refuses_the_repeat_workload_without_a_tokenizer():
+    """A preset has dummy weights and no tokenizer: refused before any startup work (it used to fail on a
+    None tokenizer after loading the model)."""
+    cmd = [sys.executable, "bench.py", "--model", "preset:qwen3-0.6b", "--device", "cpu", "--workload", "repeat"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "--workload repeat writes its prompts with the model's tokenizer" in run.stderr
+    assert "startup:" not in run.stdout
+
+
 def test_step_log_counts_every_step(tiny_model):
     """Prefill chunks within max_num_batched_tokens that add up to the prompts, one decode entry per
     step with its sequences, and launches no longer than their steps (CPU: nothing overlaps)."""
