@@ -11,26 +11,24 @@ W (N x K)       F.linear  this GEMV
 1024 x 3072     6.4       4.2
 ==============  ========  ==========
 
-Qwen3-0.6B's four projections per layer go from 28 to 14 us. Up to `MAX_ROWS` rows (decode at batch 2, an
-eager step of 3) a program reads its W tile once and reduces each
-row from it in turn: compiled for sm90 each row adds ~200 instructions per thread (no spills; 96
-registers at 5-8 rows), against cuBLAS's 5-12 us per projection at 4 rows, which read the weights at
-a fraction of the bandwidth. `bench.py --num-seqs n` (128-token prompts, 1,024 tokens out) on the H200,
-ms per decode step, cuBLAS against this GEMV (`MAX_ROWS` 8) in one call (S): batch 4 1.58 -> 1.42 and
-1.58 -> 1.46, batch 1 0.92 -> 0.91 (the LM head's GEMV too), but batch 8 1.62 -> 2.04, so `MAX_ROWS`
-is 4. With 4, in call U: batch 2 1.61 -> 1.30, batch 4 1.58 -> 1.44, batch 8 1.63 -> 1.62 (cuBLAS).
-Batch decode pads 5-8 sequences to 8 rows (`cuda_graph.graph_batch_sizes`), so a layer sees 5 rows
-in a verify step (k = 4 at batch 1): with the GEMV at 5 rows everywhere (the LM head too) such a step
-went 1.64 -> 1.45 ms (call AI), while batch-5 decode, whose 5 rows reach only the LM head (eager,
-after the graph), went 1.57 -> 1.71 ms (call AH), so the LM head kept cuBLAS at 5 rows. Since the graphs
-run the LM head too (`cuda_graph`), on a graph's padded rows, decode at batch 5 gives it 8 rows, and
-only a verify step at batch 1 (or an eager step's 5 sampled rows) gives it 5: the GEMV took them
-(call AZ: a verify step unchanged within its noise, 1.48-1.65 ms per step either way) until call BF
-timed cuBLAS ahead at 4-5 rows (SmolLM2's LM head 16 against 39-45 us, Qwen3's 77-80 against 118-141)
-and within 5 us either way at 2 (16.0 against 20.5; 75.9 against 71.6): `embed_head.float32_logits`
-takes the GEMV at one row only. The RMSNorm before a projection done in its GEMV (every program
-normalising the rows itself, one kernel fewer) left batch 1 at 0.86 ms per step and made batch 4
-slower, 1.34 -> 1.43 ms (call AZ): not kept.
+Qwen3-0.6B's four projections per layer go from 28 to 14 us. Up to `MAX_ROWS` rows (decode at batch 2, an eager
+step of 3) a program reads its W tile once and reduces each row from it in turn: compiled for sm90 each row adds
+~200 instructions per thread (no spills; 96 registers at 5-8 rows, when it took that many), against cuBLAS's
+5-12 us per projection at 4 rows, which read the weights at a fraction of the bandwidth. `bench.py --num-seqs n`
+(128-token prompts, 1,024 tokens out) on the H200, ms per decode step, cuBLAS against this GEMV (`MAX_ROWS` 8)
+in one call (S): batch 4 1.58 -> 1.42 and 1.58 -> 1.46, batch 1 0.92 -> 0.91 (the LM head's GEMV too), but batch
+8 1.62 -> 2.04, so `MAX_ROWS` is 4. With 4, in call U: batch 2 1.61 -> 1.30, batch 4 1.58 -> 1.44, batch 8
+1.63 -> 1.62 (cuBLAS). Batch decode pads 5-8 sequences to 8 rows (`cuda_graph.graph_batch_sizes`), so a layer
+sees 5 rows in a verify step (k = 4 at batch 1): with the GEMV at 5 rows everywhere (the LM head too) such a
+step went 1.64 -> 1.45 ms (call AI), while batch-5 decode, whose 5 rows reach only the LM head (eager, after the
+graph), went 1.57 -> 1.71 ms (call AH), so the LM head kept cuBLAS at 5 rows. Since the graphs run the LM head
+too (`cuda_graph`), on a graph's padded rows, decode at batch 5 gives it 8 rows, and only a verify step at batch
+1 (or an eager step's 5 sampled rows) gives it 5: the GEMV took them (call AZ: a verify step unchanged within
+its noise, 1.48-1.65 ms per step either way) until call BF timed cuBLAS ahead at 4-5 rows (SmolLM2's LM head 16
+against 39-45 us, Qwen3's 77-80 against 118-141) and within 5 us either way at 2 (16.0 against 20.5; 75.9
+against 71.6): `embed_head.float32_logits` takes the GEMV at one row only. The RMSNorm before a projection done
+in its GEMV (every program normalising the rows itself, one kernel fewer) left batch 1 at 0.86 ms per step and
+made batch 4 slower, 1.34 -> 1.43 ms (call AZ): not kept.
 
 With PDL (`nanovllm/utils/pdl.py`, sm90+) a program reads its whole W tile before it waits for x,
 while the kernel before it still runs. Tiles of 8,192 weights (a row of up to 4,096, so 2-8 output
