@@ -25,7 +25,8 @@ def _triton() -> AttentionBackend:
     return TritonBackend()
 
 
-def select_backend(name: str, device: torch.device, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> AttentionBackend:
+def select_backend(name: str, device: torch.device, dtype: torch.dtype,
+                   kv_cache_dtype: str = "auto") -> AttentionBackend:
     """"auto": on CUDA with a half dtype our Triton kernels (flash-attn if Triton does not import),
     else the torch reference. Triton at block 16 is the CUDA default because it measured faster
     than flash-attn's 256-token pages on the bench (README, "Performance") and wastes 0.8 % of

@@ -70,7 +70,8 @@ class WorkerPool:
         rests = []
         for rank, (conn, proc) in enumerate(zip(self.conns, self.procs), start=1):
             if not wait([conn, proc.sentinel], timeout):
-                raise RuntimeError(f"tensor-parallel worker rank {rank} sent no {tag.decode()!r} within {timeout:.0f} s")
+                raise RuntimeError(f"tensor-parallel worker rank {rank} sent no {tag.decode()!r} "
+                                   f"within {timeout:.0f} s")
             message = conn.recv_bytes() if conn.poll() else b""
             if message.startswith(tag):
                 rests.append(message[len(tag) :])

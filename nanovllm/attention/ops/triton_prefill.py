@@ -135,10 +135,10 @@ def paged_prefill_attention(
     pdl = use_pdl(query.device)
     _prefill_kernel[grid](
         out, query, key_cache, value_cache, block_tables, query_start_loc, seq_lens, k_scale, v_scale,
-        k_sink, v_sink, num_sink_blocks, scale * LOG2E, query.stride(0), query.stride(1), out.stride(0), out.stride(1), *key_cache.stride()[:3],
-        block_tables.stride(0), value_cache.stride(0), value_cache.stride(2), value_cache.stride(3),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, TOKENS=tokens_per_program, BLOCK_N=BLOCK_N, FP8=fp8,
-        SINK=num_sink_blocks > 0, V_DIM_MAJOR=v_dim_major,
+        k_sink, v_sink, num_sink_blocks, scale * LOG2E, query.stride(0), query.stride(1), out.stride(0),
+        out.stride(1), *key_cache.stride()[:3], block_tables.stride(0), value_cache.stride(0), value_cache.stride(2),
+        value_cache.stride(3), GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
+        TOKENS=tokens_per_program, BLOCK_N=BLOCK_N, FP8=fp8, SINK=num_sink_blocks > 0, V_DIM_MAJOR=v_dim_major,
         PRECISION="ieee" if query.dtype == torch.float32 and not fp8 else "tf32",
         SPLIT_P=query.dtype == torch.bfloat16 and not fp8,
         PDL=pdl, num_warps=8 if block_m >= 128 else 4, num_stages=2, launch_pdl=pdl,
