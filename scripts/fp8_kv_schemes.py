@@ -18,7 +18,8 @@ sink4-values 96.9 %, channel-keys 96.1 %: the attention sinks' keys, not e4m3's 
 cost the accuracy. Rotating spreads a key's outsized channels over all dims, where e4m3's relative
 errors average out in q . k (1,536 positions, `--tokens 192`): as-is 96.5 % / 0.045, hadamard-keys
 97.1 % / 0.035, hadamard 97.1 % / 0.036, sink1 97.4 % / 0.029, hadamard-sink1 97.9 % / 0.028;
-hadamard-values alone 96.7 % / 0.052 (768). The engine rotates q and k (`RotaryEmbedding.mix_for_fp8`).
+hadamard-values alone 96.7 % / 0.052 (768). The engine rotates q and k, starting from a Hadamard matrix and
+fitting a rotation per KV head to its calibration tokens (`kv_calibration.key_rotations`).
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from nanovllm.engine.sequence import PLACEHOLDER, Sequence
 from nanovllm.engine.step_inputs import StepInputs
 from nanovllm.engine.uploader import Uploader
 from nanovllm.layers.attention import Attention
-from nanovllm.layers.rotary_embedding import RotaryEmbedding
+from nanovllm.layers.rotary_embedding import RotaryEmbedding, hadamard
 from nanovllm.layers.sampler import (Sampler, SamplerOutput, SamplingArrays, SamplingRow, SamplingTensors,
                                      best_of_shards, sample_vocab_shard)
 from nanovllm.models import model_class
@@ -234,12 +234,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _calibrate_fp8(self, token_ids: list[int] | None) -> FP8Calibration:
-        """FP8: q and k Hadamard-rotated after RoPE from now on (see `RotaryEmbedding`; head dims that
-        are powers of two), then per-layer, per-KV-head scales and key offsets from one forward over
-        calibration tokens (see kv_calibration)."""
-        for rope in self.model.modules():  # keys stored rotated: calibrate on what the cache will hold
-            if isinstance(rope, RotaryEmbedding):
-                rope.mix_for_fp8()
+        """FP8: per-layer, per-KV-head scales, key offsets and rotations of q and k after RoPE (see
+        `RotaryEmbedding`) from one forward over calibration tokens (see kv_calibration). The forward
+        runs with q and k Hadamard-rotated (head dims that are powers of two), where the rotations start."""
+        ropes = [m for m in self.model.modules() if isinstance(m, RotaryEmbedding)]
+        attn = self.attention_layers[0]
+        assert len(ropes) == len(self.attention_layers)  # one per attention layer, in the same order
+        d = attn.head_dim
+        start = hadamard(d) if d & (d - 1) == 0 else torch.eye(d)
+        for rope in ropes:
+            rope.set_mix(start.expand(attn.num_kv_heads, d, d), self.dtype)
         if token_ids is None:
             token_ids = calibration_token_ids(None, self.hf_config.vocab_size, self.config.seed)
         token_ids = token_ids[: min(len(token_ids), self.config.max_model_len, self.config.max_num_batched_tokens)]
@@ -265,7 +269,9 @@ class ModelRunner:
         del scratch
         layers = range(len(self.attention_layers))
         fp8 = calibrate([queries[i] for i in layers], [keys[i] for i in layers], [values[i] for i in layers],
-                        self.attention_layers[0].scale)
+                        attn.scale)
+        for rope, rotations in zip(ropes, fp8.k_rotations):
+            rope.set_mix(start.to(rotations.device) @ rotations, self.dtype)
         logger.info("FP8 KV scales from %d calibration tokens: key %.3g..%.3g, value %.3g..%.3g", n,
                     fp8.k_scales.min(), fp8.k_scales.max(), fp8.v_scales.min(), fp8.v_scales.max())
         return fp8

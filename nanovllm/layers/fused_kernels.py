@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.utils.pdl import pdl_start, use_pdl
+from nanovllm.utils.pdl import pdl_launch_dependents, pdl_start, pdl_wait, use_pdl
 
 
 TILE = 2048  # elements per program: rows of a short dim share one, so a 16k-token prefill is not
@@ -126,17 +126,37 @@ def _norm_halves(x1, x2, is_q, cols, q_weight_ptr, k_weight_ptr, eps, HALF: tl.c
     return y1.to(x1.dtype), y2.to(x2.dtype)
 
 
-@triton.jit(do_not_specialize=["num_rows"])  # as _rms_norm_kernel's
+@triton.jit
+def _mix_blocks(mix_ptr, cols, HALF: tl.constexpr):
+    """The four [HALF, HALF] blocks of a [2 HALF, 2 HALF] matrix, as [BLOCK, BLOCK] tiles padded with zeros."""
+    inside = (cols < HALF)[:, None] & (cols < HALF)[None, :]
+    top_left = mix_ptr + cols[:, None] * (2 * HALF) + cols[None, :]
+    return (tl.load(top_left, mask=inside, other=0.0), tl.load(top_left + HALF, mask=inside, other=0.0),
+            tl.load(top_left + 2 * HALF * HALF, mask=inside, other=0.0),
+            tl.load(top_left + 2 * HALF * HALF + HALF, mask=inside, other=0.0))
+
+
+@triton.jit(do_not_specialize=["num_tokens"])  # as _rms_norm_kernel's num_rows
 def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr, mix_ptr, q_weight_ptr, k_weight_ptr,
-                   eps, stride_qt, stride_qh, stride_kt, stride_kh, stride_cache, num_rows, q_heads, k_heads,
-                   HALF: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, NORM: tl.constexpr,
-                   MIX: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
-    pdl_start(PDL)
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # row = token * (q_heads + k_heads) + head
-    t, h = rows // (q_heads + k_heads), rows % (q_heads + k_heads)
-    is_q = h < q_heads
-    live = rows < num_rows
+                   eps, stride_qt, stride_qh, stride_kt, stride_kh, stride_cache, num_tokens, q_heads, k_heads,
+                   GROUP: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                   NORM: tl.constexpr, MIX: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    pdl_launch_dependents(PDL)
     cols = tl.arange(0, BLOCK)
+    if MIX:  # rows: ROWS tokens of head program_id(1), all rotated by its KV head's matrix
+        head = tl.program_id(1)
+        t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        h = tl.zeros([ROWS], tl.int32) + head
+        live = t < num_tokens
+        kv_head = tl.where(head < q_heads, head // GROUP, head - q_heads)
+        # written once at calibration, so read before the wait, while the previous kernel finishes
+        m11, m12, m21, m22 = _mix_blocks(mix_ptr + kv_head * (4 * HALF * HALF), cols, HALF)
+    else:  # rows: token * (q_heads + k_heads) + head
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        t, h = rows // (q_heads + k_heads), rows % (q_heads + k_heads)
+        live = rows < num_tokens * (q_heads + k_heads)
+    pdl_wait(PDL)
+    is_q = h < q_heads
     col_mask = (cols < HALF)[None, :]
     in_q, in_k = (live & is_q)[:, None] & col_mask, (live & ~is_q)[:, None] & col_mask
     q_src = q_ptr + (t * stride_qt + h * stride_qh)[:, None] + cols[None, :]
@@ -154,9 +174,10 @@ def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr, mix
     sin = tl.load(cos_sin_ptr + stride_cache + cs, mask=live[:, None] & col_mask, other=0.0)
     x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
     y1, y2 = x1f * cos - x2f * sin, x2f * cos + x1f * sin
-    if MIX:  # [y1 | y2] @ H(2 HALF) = [(y1 + y2) @ B | (y1 - y2) @ B], B = H's top-left block (H(HALF) / sqrt 2)
-        block = tl.load(mix_ptr + cols[:, None] * (2 * HALF) + cols[None, :])
-        y1, y2 = tl.dot(y1 + y2, block, input_precision=PRECISION), tl.dot(y1 - y2, block, input_precision=PRECISION)
+    if MIX:  # [y1 | y2] @ M in M's dtype (float16 for 16-bit models: tf32's mantissa at half the bytes)
+        y1, y2 = y1.to(m11.dtype), y2.to(m11.dtype)
+        y1, y2 = (tl.dot(y2, m21, tl.dot(y1, m11, input_precision=PRECISION), input_precision=PRECISION),
+                  tl.dot(y2, m22, tl.dot(y1, m12, input_precision=PRECISION), input_precision=PRECISION))
     y1, y2 = y1.to(x1.dtype), y2.to(x1.dtype)
     tl.store(q_dst, y1, mask=in_q)
     tl.store(q_dst + HALF, y2, mask=in_q)
@@ -164,27 +185,42 @@ def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr, mix
     tl.store(k_dst + HALF, y2, mask=in_k)
 
 
+# Tokens per program with a mix: 16 (tl.dot's least M), 32 from MIX_MANY_TOKENS on. A program reads its KV head's
+# whole matrix, 32 KB in float16 at head dim 128, and 32 rows take 201 registers against 96. On the H200 (call DE,
+# Qwen3-0.6B's 16 + 8 heads with their norms, CUDA graphs, us per call; Hadamard = the one shared matrix before):
+# 256 tokens 4.5 with 16 rows, 6.1 with 32, Hadamard 5.0; 1,024 tokens 10.9 / 9.6 / 10.3; 16,384 163.6 / 128.5 / 144.9.
+MIX_MANY_TOKENS = 1024
+
+
 def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
                  mix: torch.Tensor | None = None,
                  norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`rotary_embedding.apply_rotary` (neox layout): q [tokens, heads, D], k [tokens, kv_heads, D];
-    `cos_sin_cache` [2, max_position, D] float32, contiguous; `mix`: None or `hadamard(D)`, D a power of two;
-    `norm`: None or (q's weight [D], k's weight [D], eps) of a per-head RMSNorm before RoPE."""
-    assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos_sin_cache.is_contiguous() and q.shape[-1] % 2 == 0
-    assert mix is None or (mix.is_contiguous() and mix.dtype == torch.float32 and q.shape[-1] & (q.shape[-1] - 1) == 0)
+    `cos_sin_cache` [2, max_position, D] float32, contiguous; `mix`: None or [kv_heads, D, D], contiguous, float32
+    or float16 (q head h takes matrix h // (heads / kv_heads)); `norm`: None or (q's weight [D], k's weight [D],
+    eps) of a per-head RMSNorm before RoPE."""
+    num_tokens, q_heads, d = q.shape
+    k_heads = k.shape[1]
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos_sin_cache.is_contiguous() and d % 2 == 0
+    assert mix is None or (mix.is_contiguous() and mix.dtype in (torch.float32, torch.float16)
+                           and mix.shape == (k_heads, d, d))
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    num_tokens, q_heads, d = q.shape
     if num_tokens:
         block = triton.next_power_of_2(d // 2)
-        per_program = 16 if mix is not None else _rows_per_program(block)  # tl.dot's least M; fewer registers
-        num_rows = num_tokens * (q_heads + k.shape[1])
+        if mix is None:
+            per_program = _rows_per_program(block)
+            grid = (triton.cdiv(num_tokens * (q_heads + k_heads), per_program),)
+        else:  # tl.dot's least M and K are 16
+            block, per_program = max(16, block), 32 if num_tokens >= MIX_MANY_TOKENS else 16
+            grid = (triton.cdiv(num_tokens, per_program), q_heads + k_heads)
         pdl = use_pdl(q.device)
-        _rotary_kernel[(triton.cdiv(num_rows, per_program),)](
+        warps = 8 if mix is not None and mix.dtype == torch.float32 else 4  # float32 dots spill with 4
+        _rotary_kernel[grid](
             q, k, q_out, k_out, positions, cos_sin_cache, cos_sin_cache if mix is None else mix,
             *(norm if norm is not None else (cos_sin_cache, cos_sin_cache, 0.0)), q.stride(0), q.stride(1),
-            k.stride(0), k.stride(1), cos_sin_cache.stride(0), num_rows, q_heads, k.shape[1], HALF=d // 2,
-            BLOCK=block, ROWS=per_program, NORM=norm is not None, MIX=mix is not None,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32: below bf16's rounding
-            PDL=pdl, launch_pdl=pdl)
+            k.stride(0), k.stride(1), cos_sin_cache.stride(0), num_tokens, q_heads, k_heads,
+            GROUP=q_heads // k_heads, HALF=d // 2, BLOCK=block, ROWS=per_program, NORM=norm is not None,
+            MIX=mix is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32 below bf16's rounding
+            PDL=pdl, launch_pdl=pdl, num_warps=warps)
     return q_out, k_out

@@ -59,14 +59,17 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mix: torch.Te
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     out = x.float() * cos + rotated.float() * sin
-    return (out if mix is None else out @ mix).to(x.dtype)
+    if mix is not None:  # head h of x takes matrix h // (heads / kv_heads)
+        out = torch.einsum("thd,hde->the", out, mix.float().repeat_interleave(x.shape[1] // mix.shape[0], dim=0))
+    return out.to(x.dtype).contiguous()
 
 
 @on_cuda_use(fused_kernels.apply_rotary)
 def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
                  mix: torch.Tensor | None = None,
                  norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE on q and k; then, with `mix` (`hadamard(head_dim)`), both times that orthonormal matrix.
+    """RoPE on q and k; then, with `mix` (float32 [kv_heads, head_dim, head_dim], orthonormal), each head times
+    its KV head's matrix (query head h: h // (heads / kv_heads)), which leaves every q . k as it is.
     With `norm` = (q's weight, k's weight, eps), q and k go through a per-head RMSNorm first (Qwen3),
     in the same kernel on CUDA."""
     if norm is not None:
@@ -76,14 +79,12 @@ def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE, and for an FP8 KV cache (`mix_for_fp8`) a Hadamard rotation of q and k after it.
+    """RoPE, and for an FP8 KV cache (`set_mix`) an orthonormal rotation of q and k after it, one per KV head.
 
-    The rotation leaves every q . k as it is (the matrix is orthonormal), and so attention, but it
-    spreads a key's few outsized channels (the attention sinks' above all) over all of its dims,
-    where e4m3's relative rounding errors average out in the dot product instead of scaling the
-    largest term. HF float32 with fake-quantized K/V (`scripts/fp8_kv_schemes.py`, 1,536 positions):
-    top-1 agreement 96.5 -> 97.1 %, mean |Δ logprob| 0.045 -> 0.035; with the first token's K/V
-    exact too 97.9 % / 0.028. Values are not rotated: that measured no better."""
+    The rotation leaves every q . k as it is, and so attention, but it decides how e4m3's relative
+    rounding errors of a stored key reach the scores: `kv_calibration.key_rotations` chooses it from
+    the calibration queries and keys (starting from a Hadamard matrix, which spreads a key's few
+    outsized channels over all of its dims). Values are not rotated: that measured no better."""
 
     def __init__(self, head_dim: int, max_position: int, params: dict):
         super().__init__()
@@ -93,12 +94,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", torch.stack((emb.cos(), emb.sin())), persistent=False)
         self.mix: torch.Tensor | None = None
 
-    def mix_for_fp8(self) -> None:
-        """Rotate q and k by `hadamard(head_dim)` from now on; a head_dim that is no power of two
-        (none of the supported models') has no Hadamard matrix and stays unrotated."""
-        head_dim = self.cos_sin_cache.shape[-1]
-        if head_dim & (head_dim - 1) == 0:
-            self.mix = hadamard(head_dim).to(self.cos_sin_cache.device)
+    def set_mix(self, mix: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> None:
+        """Rotate q and k after RoPE by `mix` ([kv_heads, head_dim, head_dim], orthonormal) from now on; None:
+        not at all. For a 16-bit model `dtype` the matrices are kept in float16 (as many mantissa bits as
+        the tf32 the kernel would round float32 to, at half the bytes); a float32 model keeps float32."""
+        keep = torch.float32 if dtype == torch.float32 else torch.float16
+        self.mix = None if mix is None else mix.to(self.cos_sin_cache.device, keep).contiguous()
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                 norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,10 +1,11 @@
-"""FP8 KV calibration: the key offset is the keys' mean weighted by the attention they receive."""
+"""FP8 KV calibration: the key offset is the keys' mean weighted by the attention they receive; the key
+rotation spreads what queries and keys both load onto over the dims."""
 from __future__ import annotations
 
 import torch
 
 from nanovllm.attention.kv_cache import FP8_MAX
-from nanovllm.engine.kv_calibration import HEADROOM, attended_key_mean, calibrate
+from nanovllm.engine.kv_calibration import HEADROOM, _rounding_cost, attended_key_mean, calibrate, key_rotations
 
 
 def loop_reference(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
@@ -43,15 +44,53 @@ def test_uniform_attention_weights_early_keys_more():
     torch.testing.assert_close(attended_key_mean(torch.zeros(5, 1, 4), key, 1.0), want)
 
 
-def test_calibrate_scales_the_offset_keys_and_the_values():
+def test_calibrate_scales_the_rotated_offset_keys_and_the_values():
     torch.manual_seed(2)
     queries = [torch.randn(6, 4, 8) for _ in range(2)]
     keys = [torch.randn(6, 2, 8) + 3 for _ in range(2)]
     values = [torch.randn(6, 2, 8) for _ in range(2)]
     fp8 = calibrate(queries, keys, values, 0.35)
     for layer in range(2):
-        offset = attended_key_mean(queries[layer], keys[layer], 0.35)
+        rotation = fp8.k_rotations[layer]  # [kv_heads, 8, 8]
+        torch.testing.assert_close(rotation @ rotation.mT, torch.eye(8).expand(2, 8, 8), rtol=0, atol=1e-5)
+        offset = torch.einsum("kd,kde->ke", attended_key_mean(queries[layer], keys[layer], 0.35), rotation)
         torch.testing.assert_close(fp8.k_offsets[layer], offset)
-        k_amax = (keys[layer] - offset).abs().amax(dim=(0, 2))
+        rotated = torch.einsum("tkd,kde->tke", keys[layer], rotation)
+        k_amax = (rotated - offset).abs().amax(dim=(0, 2))
         torch.testing.assert_close(fp8.k_scales[layer], k_amax * HEADROOM / FP8_MAX)
         torch.testing.assert_close(fp8.v_scales[layer], values[layer].abs().amax(dim=(0, 2)) * HEADROOM / FP8_MAX)
+
+
+def test_rotation_spreads_a_direction_that_queries_and_keys_share():
+    """Queries and keys all along dim 0: unrotated, every rounding error of dim 0 reaches q . k (cost 1);
+    the best rotation spreads that direction evenly over the 16 dims (cost 1 / 16, as a Hadamard matrix)."""
+    torch.manual_seed(3)
+    direction = torch.zeros(16)
+    direction[0] = 1.0
+    queries = [torch.randn(40, 2, 1) * direction]  # two query heads over one KV head
+    keys = [torch.randn(40, 1, 1) * direction]
+    rotation = key_rotations(queries, keys, torch.zeros(1, 1, 16))
+    torch.testing.assert_close(rotation[0, 0] @ rotation[0, 0].T, torch.eye(16), rtol=0, atol=1e-5)
+    cov = (direction[:, None] * direction[None, :]).expand(1, 1, 16, 16)
+    assert _rounding_cost(torch.eye(16).expand(1, 1, 16, 16), cov, cov) == 1.0
+    assert _rounding_cost(rotation, cov, cov) < 1.1 / 16
+    assert (rotation[0, 0, 0].abs() - 0.25).abs().max() < 0.05  # dim 0 spread evenly: 1 / sqrt(16) each
+
+
+def test_rotation_lowers_the_rounding_cost_of_correlated_heads():
+    """Random queries and keys with a few large shared directions per head: the optimized rotation costs
+    less than the identity, where it starts from, in every layer and head."""
+    torch.manual_seed(4)
+    mixing = torch.randn(2, 16, 16) * torch.tensor([8.0, 4.0, 2.0] + [0.3] * 13)[:, None]
+    queries = [torch.randn(64, 4, 16) @ mixing[0] for _ in range(2)]
+    keys = [torch.randn(64, 2, 16) @ mixing[1] for _ in range(2)]
+    offsets = torch.stack([k.mean(0) for k in keys])
+    rotations = key_rotations(queries, keys, offsets)
+    for layer in range(2):
+        for head in range(2):
+            q = queries[layer].view(64, 2, 2, 16)[:, head].reshape(-1, 16)
+            k = keys[layer][:, head] - offsets[layer, head]
+            sq, sk = (q.T @ q)[None, None], (k.T @ k)[None, None]
+            before = _rounding_cost(torch.eye(16)[None, None], sq, sk)
+            after = _rounding_cost(rotations[layer, head][None, None], sq, sk)
+            assert after < 0.8 * before

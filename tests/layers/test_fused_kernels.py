@@ -77,26 +77,35 @@ def test_rotary_on_strided_q_and_k(dtype, tokens, head_dim):
     close(got_k, want_k)
 
 
+def random_mixes(kv_heads: int, head_dim: int) -> torch.Tensor:
+    """A random orthonormal [head_dim, head_dim] matrix per KV head (Q of a QR), float32."""
+    return torch.linalg.qr(torch.randn(kv_heads, head_dim, head_dim))[0].contiguous().to(DEVICE)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens,head_dim", [(1, 64), (11, 128)])
-def test_rotary_with_hadamard_mix(dtype, tokens, head_dim):
-    """The FP8 cache's rotation after RoPE: the kernel as the torch definition, and q . k unchanged."""
+@pytest.mark.parametrize("tokens,head_dim", [(1, 64), (11, 128), (1030, 64)])  # 1,030: 32 tokens a program
+def test_rotary_with_a_mix_per_kv_head(dtype, tokens, head_dim):
+    """The FP8 cache's rotations after RoPE, one per KV head: the kernel as the torch definition, and
+    q . k unchanged for each query head and its KV head (4 query heads over 2 KV heads)."""
     torch.manual_seed(tokens + head_dim)
     q, k = qkv_views(tokens, 4, 2, head_dim, dtype)
     freqs = torch.outer(torch.arange(64, dtype=torch.float32), torch.rand(head_dim // 2))
     emb = torch.cat((freqs, freqs), dim=-1)
     cache = torch.stack((emb.cos(), emb.sin())).to(DEVICE)
     positions = torch.randint(0, 64, (tokens,), device=DEVICE)
-    mix = hadamard(head_dim).to(DEVICE)
-    got_q, got_k = fused_kernels.apply_rotary(positions, q, k, cache, mix)
-    want_q, want_k = apply_rotary.__wrapped__(positions, q, k, cache, mix)
+    mix = random_mixes(2, head_dim)
+    kept = mix.to(torch.float32 if dtype == torch.float32 else torch.float16)  # as `RotaryEmbedding.set_mix`
+    got_q, got_k = fused_kernels.apply_rotary(positions, q, k, cache, kept)
+    want_q, want_k = apply_rotary.__wrapped__(positions, q, k, cache, kept)
     close(got_q, want_q)
     close(got_k, want_k)
     plain_q, plain_k = apply_rotary.__wrapped__(positions, q.float(), k.float(), cache)
     mixed_q, mixed_k = apply_rotary.__wrapped__(positions, q.float(), k.float(), cache, mix)
-    scores = torch.einsum("thd,tkd->thk", plain_q, plain_k)
-    assert not torch.allclose(mixed_k, plain_k)
-    torch.testing.assert_close(torch.einsum("thd,tkd->thk", mixed_q, mixed_k), scores, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mixed_k[:, 1], plain_k[:, 1] @ mix[1])
+    torch.testing.assert_close(mixed_q[:, 2:], plain_q[:, 2:] @ mix[1])  # query heads 2 and 3 read KV head 1
+    scores = torch.einsum("tkgd,tkd->tkg", plain_q.view(tokens, 2, 2, head_dim), plain_k)
+    mixed = torch.einsum("tkgd,tkd->tkg", mixed_q.view(tokens, 2, 2, head_dim), mixed_k)
+    torch.testing.assert_close(mixed, scores, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -111,7 +120,7 @@ def test_rotary_with_qk_norm(dtype, tokens, head_dim, mixed):
     emb = torch.cat((freqs, freqs), dim=-1)
     cache = torch.stack((emb.cos(), emb.sin())).to(DEVICE)
     positions = torch.randint(0, 64, (tokens,), device=DEVICE)
-    mix = hadamard(head_dim).to(DEVICE) if mixed else None
+    mix = random_mixes(2, head_dim) if mixed else None
     norm = tuple((1 + 0.3 * torch.randn(head_dim, device=DEVICE)).to(dtype) for _ in range(2)) + (1e-6,)
     got_q, got_k = fused_kernels.apply_rotary(positions, q, k, cache, mix, norm)
     want_q, want_k = apply_rotary.__wrapped__(positions, q, k, cache, mix, norm)
