@@ -83,7 +83,8 @@ def random_mixes(kv_heads: int, head_dim: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens,head_dim", [(1, 64), (11, 128), (1030, 64)])  # 1,030: 32 tokens a program
+@pytest.mark.parametrize("tokens,head_dim", [(1, 64), (11, 128), (1030, 64), (5, 80), (3, 16)])  # 1,030: 32
+# tokens a program; 80 and 16: halves of 40 and 8 padded to tiles of 64 and 16
 def test_rotary_with_a_mix_per_kv_head(dtype, tokens, head_dim):
     """The FP8 cache's rotations after RoPE, one per KV head: the kernel as the torch definition, and
     q . k unchanged for each query head and its KV head (4 query heads over 2 KV heads)."""
