@@ -68,8 +68,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mix: torch.Te
 def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
                  mix: torch.Tensor | None = None,
                  norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE on q and k; then, with `mix` (float32 [kv_heads, head_dim, head_dim], orthonormal), each head times
-    its KV head's matrix (query head h: h // (heads / kv_heads)), which leaves every q . k as it is.
+    """RoPE on q and k; then, with `mix` ([kv_heads, head_dim, head_dim], orthonormal, float32 or float16), each
+    head times its KV head's matrix (query head h: h // (heads / kv_heads)), which leaves every q . k as it is.
     With `norm` = (q's weight, k's weight, eps), q and k go through a per-head RMSNorm first (Qwen3),
     in the same kernel on CUDA."""
     if norm is not None:
