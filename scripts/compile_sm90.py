@@ -36,20 +36,22 @@ UNALIGNED = {"scale_log2", "num_partitions", "stride_bt"}  # a float, and intege
 
 def build(group: int, query_len: int, head_dim: int, block: int, fp8: bool) -> object:
     """The split-KV decode kernel (v2) for a GQA group, query tokens per sequence, head dim, cache block
-    and cache dtype (an FP8 cache has dim-major values and scales), compiled for sm90 with 4 warps."""
+    and cache dtype (an FP8 cache has dim-major values, scales, key offsets and the step's own K/V),
+    compiled for sm90 with 4 warps."""
     kernel = triton_decode._decode_kernel
     names = list(inspect.signature(kernel.fn).parameters)
     cache = "*fp8e4nv" if fp8 else "*bf16"
     pointers = dict(out_ptr="*bf16", q_ptr="*bf16", k_cache_ptr=cache, v_cache_ptr=cache, counters_ptr="*i32",
                     block_tables_ptr="*i32", context_lens_ptr="*i32", query_start_loc_ptr="*i32",
-                    seq_order_ptr="*i32")
+                    seq_order_ptr="*i32", new_k_ptr="*bf16", new_v_ptr="*bf16")
     consts = dict(GROUP=group, ROWS=max(16, triton.next_power_of_2(group * query_len)), HEAD_DIM=head_dim,
                   BLOCK_SIZE=block, BLOCK_N=triton_decode.FP8_BLOCK_N if fp8 else triton_decode.BLOCK_N, FP8=fp8,
-                  SINK=False, V_DIM_MAJOR=fp8, SINGLE=False, MULTI=query_len > 1, PRECISION="tf32",
+                  SINK=False, OWN=fp8, K_OFFSET=fp8, V_DIM_MAJOR=fp8, SINGLE=False, MULTI=query_len > 1, PRECISION="tf32",
                   SPLIT_P=not fp8, ORDERED=True, PDL=True, k_sink_ptr=None, v_sink_ptr=None,
                   **triton_decode._merge_constexprs(group, query_len, head_dim))
     if not fp8:
-        consts.update(k_scale_ptr=None, v_scale_ptr=None, stride_vd=1)
+        consts.update(k_scale_ptr=None, v_scale_ptr=None, new_k_ptr=None, new_v_ptr=None, k_offset_ptr=None,
+                      stride_vd=1)
     signature = {n: "constexpr" if n in consts else pointers.get(n, "*fp32") if n.endswith("_ptr")
                  else "fp32" if n == "scale_log2" else "i32" for n in names}
     constexprs = {(i,): consts[n] for i, n in enumerate(names) if n in consts}

@@ -52,13 +52,14 @@ class TorchRefBackend(AttentionBackend):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        own = dict(new_key=key, new_value=value, k_offset=cache.k_offset) if cache.k_scale is not None else {}
         if meta.max_query_len == 1:
             return paged_attention_sdpa(query, cache.key, cache.value, self._decode_gather(meta, cache.key.shape[1]),
                                         scale, k_scale=cache.k_scale, v_scale=cache.v_scale, k_sink=cache.k_sink,
-                                        v_sink=cache.v_sink)
+                                        v_sink=cache.v_sink, **own)
         return paged_prefill_attention(query, cache.key, cache.value, meta.query_start_loc, meta.seq_start_loc,
                                        meta.block_tables, scale=scale, k_scale=cache.k_scale, v_scale=cache.v_scale,
-                                       k_sink=cache.k_sink, v_sink=cache.v_sink)
+                                       k_sink=cache.k_sink, v_sink=cache.v_sink, **own)
 
     def _written_slots(self, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The step's slots to write and, when some of its rows are padding (-1), the rows to keep."""

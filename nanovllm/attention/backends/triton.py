@@ -53,20 +53,21 @@ class TritonBackend(AttentionBackend):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         order = meta.seq_order if longest_first_pays(meta.num_seqs, cache.key.shape[2], query.device) else None
+        own = dict(new_key=key, new_value=value, k_offset=cache.k_offset) if cache.k_scale is not None else {}
         if meta.max_query_len == 1:
             return paged_attention(query, cache.key, cache.value, meta.block_tables, meta.seq_lens,
                                    cache.key.shape[1], meta.max_seq_len, scale, cache.k_scale, cache.v_scale,
-                                   k_sink=cache.k_sink, v_sink=cache.v_sink, seq_order=order)
+                                   k_sink=cache.k_sink, v_sink=cache.v_sink, seq_order=order, **own)
         group = query.shape[1] // cache.key.shape[2]
         if meta.has_prefix and meta.max_query_len * group <= MAX_SPLIT_ROWS:
             return paged_attention(query, cache.key, cache.value, meta.block_tables, meta.seq_lens,
                                    cache.key.shape[1], meta.max_seq_len, scale, cache.k_scale, cache.v_scale,
                                    query_start_loc=meta.query_start_loc, max_query_len=meta.max_query_len,
-                                   k_sink=cache.k_sink, v_sink=cache.v_sink, seq_order=order)
+                                   k_sink=cache.k_sink, v_sink=cache.v_sink, seq_order=order, **own)
         if not meta.has_prefix and flash_attn_varlen_func is not None and cache.key.dtype == query.dtype \
                 and query.dtype != torch.float32 and query.shape[-1] in FLASH_HEAD_DIMS:
             return flash_attn_varlen_func(query, key, value, meta.query_start_loc, meta.seq_start_loc,
                                           meta.max_query_len, meta.max_seq_len, softmax_scale=scale, causal=True)
         return paged_prefill_attention(query, cache.key, cache.value, meta.block_tables, meta.query_start_loc,
                                        meta.seq_lens, meta.max_query_len, meta.max_seq_len, scale,
-                                       cache.k_scale, cache.v_scale, cache.k_sink, cache.v_sink)
+                                       cache.k_scale, cache.v_scale, cache.k_sink, cache.v_sink, **own)

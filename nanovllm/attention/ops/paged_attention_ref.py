@@ -131,6 +131,9 @@ def paged_prefill_attention(
     v_scale: Tensor | None = None,
     k_sink: Tensor | None = None,
     v_sink: Tensor | None = None,
+    new_key: Tensor | None = None,
+    new_value: Tensor | None = None,
+    k_offset: Tensor | None = None,
 ) -> Tensor:
     """Varlen causal prefill attention reading all K/V through the block table.
 
@@ -139,6 +142,11 @@ def paged_prefill_attention(
     ``k_len``-token cached context; each attends to context positions up to its own
     (flash-attn's ``causal=True`` with bottom-right alignment). Returns ``query``'s shape; tokens
     past ``cu_seqlens_q[-1]`` (a CUDA graph's padding, owned by no sequence) come out as zeros.
+
+    ``new_key``/``new_value`` (``[total_q_tokens, num_kv_heads, head_dim]``: the step's own K/V, row
+    for row with the queries): each query reads its own position's K/V from them rather than from
+    the cache, keys less ``k_offset`` (``[num_kv_heads, head_dim]``) as an FP8 cache holds them.
+    That is what an FP8 cache's readers do (see ``LayerKVCache``).
     """
     _check_layout(query, key_cache, value_cache, block_tables)
     scale = _default_scale(query, scale)
@@ -154,9 +162,31 @@ def paged_prefill_attention(
         values = read_blocks(value_cache, blocks, v_scale, v_sink).flatten(0, 1)[:k_len]
         causal = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
         q, k, v = (x.transpose(0, 1).float() for x in (query[q_start:q_end], keys, values))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scale, enable_gqa=True)
+        if new_key is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scale, enable_gqa=True)
+        else:
+            own_k, own_v = (x[q_start:q_end].float() for x in (new_key, new_value))
+            own_k = own_k - k_offset if k_offset is not None else own_k
+            out = _attend_with_own(q, k, v, causal, scale, own_k.transpose(0, 1), own_v.transpose(0, 1))
         output[q_start:q_end] = out.transpose(0, 1).to(query.dtype)
     return output
+
+
+def _attend_with_own(q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: float, own_k: Tensor,
+                     own_v: Tensor) -> Tensor:
+    """Causal attention of ``q`` [heads, q_len, head_dim] over ``k``/``v`` [kv_heads, k_len, head_dim]
+    (float32) in which query ``i`` reads its own position, ``k_len - q_len + i``, from ``own_k``/``own_v``
+    [kv_heads, q_len, head_dim] instead: its score on the diagonal is replaced, and the probability it
+    gets there weighs its own value rather than the cached one."""
+    group = q.shape[0] // k.shape[0]
+    k, v, own_k, own_v = (x.repeat_interleave(group, 0) for x in (k, v, own_k, own_v))
+    q_len, k_len = q.shape[1], k.shape[1]
+    rows = torch.arange(q_len, device=q.device)
+    own = rows + k_len - q_len
+    scores = q @ k.transpose(1, 2) * scale
+    scores[:, rows, own] = (q * own_k).sum(-1) * scale
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return probs @ v + probs[:, rows, own, None] * (own_v - v[:, own])
 
 
 def read_blocks(cache: Tensor, blocks: Tensor, scale: Tensor | None, sink: Tensor | None = None) -> Tensor:

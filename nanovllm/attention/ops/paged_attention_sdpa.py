@@ -29,11 +29,13 @@ class DecodeGather:
     - ``mask`` [seqs, 1, 1, context] bool: SDPA's ``attn_mask`` (True attends).
     - ``empty`` [seqs, 1, 1, 1] bool, or None when every sequence has context: rows whose output
       is zeroed (they read a slot they do not own).
+    - ``last`` [seqs] int64: each sequence's last context position (0 for an empty one), the query's own.
     """
 
     slots: Tensor
     mask: Tensor
     empty: Tensor | None
+    last: Tensor
 
 
 def decode_gather(block_tables: Tensor, context_lens: Tensor, block_size: int, max_context_len: int) -> DecodeGather:
@@ -42,10 +44,10 @@ def decode_gather(block_tables: Tensor, context_lens: Tensor, block_size: int, m
     offsets = torch.arange(block_size, device=block_tables.device)
     slots = (block_tables[:, :num_blocks].long()[:, :, None] * block_size + offsets).flatten(1)[:, :max_context_len]
     valid = torch.arange(slots.shape[1], device=slots.device) < context_lens[:, None]
-    last = slots.gather(1, (context_lens.long()[:, None] - 1).clamp(min=0))
+    last = (context_lens.long() - 1).clamp(min=0)
     empty = context_lens == 0
-    return DecodeGather(torch.where(valid, slots, last), valid[:, None, None, :],
-                        empty[:, None, None, None] if bool(empty.any()) else None)
+    return DecodeGather(torch.where(valid, slots, slots.gather(1, last[:, None])), valid[:, None, None, :],
+                        empty[:, None, None, None] if bool(empty.any()) else None, last)
 
 
 def paged_attention_sdpa(
@@ -58,17 +60,26 @@ def paged_attention_sdpa(
     v_scale: Tensor | None = None,
     k_sink: Tensor | None = None,
     v_sink: Tensor | None = None,
+    new_key: Tensor | None = None,
+    new_value: Tensor | None = None,
+    k_offset: Tensor | None = None,
 ) -> Tensor:
     """Decode attention of ``query`` [seqs, heads, head_dim] over the slots of ``gather``.
 
     Computes in float32 and returns ``query``'s dtype; an FP8 cache is dequantized with the
     per-KV-head ``k_scale``/``v_scale``, its first blocks read from ``k_sink``/``v_sink`` when
-    given. A sequence with no context gets zeros.
+    given. A sequence with no context gets zeros. With ``new_key``/``new_value`` ([seqs, kv_heads,
+    head_dim], the step's own K/V) each query reads its own (last) position from them instead,
+    keys less ``k_offset`` (as ``paged_attention_ref.paged_prefill_attention``).
     """
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
     keys = _gather(key_cache, gather, k_scale, k_sink).transpose(1, 2)  # [seqs, kv_heads, context, head_dim]
     values = _gather(value_cache, gather, v_scale, v_sink).transpose(1, 2)
+    if new_key is not None:
+        seqs = torch.arange(num_seqs, device=query.device)
+        own_k = new_key.float() - k_offset if k_offset is not None else new_key.float()
+        keys[seqs, :, gather.last], values[seqs, :, gather.last] = own_k, new_value.float()
     q = query.float().view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=gather.mask, scale=scale)
     if gather.empty is not None:

@@ -106,3 +106,27 @@ def check_sinks(key_cache: Tensor, value_cache: Tensor, k_sink: Tensor | None, v
             raise ValueError(f"{name} must be float16 [num_sink_blocks, *cache.shape[1:]] with the cache's strides "
                              f"{cache.stride()}, got {sink.dtype} {tuple(sink.shape)} strides {sink.stride()}")
     return k_sink.shape[0]
+
+
+def check_own_kv(query: Tensor, key_cache: Tensor, new_key: Tensor | None, new_value: Tensor | None,
+                 k_offset: Tensor | None) -> bool:
+    """The step's own K/V (``[tokens, num_kv_heads, head_dim]``, row for row with the query, contiguous
+    head_dim) and the keys' optional float32 ``[num_kv_heads, head_dim]`` offset, with an FP8 cache:
+    each query then reads its own token from them (`LayerKVCache`). Returns whether they are given."""
+    if new_key is None and new_value is None:
+        if k_offset is not None:
+            raise ValueError("k_offset goes with new_key/new_value")
+        return False
+    num_kv_heads, head_dim = key_cache.shape[2:]
+    expected = (query.shape[0], num_kv_heads, head_dim)
+    if new_key is None or new_value is None or key_cache.dtype != FP8_DTYPE:
+        raise ValueError(f"new_key and new_value go together, with an fp8 cache (the cache is {key_cache.dtype})")
+    for name, x in (("new_key", new_key), ("new_value", new_value)):
+        if tuple(x.shape) != expected or x.stride(-1) != 1 or x.device != query.device:
+            raise ValueError(f"{name} must be [tokens, num_kv_heads, head_dim] = {expected} on {query.device} with "
+                             f"a contiguous head_dim, got {tuple(x.shape)} strides {x.stride()} on {x.device}")
+    if k_offset is not None and (k_offset.shape != (num_kv_heads, head_dim) or k_offset.dtype != torch.float32
+                                 or not k_offset.is_contiguous() or k_offset.device != query.device):
+        raise ValueError(f"k_offset must be a contiguous float32 [num_kv_heads, head_dim] = [{num_kv_heads}, "
+                         f"{head_dim}] tensor on {query.device}, got {k_offset.dtype} {tuple(k_offset.shape)}")
+    return True

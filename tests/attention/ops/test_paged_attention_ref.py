@@ -215,6 +215,23 @@ def test_prefill_bfloat16_custom_scale_and_padding():
     assert torch.equal(run_prefill(poisoned, query, cu_q, cu_k, scale=0.2), out)
 
 
+def test_prefill_reads_each_querys_own_kv_from_the_step():
+    """With new_key/new_value, query i of a sequence attends to its cached context except at its own
+    position, k_len - q_len + i, whose K/V are the step's (the key less k_offset): row by row against
+    the float64 reference over that sequence's K/V with this one position replaced."""
+    torch.manual_seed(10)
+    cache, query, cu_q, cu_k = prefill_case(8, 2, 64, 16)
+    new_key, new_value, offset = torch.randn(query.shape[0], 2, 64), torch.randn(query.shape[0], 2, 64), torch.randn(2, 64)
+    out = run_prefill(cache, query, cu_q, cu_k, new_key=new_key, new_value=new_value, k_offset=offset)
+    for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
+        q_start, q_end = int(cu_q[i]), int(cu_q[i + 1])
+        for row in range(q_start, q_end):
+            pos = k.shape[0] - q_end + row
+            own_k, own_v = k[: pos + 1].clone(), v[: pos + 1].clone()
+            own_k[pos], own_v[pos] = new_key[row] - offset, new_value[row]
+            assert rel_err(out[row : row + 1], reference_attention(query[row : row + 1], own_k, own_v, 64**-0.5)) < 1e-5
+
+
 def test_decode_bad_arguments_raise():
     torch.manual_seed(8)
     cache, query, context_lens = decode_case(8, 2, 64, 16)

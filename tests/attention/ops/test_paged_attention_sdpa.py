@@ -9,7 +9,7 @@ import pytest
 import torch
 from paged_kv_case import PagedKV
 
-from nanovllm.attention.ops.paged_attention_ref import paged_attention_v1
+from nanovllm.attention.ops.paged_attention_ref import paged_attention_v1, paged_prefill_attention
 from nanovllm.attention.ops.paged_attention_sdpa import decode_gather, paged_attention_sdpa
 
 SHAPES = [(9, 3, 64, 16), (8, 2, 64, 16), (4, 4, 128, 32), (16, 2, 64, 64), (8, 1, 32, 1)]  # heads, kv heads, dim, block
@@ -48,3 +48,25 @@ def test_half_query_keeps_its_dtype() -> None:
     out = decode(case, query, max(LENS))
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, reference(case, query, max(LENS)), rtol=1e-2, atol=1e-2)
+
+
+def test_fp8_decode_reads_each_querys_own_kv_from_the_step() -> None:
+    """new_key/new_value replace each sequence's last position (the query's own), the key less k_offset:
+    against the reference prefill of one query token per sequence, which does the same."""
+    torch.manual_seed(1)
+    case = PagedKV(LENS, 2, 64, 16, torch.float32, "cpu", fp8=True)
+    query = torch.randn(len(LENS), 8, 64)
+    own = dict(new_key=torch.randn(len(LENS), 2, 64), new_value=torch.randn(len(LENS), 2, 64),
+               k_offset=torch.randn(2, 64))
+    gather = decode_gather(case.block_tables, case.lens, case.block_size, max(LENS))
+    out = paged_attention_sdpa(query, case.key_cache, case.value_cache, gather, 0.125, case.k_scale, case.v_scale,
+                               **own)
+    assert torch.equal(out[3], torch.zeros_like(out[3]))  # empty context (a padding row) -> zeros
+    key_cache, value_cache = case.float_caches()
+    for s, n in enumerate(LENS):
+        if n:
+            bounds = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, n], dtype=torch.int32)
+            want = paged_prefill_attention(query[s : s + 1], key_cache, value_cache, *bounds,
+                                           case.block_tables[s : s + 1], 0.125, new_key=own["new_key"][s : s + 1],
+                                           new_value=own["new_value"][s : s + 1], k_offset=own["k_offset"])
+            torch.testing.assert_close(out[s : s + 1], want, rtol=1e-5, atol=1e-5)

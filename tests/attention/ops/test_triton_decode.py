@@ -96,13 +96,49 @@ def verify_case(q_lens, lens, heads, kv_heads, head_dim, block, dtype, fp8=False
     return case, query, qsl, causal_reference(case, query, qsl)
 
 
-def causal_reference(case, query, qsl):
-    """Float32 reference of the query rows the sequences own (``qsl``) over the case's current lengths."""
+def causal_reference(case, query, qsl, **own):
+    """Float32 reference of the query rows the sequences own (``qsl``) over the case's current lengths
+    (each query's own K/V from ``own``'s new_key/new_value when given)."""
     key_cache, value_cache = case.float_caches()
     cu_k = torch.cat([case.lens.new_zeros(1), case.lens.cumsum(0)]).int()
     ref = paged_prefill_attention(query[: qsl[-1]].float(), key_cache, value_cache, qsl, cu_k, case.block_tables,
-                                  query.shape[-1] ** -0.5)
+                                  query.shape[-1] ** -0.5, **own)
     return ref.to(query.dtype)
+
+
+def own_kv(num_tokens, kv_heads, head_dim, dtype):
+    """A step's own K/V of the cache's magnitude, and a key offset (see `LayerKVCache`)."""
+    return dict(new_key=torch.randn(num_tokens, kv_heads, head_dim, device=DEVICE).to(dtype),
+                new_value=torch.randn(num_tokens, kv_heads, head_dim, device=DEVICE).to(dtype),
+                k_offset=torch.randn(kv_heads, head_dim, device=DEVICE))
+
+
+@pytest.mark.parametrize("sinks", [False, True], ids=["plain", "sinks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_decode_reads_each_querys_own_kv_from_the_step(dtype, sinks):
+    """Each sequence's last position comes from new_key/new_value (the key less k_offset), not from the
+    cache: v1, equal partitions, and partitions cut from each own length (one partition of 129 tokens
+    holds only the own token), against the float32 reference prefill of one token per sequence."""
+    torch.manual_seed(9)
+    lens = [3, 40, 100, 129]
+    case = PagedKV(lens, 2, 64, 16, dtype, DEVICE, fp8=True, sinks=sinks)
+    query = torch.randn(len(lens), 8, 64, device=DEVICE).to(dtype)
+    own = own_kv(len(lens), 2, 64, dtype)
+    ref = causal_reference(case, query, torch.arange(len(lens) + 1, dtype=torch.int32, device=DEVICE), **own)
+    for num_partitions in (1, 2, None):
+        assert rel_err(decode(case, query, num_partitions=num_partitions, **own), ref) < 2e-3
+    assert rel_err(decode(case, query), ref) > 5e-2  # the cache's entries at the last positions
+
+
+def test_fp8_decode_of_several_query_tokens_reads_each_own_kv():
+    torch.manual_seed(10)
+    q_lens, lens = VERIFY
+    case, query, qsl, _ = verify_case(q_lens, lens, 8, 2, 64, 16, torch.float32, fp8=True)
+    own = own_kv(query.shape[0], 2, 64, torch.float32)
+    ref = causal_reference(case, query, qsl, **own)
+    for num_partitions in (1, 2):
+        out = decode(case, query, num_partitions=num_partitions, query_start_loc=qsl, max_query_len=5, **own)
+        assert rel_err(out[: sum(q_lens)], ref) < 2e-3
 
 
 # speculative verification (k + 1 tokens over a long prefix), fewer tokens in some rows, a padding
@@ -307,6 +343,19 @@ def test_decode_rejects_bad_input():
     with pytest.raises(ValueError, match="seq_order"):
         paged_attention(query, case.key_cache, case.value_cache, case.block_tables, case.lens, 16, 16, 0.1,
                         seq_order=torch.zeros(2, dtype=torch.int32))
+    own = own_kv(1, 2, 64, torch.float32)
+    with pytest.raises(ValueError, match="with an fp8 cache"):
+        paged_attention(query, case.key_cache, case.value_cache, case.block_tables, case.lens, 16, 16, 0.1,
+                        new_key=own["new_key"], new_value=own["new_value"])
+    fp8_case = PagedKV([5], 2, 64, 16, torch.float32, DEVICE, fp8=True)
+    fp8_args = (query, fp8_case.key_cache, fp8_case.value_cache, fp8_case.block_tables, fp8_case.lens, 16, 16, 0.1,
+                fp8_case.k_scale, fp8_case.v_scale)
+    with pytest.raises(ValueError, match="go together"):
+        paged_attention(*fp8_args, new_key=own["new_key"])
+    with pytest.raises(ValueError, match=r"new_value must be \[tokens, num_kv_heads, head_dim\] = \(1, 2, 64\)"):
+        paged_attention(*fp8_args, new_key=own["new_key"], new_value=own["new_value"][:, :1])
+    with pytest.raises(ValueError, match="k_offset must be"):
+        paged_attention(*fp8_args, new_key=own["new_key"], new_value=own["new_value"], k_offset=own["k_offset"].half())
 
 
 # -- GPU ------------------------------------------------------------------------------------------
@@ -361,27 +410,31 @@ def test_gpu_decode_of_several_query_tokens_sweep(fp8):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 def test_gpu_decode_in_cuda_graph_padded_batch(fp8):
-    """Captured once for a padded batch and max_model_len, replayed with new lengths and queries."""
+    """Captured once for a padded batch and max_model_len, replayed with new lengths and queries (FP8:
+    and the step's own K/V, which each query reads for its own position)."""
     torch.manual_seed(3)
     lens = [700, 33, 1, 2048, 0, 0]  # the last two are padding rows
     case = PagedKV(lens, 8, 128, 16, torch.bfloat16, DEVICE, fp8=fp8, extra_cols=300)
     max_model_len = case.block_tables.shape[1] * 16
     query = torch.randn(len(lens), 16, 128, device=DEVICE).bfloat16()
+    own = own_kv(len(lens), 8, 128, torch.bfloat16) if fp8 else {}
+    one_each = torch.tensor([0, 1, 2, 3, 4, 4, 4], dtype=torch.int32, device=DEVICE)  # a query token per live row
     out = torch.empty_like(query)
     for num_partitions in (1, None):
-        decode(case, query, max_model_len, out=out, num_partitions=num_partitions)  # compile outside capture
+        decode(case, query, max_model_len, out=out, num_partitions=num_partitions, **own)  # compile outside capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            decode(case, query, max_model_len, out=out, num_partitions=num_partitions)
+            decode(case, query, max_model_len, out=out, num_partitions=num_partitions, **own)
         for new_lens in ([700, 33, 1, 2048, 0, 0], [5, 20, 1, 1500, 0, 0]):  # within each sequence's blocks
             case.lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
-            query.copy_(torch.randn_like(query))
+            for x in (query, *(own[name] for name in ("new_key", "new_value") if own)):
+                x.copy_(torch.randn_like(x))
             out.fill_(float("nan"))
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(out[4:], torch.zeros_like(out[4:]))
             assert not arrival_counters(query.device, 0).any()  # reset by each merge, replay after replay
-            ref = reference(case, query)
+            ref = causal_reference(case, query, one_each, **own) if fp8 else reference(case, query)
             assert rel_err(out[:4], ref[:4]) <= (4e-3 if fp8 else 2e-3)
 
 

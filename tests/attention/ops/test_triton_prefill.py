@@ -28,20 +28,21 @@ def prefill_case(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, block, dty
     return case, query, query_start_loc
 
 
-def run(case, query, query_start_loc, q_lens, sinks=True):
+def run(case, query, query_start_loc, q_lens, sinks=True, **own):
     return paged_prefill_attention(query, case.key_cache, case.value_cache, case.block_tables, query_start_loc,
                                    case.lens, max(q_lens), int(case.lens.max()), query.shape[-1] ** -0.5,
                                    case.k_scale, case.v_scale, case.k_sink if sinks else None,
-                                   case.v_sink if sinks else None)
+                                   case.v_sink if sinks else None, **own)
 
 
-def reference(case, query, query_start_loc):
-    """Float32 reference over the (dequantized) cache, returned in the query's dtype as the kernel is."""
+def reference(case, query, query_start_loc, **own):
+    """Float32 reference over the (dequantized) cache, returned in the query's dtype as the kernel is
+    (each query's own K/V from ``own``'s new_key/new_value when given)."""
     key_cache, value_cache = case.float_caches()
     cu_k = torch.cat([case.lens.new_zeros(1), case.lens.cumsum(0)]).int()
     rows = int(query_start_loc[-1])
     out = reference_prefill(query[:rows].float(), key_cache, value_cache, query_start_loc, cu_k, case.block_tables,
-                            query.shape[-1] ** -0.5)
+                            query.shape[-1] ** -0.5, **own)
     return out.to(query.dtype)
 
 
@@ -114,3 +115,20 @@ def test_gpu_prefill_sweep(fp8):
         worst = max(worst, rel_err(out[:-3], reference(case, query, qsl)))
     print(f"prefill {'fp8' if fp8 else 'bf16'}: worst rel err {worst:.2e}")
     assert worst <= (4e-3 if fp8 else 2e-3)
+
+
+@pytest.mark.parametrize("sinks", [False, True], ids=["plain", "sinks"])
+@pytest.mark.parametrize("lens", LENS[:2], ids=["prompts", "over a prefix"])
+def test_fp8_prefill_reads_each_querys_own_kv_from_the_step(lens, sinks):
+    """Each query row reads its own position from new_key/new_value (the key less k_offset), the rest of
+    its causal context from the cache: the diagonal of every query tile, in full and masked tiles."""
+    torch.manual_seed(3)
+    q_lens, seq_lens = lens
+    case, query, qsl = prefill_case(q_lens, seq_lens, 8, 2, 64, 16, torch.float32, fp8=True, pad_rows=2, sinks=sinks)
+    own = dict(new_key=torch.randn(query.shape[0], 2, 64, device=DEVICE),
+               new_value=torch.randn(query.shape[0], 2, 64, device=DEVICE), k_offset=torch.randn(2, 64, device=DEVICE))
+    ref = reference(case, query, qsl, **own)
+    out = run(case, query, qsl, q_lens, **own)
+    assert torch.equal(out[-2:], torch.zeros_like(out[-2:]))  # padding rows
+    assert rel_err(out[:-2], ref) < 2e-3
+    assert rel_err(run(case, query, qsl, q_lens)[:-2], ref) > 5e-2  # the cache's entries on the diagonal
