@@ -72,6 +72,14 @@ def kv_bytes(lens: list[int], elem_size: int) -> int:
     return sum(lens) * NUM_KV_HEADS * HEAD_DIM * 2 * elem_size
 
 
+def own_kv(num_seqs: int) -> dict:
+    """The step's own K/V, which the engine's FP8 decode reads for each query's own position."""
+    shape = (num_seqs, NUM_KV_HEADS, HEAD_DIM)
+    return dict(new_key=torch.randn(shape, dtype=torch.bfloat16, device="cuda"),
+                new_value=torch.randn(shape, dtype=torch.bfloat16, device="cuda"),
+                k_offset=torch.zeros(NUM_KV_HEADS, HEAD_DIM, device="cuda"))
+
+
 def with_fp8_tile(block_n: int, fn):
     """``fn`` run with another K/V tile for FP8 caches (the default is ``FP8_BLOCK_N``)."""
     def run():
@@ -89,11 +97,12 @@ def backends(caches: Caches, lens: list[int], query: torch.Tensor, max_len: int)
     order = engine_order(lens)
     table16 = block_table(len(lens), max_len, 16)
     scale = HEAD_DIM**-0.5
+    own = own_kv(len(lens))
     out = {
         "triton-bf16": (lambda: paged_attention(query, caches.key, caches.value, table16, ctx, 16, max_len, scale,
                                                 seq_order=order), 2),
         "triton-fp8": (lambda: paged_attention(query, caches.key_fp8, caches.value_fp8, table16, ctx, 16, max_len,
-                                               scale, caches.scale, caches.scale, seq_order=order), 1),
+                                               scale, caches.scale, caches.scale, seq_order=order, **own), 1),
     }
     out["triton-fp8 tile64"] = (with_fp8_tile(64, out["triton-fp8"][0]), 1)
     try:
@@ -159,10 +168,11 @@ def sweep(caches: Caches, batches: list[int], fp8: bool) -> None:
         order = engine_order(lens)
         table = block_table(len(lens), max_len, 16)
         query = torch.randn(len(lens), NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+        own = own_kv(len(lens)) if fp8 else {}
 
         def run(parts):
             return lambda: paged_attention(query, key, value, table, ctx, 16, max_len, scale, *scales,
-                                           num_partitions=parts, seq_order=order)
+                                           num_partitions=parts, seq_order=order, **own)
 
         cells = [timed(run(1))]
         cells += [timed(run(triton.cdiv(max_len, s))) if s < max_len else float("nan") for s in sizes]
