@@ -46,8 +46,8 @@ def build(group: int, query_len: int, head_dim: int, block: int, fp8: bool) -> o
                     seq_order_ptr="*i32", new_k_ptr="*bf16", new_v_ptr="*bf16")
     consts = dict(GROUP=group, ROWS=max(16, triton.next_power_of_2(group * query_len)), HEAD_DIM=head_dim,
                   BLOCK_SIZE=block, BLOCK_N=triton_decode.FP8_BLOCK_N if fp8 else triton_decode.BLOCK_N, FP8=fp8,
-                  SINK=False, OWN=fp8, K_OFFSET=fp8, V_DIM_MAJOR=fp8, SINGLE=False, MULTI=query_len > 1, PRECISION="tf32",
-                  SPLIT_P=not fp8, ORDERED=True, PDL=True, k_sink_ptr=None, v_sink_ptr=None,
+                  SINK=False, OWN=fp8, K_OFFSET=fp8, V_DIM_MAJOR=fp8, SINGLE=False, MULTI=query_len > 1,
+                  PRECISION="tf32", SPLIT_P=not fp8, ORDERED=True, PDL=True, k_sink_ptr=None, v_sink_ptr=None,
                   **triton_decode._merge_constexprs(group, query_len, head_dim))
     if not fp8:
         consts.update(k_scale_ptr=None, v_scale_ptr=None, new_k_ptr=None, new_v_ptr=None, k_offset_ptr=None,

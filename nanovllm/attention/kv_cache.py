@@ -31,6 +31,9 @@ class LayerKVCache:
     quantized: every score of a query moves by the same amount, which softmax ignores, so
     readers need not add it back.
 
+    Readers of a quantized cache take each query's own token from the step's K/V instead (the key
+    less `k_offset`): it is the token a query often attends to most, and it is in hand unrounded.
+
     `k_sink`/`v_sink` ([num_sink_blocks, block_size, num_kv_heads, head_dim] float16, FP8 only):
     blocks 0..S-1 of the cache, which hold sequences' first tokens (`BlockManager`), kept in
     float16 in the same units as the FP8 entries (scaled, keys less their offset). The first tokens

@@ -27,7 +27,8 @@ class TritonBackend(AttentionBackend):
     a causal prefill over the cached prefix.
 
     Any power-of-two block size >= 16; an FP8 cache is quantized by `write_kv` with the layer's
-    per-KV-head scales and dequantized inside the kernels. With a bf16/fp16 cache, a prefill
+    per-KV-head scales and dequantized inside the kernels, which read each query's own token from
+    the step's K/V instead (see `LayerKVCache`). With a bf16/fp16 cache, a prefill
     with no cached prefix needs nothing from the cache: when flash-attn is installed it runs
     flash-attn's varlen kernel on the step's own K/V, twice the speed of our prefill kernel
     (which splits bf16 probabilities in two for accuracy). An FP8 cache keeps our kernel, so

@@ -221,7 +221,8 @@ def test_prefill_reads_each_querys_own_kv_from_the_step():
     the float64 reference over that sequence's K/V with this one position replaced."""
     torch.manual_seed(10)
     cache, query, cu_q, cu_k = prefill_case(8, 2, 64, 16)
-    new_key, new_value, offset = torch.randn(query.shape[0], 2, 64), torch.randn(query.shape[0], 2, 64), torch.randn(2, 64)
+    new_key, new_value = torch.randn(query.shape[0], 2, 64), torch.randn(query.shape[0], 2, 64)
+    offset = torch.randn(2, 64)
     out = run_prefill(cache, query, cu_q, cu_k, new_key=new_key, new_value=new_value, k_offset=offset)
     for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
         q_start, q_end = int(cu_q[i]), int(cu_q[i + 1])
