@@ -41,7 +41,8 @@ one program per sequence and KV head.
 
 A context of length 0 (padding rows of a CUDA-graph batch) yields zeros. With an FP8 cache the
 key scale is folded into the softmax scale per KV head and the value scale is applied once to
-the output.
+the output, and each query row's own token comes from the step's K/V (``new_key``/``new_value``),
+unrounded: the online softmax starts from it and the cache's tiles mask it (`_start`).
 
 Heuristic (:func:`choose_num_partitions`): with few sequences (``num_seqs * num_kv_heads`` programs
 per partition < 1.5 x SMs, one wave or less) up to 3 x SMs programs, and each sequence cuts its own
