@@ -50,6 +50,11 @@ class LayerKVCache:
     k_sink: torch.Tensor | None = None
     v_sink: torch.Tensor | None = None
 
+    def own_kv(self, key: torch.Tensor, value: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """The attention ops' keyword arguments that hand a quantized cache's readers the step's own K/V
+        (``new_key``, ``new_value``, ``k_offset``); none for a cache in the model's dtype."""
+        return dict(new_key=key, new_value=value, k_offset=self.k_offset) if self.k_scale is not None else {}
+
 
 class KVCache:
     """All layers' caches in one allocation `[num_layers, 2, *layer_shape]`, blocks first in each;

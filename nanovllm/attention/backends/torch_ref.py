@@ -52,7 +52,7 @@ class TorchRefBackend(AttentionBackend):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        own = dict(new_key=key, new_value=value, k_offset=cache.k_offset) if cache.k_scale is not None else {}
+        own = cache.own_kv(key, value)
         if meta.max_query_len == 1:
             return paged_attention_sdpa(query, cache.key, cache.value, self._decode_gather(meta, cache.key.shape[1]),
                                         scale, k_scale=cache.k_scale, v_scale=cache.v_scale, k_sink=cache.k_sink,

@@ -54,7 +54,7 @@ class TritonBackend(AttentionBackend):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         order = meta.seq_order if longest_first_pays(meta.num_seqs, cache.key.shape[2], query.device) else None
-        own = dict(new_key=key, new_value=value, k_offset=cache.k_offset) if cache.k_scale is not None else {}
+        own = cache.own_kv(key, value)
         if meta.max_query_len == 1:
             return paged_attention(query, cache.key, cache.value, meta.block_tables, meta.seq_lens,
                                    cache.key.shape[1], meta.max_seq_len, scale, cache.k_scale, cache.v_scale,
