@@ -11,6 +11,7 @@ inputs' copies, which arrive in one upload (`StaticInputs`).
 from __future__ import annotations
 
 from collections import Counter
+from functools import partial
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from nanovllm.attention.metadata import AttentionMetadata
 from nanovllm.engine.step_inputs import StepInputs
 from nanovllm.engine.uploader import Uploader, byte_offsets, unpack
 from nanovllm.layers.sampler import DrawArrays, draw_plain
+from nanovllm.utils.compile_ahead import compile_ahead
 
 # (name, dtype, per token or per row) of each array a graph reads, in their order in the buffer
 _FIELDS = (("input_ids", np.int64, "token"), ("prev_rows", np.int64, "token"), ("positions", np.int64, "token"),
@@ -146,6 +148,8 @@ class DecodeGraphs:
         pool = None
         shapes = [(size, 1) for size in reversed(self.sizes)]
         shapes += [(size, self.verify_query_len) for size in reversed(self.verify_sizes)]
+        if self.sample:  # a single rank (see `ModelRunner._compile_ahead`)
+            compile_ahead(self.tokens.device, partial(self._steps_on_input_ids, model, shapes))
         for size, query_len in shapes:
             self._step(model, size, query_len)  # warm up (lazy init, autotune)
             graph = torch.cuda.CUDAGraph()
@@ -154,6 +158,16 @@ class DecodeGraphs:
             pool = pool or graph.pool()
             self.graphs[size, query_len] = graph
         torch.cuda.synchronize()
+
+    def _steps_on_input_ids(self, model: nn.Module, shapes: list[tuple[int, int]]) -> None:
+        """Each shape's step with every row's token from `input_ids`, none from `tokens`: under
+        `compile_ahead` a draw whose kernel is being built leaves garbage there, which the embedding
+        would index with. Leaves the inputs and `tokens` as they were (zeros)."""
+        self.inputs.prev_rows.fill_(-1)
+        for size, query_len in shapes:
+            self._step(model, size, query_len)
+        self.inputs.prev_rows.zero_()
+        self.tokens.zero_()
 
     def reset(self) -> None:
         """Free every graph. Under tensor parallelism this must come before leaving the group: NCCL's
