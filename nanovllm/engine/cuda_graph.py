@@ -148,8 +148,7 @@ class DecodeGraphs:
         pool = None
         shapes = [(size, 1) for size in reversed(self.sizes)]
         shapes += [(size, self.verify_query_len) for size in reversed(self.verify_sizes)]
-        if self.sample:  # a single rank (see `ModelRunner._compile_ahead`)
-            compile_ahead(self.tokens.device, partial(self._steps_on_input_ids, model, shapes))
+        compile_ahead(self.tokens.device, partial(self._steps_on_input_ids, model, shapes))
         for size, query_len in shapes:
             self._step(model, size, query_len)  # warm up (lazy init, autotune)
             graph = torch.cuda.CUDAGraph()

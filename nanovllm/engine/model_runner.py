@@ -139,12 +139,6 @@ class ModelRunner:
             self.startup_seconds["Triton builds"] = self.startup_seconds.get("Triton builds", 0.0) + built
         return result
 
-    def _compile_ahead(self, fn: Callable[[], object]) -> None:
-        """`compile_ahead(fn)`, on a single rank only: under tensor parallelism a rank whose build finished
-        first could launch a collective kernel (the one-shot all-reduce) that its peers skip, and wait."""
-        if self.tp.size == 1:
-            compile_ahead(self.device, fn)
-
     def _block_size(self) -> int:
         size = self.config.kvcache_block_size or self.backend.default_block_size
         self.backend.check_block_size(size)
@@ -225,7 +219,7 @@ class ModelRunner:
             ids, *meta_tensors = self.upload([np.random.randint(0, self.hf_config.vocab_size, sum(query_lens)),
                                               *layout.arrays()])
             forward = partial(self.model, ids, *layout.metadata(meta_tensors))
-            self._compile_ahead(forward)
+            compile_ahead(self.device, forward)
             forward()
         seqs = [Sequence(i, [0], SamplingParams()) for i in range(self.config.max_num_seqs)]
         hidden = torch.randn(len(seqs), self.hf_config.hidden_size, dtype=self.dtype, device=self.device)
@@ -277,7 +271,7 @@ class ModelRunner:
             layout = build_layout([n], [n], [list(range(-(-n // bs)))], bs)
             ids, *meta_tensors = self.upload([np.asarray(token_ids, dtype=np.int64), *layout.arrays()])
             forward = partial(self.model, ids, *layout.metadata(meta_tensors))
-            self._compile_ahead(forward)  # what the hooks record there, the real forward replaces
+            compile_ahead(self.device, forward)  # what the hooks record there, the real forward replaces
             forward()
         finally:
             for handle in handles:

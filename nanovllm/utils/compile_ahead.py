@@ -10,10 +10,12 @@ caller then runs the work for real and finds every kernel ready.
 
 Inside, a kernel that needs a build does not run, so its outputs hold garbage (and a kernel already
 built runs on them): `fn` must not act on values that Triton kernels compute (index with them,
-branch on them). A CUDA-graph step meets that
-by construction; a step that reads the previous step's sampled tokens must be pointed elsewhere.
-The hook is Triton's own `knobs.runtime.jit_cache_hook` (Triton >= 3.4), process-wide while `fn`
-runs: where it is taken, or off CUDA, `fn` is not run and the builds stay where the launches are.
+branch on them). A CUDA-graph step meets that by construction; a step that reads the previous
+step's sampled tokens must be pointed elsewhere. The hook is Triton's own
+`knobs.runtime.jit_cache_hook` (Triton >= 3.4), process-wide while `fn` runs: where it is taken,
+off CUDA, or in a process group of several ranks, `fn` is not run and the builds stay where the
+launches are. Several ranks would skip different launches: one whose build finished first could
+run a collective kernel (the one-shot all-reduce) that its peers skip, and wait for them.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 try:
     from triton import knobs
@@ -46,9 +49,10 @@ BUILD_TIME = BuildTime()
 
 def compile_ahead(device: torch.device, fn: Callable[[], object], max_workers: int | None = None) -> int:
     """Run `fn` with the Triton kernels it would build built in parallel instead of launched; returns
-    how many builds it started (0 where it does nothing: off CUDA, or Triton's hook taken). A build's
+    how many builds it started (0 where it does nothing: see the module docstring). A build's
     error is raised here, after every build has finished."""
-    if knobs is None or device.type != "cuda" or knobs.runtime.jit_cache_hook is not None:
+    if knobs is None or device.type != "cuda" or knobs.runtime.jit_cache_hook is not None \
+            or (dist.is_initialized() and dist.get_world_size() > 1):
         return 0
     if device.index is None:  # the thread's current device is where a launch would build
         device = torch.device("cuda", torch.cuda.current_device())
