@@ -8,6 +8,7 @@
     python bench.py --model preset:qwen3-8b --tensor-parallel-size 2    # two GPUs, dummy weights
     python bench.py --kv-report kv.png   # KV tokens stored vs slots allocated vs static reservation (`[plot]`)
     python bench.py --step-times --max-num-batched-tokens 16384   # wall / launch time per step, bigger chunks
+    python bench.py --top-p 0.9 --logprobs 5   # what filtered sampling and logprobs cost a step
 
 The `repeat` workload asks the model to repeat a 1-2k-token text of words and numbers with every
 number doubled (chat template of the model's tokenizer): output that n-gram lookup can predict.
@@ -39,6 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens per step, the prefill chunk (default: the engine's, 16384)")
     p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--logprobs", type=int, default=None, help="top logprobs per token (0: the sampled token's only)")
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--attention-backend", default="auto", choices=BACKENDS)
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
@@ -104,7 +109,8 @@ def workload(llm: LLM, args: argparse.Namespace, run: int) -> tuple[list[list[in
         top = min(10000, llm.config.hf_config.vocab_size - 1)  # nano-vllm's ids; a smaller vocabulary's own
         prompts = [[rng.randint(0, top) for _ in range(rng.randint(args.min_input_len, args.max_input_len))]
                    for _ in range(args.num_seqs)]
-    params = [SamplingParams(temperature=args.temperature, ignore_eos=True,
+    params = [SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                             logprobs=args.logprobs, ignore_eos=True,
                              max_tokens=rng.randint(args.min_output_len, args.max_output_len))
               for _ in range(args.num_seqs)]
     return prompts, params

@@ -59,14 +59,33 @@ def padded_tokens(n: int) -> int:
 
 
 class PendingSample:
-    """Sampled tokens on their way to the host; `wait` blocks until they are there."""
+    """Sampled tokens on their way to the host; `wait` blocks until they are there.
 
-    def __init__(self, out: SamplerOutput | None):
+    A filtered draw's check may still be due (`SamplerOutput.check`): `settle` runs it, which waits for
+    the step to end, and copies any redrawn tokens over `kept` too (where the next step reads them). The
+    runner settles a step before it queues the next one, so the host prepares that step while the device
+    works; `wait` settles first too.
+    """
+
+    def __init__(self, out: SamplerOutput | None, kept: torch.Tensor | None = None):
         self.out = out
+        self.kept = kept
         self.event = None
-        if out is None:
+        if out is not None and out.check is None:
+            self._copy_to_host()
+
+    @torch.inference_mode()  # (`wait` runs outside the runner's; the redraw writes into the step's tensors)
+    def settle(self) -> None:
+        if self.out is None or self.out.check is None:
             return
+        if self.out.check() and self.kept is not None:
+            self.kept.copy_(self.out.token_ids)
+        self.out.check = None
+        self._copy_to_host()
+
+    def _copy_to_host(self) -> None:
         # copies taken now: the next step may overwrite what they view (the graphs' `tokens`) before `wait`
+        out = self.out
         cuda = out.token_ids.is_cuda
         self.out = SamplerOutput(*(None if t is None else t.to("cpu", non_blocking=True) if cuda else t.clone()
                                    for t in (out.token_ids, out.logprobs, out.top_logprobs, out.top_token_ids)))
@@ -75,6 +94,7 @@ class PendingSample:
             self.event.record()
 
     def wait(self) -> SampledTokens | None:
+        self.settle()
         if self.out is None:
             return None
         if self.event is not None:
@@ -123,6 +143,7 @@ class ModelRunner:
         self.prev_tokens = self.graphs.tokens if self.graphs is not None else \
             torch.zeros(1, dtype=torch.int64, device=self.device)
         self.prev_rows: dict[int, int] = {}
+        self.last_sample: PendingSample | None = None  # settled before the next step's device work
         self.pad_tokens = self.device.type == "cuda"  # eager steps' token counts rounded up (`padded_tokens`)
         logger.info("startup: %s", ", ".join(f"{name} {t:.1f} s" for name, t in self.startup_seconds.items()))
 
@@ -379,16 +400,19 @@ class ModelRunner:
         step, sampling = self._step_inputs(batch)
         host = SamplingArrays.from_rows(sampling, self.hf_config.vocab_size, self.config.eos_token_ids,
                                         self.key_rng) if sampling else None
-        out = self._run_graph(step, host) if step.graphed and self.graphs.sample else self._run(step, host)
-        if out is None:
-            return PendingSample(None)
-        self.prev_rows = {seq.seq_id: row for row, seq in enumerate(sampling)}
-        return PendingSample(out)
+        if self.last_sample is not None:  # the host's work for this step is done, the device's for the last may not be
+            self.last_sample.settle()
+        pending = self._run_graph(step, host) if step.graphed and self.graphs.sample else self._run(step, host)
+        if pending.out is not None:
+            self.prev_rows = {seq.seq_id: row for row, seq in enumerate(sampling)}
+        self.last_sample = pending
+        return pending
 
-    def _run(self, step: StepInputs, host: SamplingArrays | None) -> SamplerOutput | None:
+    def _run(self, step: StepInputs, host: SamplingArrays | None) -> PendingSample:
         """A step eager, or in a graph without the LM head (tensor parallelism), with its workers: the
         forward, then the sampler (or in a plain decode step on several ranks, a draw from each rank's
-        vocabulary shard); None when nothing is sampled."""
+        vocabulary shard). On several ranks the tokens go to the workers at once, so the sampler's
+        check is not deferred there."""
         # Plain decode sampling on several ranks: each draws from its own shard of the vocabulary
         step.vocab_parallel = self.tp.size > 1 and step.is_decode and host is not None and host.plain
         with self.workers.watch() if self.workers is not None else nullcontext():
@@ -396,7 +420,7 @@ class ModelRunner:
                 self.workers.send(step)
             logits, uploaded = self.execute(step, host.arrays if host is not None else [])
             if logits is None:
-                return None
+                return PendingSample(None)
             t = host.tensors(uploaded)
             if step.vocab_parallel:
                 params = torch.stack([*self.sampler.keys(t, self.device).unbind(1),
@@ -404,11 +428,12 @@ class ModelRunner:
                 out = SamplerOutput(self._vocab_parallel_tokens(logits, self.tp.broadcast(params)), None, None, None)
                 self.prev_tokens = self._keep(out.token_ids)
             else:
-                out = self.sampler(logits, t)
+                out = self.sampler(logits, t, defer_check=self.tp.size == 1)
                 self.prev_tokens = self._keep(self.tp.broadcast(out.token_ids))
-        return out
+        kept = self.prev_tokens[: len(out.token_ids)] if self.prev_tokens is not out.token_ids else None
+        return PendingSample(out, kept)
 
-    def _run_graph(self, step: StepInputs, host: SamplingArrays) -> SamplerOutput:
+    def _run_graph(self, step: StepInputs, host: SamplingArrays) -> PendingSample:
         """A step whose CUDA graph also runs the LM head and a plain draw (a single rank): the draw's
         tokens when the rows ask for nothing more, else the sampler's over the graph's logits. Either
         way they end in the graphs' `tokens`, where the next step reads them."""
@@ -423,10 +448,10 @@ class ModelRunner:
         if host.plain:
             if not in_order:
                 tokens[:n] = tokens[rows_t]
-            return SamplerOutput(tokens[:n], None, None, None)
-        out = self.sampler(logits[:n] if in_order else logits[rows_t], host.tensors(uploaded))
+            return PendingSample(SamplerOutput(tokens[:n], None, None, None))
+        out = self.sampler(logits[:n] if in_order else logits[rows_t], host.tensors(uploaded), defer_check=True)
         tokens[:n].copy_(out.token_ids)
-        return out
+        return PendingSample(out, tokens[:n])
 
     def _keep(self, tokens: torch.Tensor) -> torch.Tensor:
         """Where the next step's rows read the tokens just sampled: the graphs' `tokens` (copied

@@ -397,6 +397,9 @@ class SamplerOutput:
     logprobs: Tensor | None  # [B] float32 raw-model logprob of the sampled token; None when no row asked
     top_logprobs: Tensor | None  # [B, K] float32, or None when no row asked for K > 0
     top_token_ids: Tensor | None  # [B, K] int64
+    # With `defer_check`: the check that the draws held (one host sync), which redraws the rows that did not,
+    # in place, and says whether there were any. Until it runs, those rows' values are wrong.
+    check: Callable[[], bool] | None = None
 
 
 class Sampler(torch.nn.Module):
@@ -410,16 +413,27 @@ class Sampler(torch.nn.Module):
         super().__init__()
         self.generator = generator
 
-    def forward(self, logits: Tensor, t: SamplingTensors) -> SamplerOutput:
+    def forward(self, logits: Tensor, t: SamplingTensors, defer_check: bool = False) -> SamplerOutput:
+        """The rows' tokens (and logprobs asked for). On the GPU path a filtered draw ends with a host sync
+        that checks its rows' candidates held their sets; `defer_check` leaves it to the caller
+        (`SamplerOutput.check`), who can run it once the device is done anyway instead of stalling there."""
         raw = logits
         x = logits
         if t.min_tokens_blocked is not None:
             x = apply_min_tokens(x.float(), t.min_tokens_blocked)
         if t.penalties is not None:
             x = apply_penalties(x.float(), t.penalties)
-        if logits.is_cuda and logits.shape[0] >= TRITON_MIN_ROWS:
-            return _forward_triton(raw, x, self.keys(t, logits.device), t)
+        if self._on_triton(logits):
+            out = _forward_triton(raw, x, self.keys(t, logits.device), t)
+            if out.check is not None and not defer_check:
+                out.check()
+                out.check = None
+            return out
         return _forward_torch(raw, x, None if t.all_greedy else self._noise(t, x), t)
+
+    @staticmethod
+    def _on_triton(logits: Tensor) -> bool:
+        return logits.is_cuda and logits.shape[0] >= TRITON_MIN_ROWS
 
     def keys(self, t: SamplingTensors, device: torch.device) -> Tensor:
         """Each row's two 32-bit noise keys: from (seed, position) on seeded rows, fresh on the
@@ -580,12 +594,22 @@ def _forward_triton(raw: Tensor, x: Tensor, keys: Tensor, t: SamplingTensors) ->
     top = (lp.top, lp.top_ids) if top_from_buffer else None
     log_z = p.stats[:, 3] if t.want_logprobs else None
     out = _logprobs(raw, tokens, t, log_z, token_lp, top)
-    # The one host sync, last: it waits for work already queued. Rows fail when a set is wider than the
-    # buffer (a flat distribution), or when their lane maxima missed the nucleus' mass; rare otherwise.
-    if bool(ok.all()):
-        return out
-    tokens, top = _redraw_wide_rows(raw, x, keys, t, ok == 0, p.stats, tau, tokens, top, top_from_buffer)
-    return _logprobs(raw, tokens, t, log_z, None, top)
+
+    def check() -> bool:
+        """The one host sync, after all the work: rows fail when a set is wider than the buffer (a flat
+        distribution), or when their lane maxima missed the nucleus' mass; rare otherwise."""
+        if bool(ok.all()):
+            return False
+        redrawn, redrawn_top = _redraw_wide_rows(raw, x, keys, t, ok == 0, p.stats, tau, tokens, top, top_from_buffer)
+        fixed = _logprobs(raw, redrawn, t, log_z, None, redrawn_top)
+        for into, value in zip((out.token_ids, out.logprobs, out.top_logprobs, out.top_token_ids),
+                               (fixed.token_ids, fixed.logprobs, fixed.top_logprobs, fixed.top_token_ids)):
+            if into is not None:
+                into.copy_(value)
+        return True
+
+    out.check = check
+    return out
 
 
 def _logprob_buffers(x: Tensor, t: SamplingTensors, top: bool) -> Logprobs:

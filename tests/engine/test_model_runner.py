@@ -63,3 +63,34 @@ def test_padded_eager_steps_give_the_same_outputs(tiny_model, monkeypatch):
         for x, y in zip(a.logprobs, b.logprobs):
             assert list(y) == list(x) and list(y.values()) == pytest.approx(list(x.values()), abs=1e-5)
     assert any(pad for is_decode, pad in padded if not is_decode) and llm.stats()["spec_proposed_tokens"] > 0
+
+
+def test_deferred_sampler_check_settles_before_the_next_step(tiny_model, monkeypatch):
+    """On the GPU a filtered draw's check (a host sync) waits until the runner has built the next step
+    (`PendingSample.settle`); rows whose candidates did not hold their sets are redrawn then, in place and
+    into the tokens the next step reads. Here the Triton path runs in the interpreter with 16 candidates a
+    row, so that rows overflow at most steps, on an overlapping engine (the graphs' path without capture, as
+    on a GPU, and eager prefills): the tokens equal the torch path's, which has nothing to check."""
+    from conftest import random_prompts
+
+    from nanovllm.layers import sampler as S
+
+    path, _ = tiny_model("qwen3")
+    prompts = random_prompts([5, 9, 14, 3], seed=90)
+    params = [SamplingParams(temperature=1.5, top_p=0.95, seed=10 + i, max_tokens=12, ignore_eos=True)
+              for i in range(len(prompts))]
+    redraws = []
+    redraw = S._redraw_wide_rows
+    monkeypatch.setattr(S, "_redraw_wide_rows", lambda *args: redraws.append(1) or redraw(*args))
+
+    def tokens(on_triton: bool) -> list[list[int]]:
+        with monkeypatch.context() as m:
+            m.setattr(ModelRunner, "_capture_graphs", lambda self: self.decode_graphs(capture=False))
+            llm = LLM(path, skip_tokenizer_init=True, device="cpu", max_num_seqs=8)
+            llm.overlap_steps = True
+            m.setattr(S.Sampler, "_on_triton", staticmethod(lambda logits: on_triton))
+            m.setattr(S, "CANDIDATES", 16)
+            return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    assert tokens(True) == tokens(False)
+    assert len(redraws) >= 6, len(redraws)  # of the 12 steps

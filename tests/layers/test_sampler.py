@@ -427,11 +427,19 @@ for i, c in enumerate(cases):
     seqs.append(Sequence(i, [1, 2, 3], SamplingParams(**c)))
     seqs[-1].sample_seed = i
 logits = torch.randn(len(seqs), V) * 3
+
+
+def forward_triton(raw, x, keys, t):  # the Triton path and its check (the engine defers it): whether it redrew
+    out = S._forward_triton(raw, x, keys, t)
+    return out, out.check is not None and out.check()
+
+
 for cap in (2048, 8):  # 8: the buffer overflows and rows fall back to a full sort
     S.CANDIDATES = cap
     t = S.SamplingTensors.from_rows(seqs, V, [0], "cpu")
     keys = S.row_keys(t.seeds, t.positions)
-    ours = S._forward_triton(logits, logits, keys, t)
+    ours, redrawn = forward_triton(logits, logits, keys, t)
+    assert redrawn or cap != 8  # (at 2048 the last row's nucleus, ~2,900 tokens wide, overflows too)
     noise = S.gumbel_noise(keys, torch.arange(logits.shape[1], device=logits.device))
     ref = S._forward_torch(logits, logits, noise, t)
     assert torch.equal(ours.token_ids, ref.token_ids), (ours.token_ids, ref.token_ids)
@@ -450,7 +458,7 @@ for cap, batch in [(cap, batch) for cap in (2048, 8) for batch in batches]:
     t = S.SamplingTensors.from_rows(rows, V, [0], "cpu")
     keys = S.row_keys(t.seeds, t.positions)
     x = logits[: len(rows)]
-    ours = S._forward_triton(x, x, keys, t)
+    ours, _ = forward_triton(x, x, keys, t)
     ref = S._forward_torch(x, x, S.gumbel_noise(keys, torch.arange(V)), t)
     assert torch.equal(ours.token_ids, ref.token_ids), (cap, batch, ours.token_ids, ref.token_ids)
     torch.testing.assert_close(ours.logprobs, ref.logprobs)
@@ -479,7 +487,7 @@ for seed in range(12):
     x = torch.randn(len(wide), V) * (0.5 + seed % 3)
     t = S.SamplingTensors.from_rows(wide_seqs, V, [0], "cpu")
     keys = S.row_keys(t.seeds, t.positions)
-    ours = S._forward_triton(x, x, keys, t)
+    ours, _ = forward_triton(x, x, keys, t)
     ref = S._forward_torch(x, x, S.gumbel_noise(keys, torch.arange(V)), t)
     assert torch.equal(ours.token_ids, ref.token_ids), (seed, ours.token_ids, ref.token_ids)
 assert all(rows == [3] for rows in sorted_rows) and len(sorted_rows) == 12, sorted_rows
@@ -549,7 +557,7 @@ raw16 = (torch.randn(len(seqs), 3001) * 3).to(torch.bfloat16)
 x16 = raw16.float() - 2.0 * (torch.rand(len(seqs), 3001) < 0.1)
 t = S.SamplingTensors.from_rows(seqs, 3001, [0], "cpu")
 keys = S.row_keys(t.seeds, t.positions)
-ours = S._forward_triton(raw16, x16, keys, t)
+ours, _ = forward_triton(raw16, x16, keys, t)
 ref = S._forward_torch(raw16, x16, S.gumbel_noise(keys, torch.arange(3001)), t)
 assert torch.equal(ours.token_ids, ref.token_ids), (ours.token_ids, ref.token_ids)
 torch.testing.assert_close(ours.logprobs, ref.logprobs)
@@ -625,6 +633,7 @@ def test_gpu_matches_torch_path_at_full_vocab():
     t = gpu_tensors(seqs, vocab)
     keys = S.row_keys(t.seeds, t.positions)
     ours = S._forward_triton(logits, logits, keys, t)
+    assert ours.check()  # the flat rows' nuclei overflow the candidates: redrawn, in place
     noise = S.gumbel_noise(keys, torch.arange(logits.shape[1], device=logits.device))
     ref = S._forward_torch(logits, logits, noise, t)
     assert (ours.token_ids == ref.token_ids).float().mean() > 0.98  # only 1-ulp noise ties may differ
