@@ -100,3 +100,14 @@ def test_speculation_keeps_the_engine_defaults_unless_given():
     args = bench.parse_args(["--speculative-method", "ngram", "--disable-by-batch-size", "16"])
     config = bench.speculative_config(args)
     assert config["disable_by_batch_size"] == 16
+
+
+def test_workload_takes_the_sampling_flags(tiny_model):
+    bench = load_script("bench.py")
+    path, _ = tiny_model("qwen3")
+    llm = LLM(path, device="cpu", max_model_len=256, skip_tokenizer_init=True)
+    plain = bench.workload(llm, bench.parse_args(["--num-seqs", "3"]), 0)[1][0]
+    assert (plain.temperature, plain.top_k, plain.top_p, plain.min_p, plain.logprobs) == (0.6, 0, 1.0, 0.0, None)
+    args = bench.parse_args(["--num-seqs", "3", "--top-k", "50", "--top-p", "0.9", "--min-p", "0.05", "--logprobs", "5"])
+    _, params = bench.workload(llm, args, 0)
+    assert all((p.top_k, p.top_p, p.min_p, p.logprobs) == (50, 0.9, 0.05, 5) for p in params)
