@@ -63,8 +63,8 @@ class PendingSample:
 
     A filtered draw's check may still be due (`SamplerOutput.check`): `settle` runs it, which waits for
     the step to end, and copies any redrawn tokens over `kept` too (where the next step reads them). The
-    runner settles a step before it queues the next one, so the host prepares that step while the device
-    works; `wait` settles first too.
+    runner settles a step just before it queues the next one's forward, so the host prepares that step while
+    the device works; `wait` settles first too.
     """
 
     def __init__(self, out: SamplerOutput | None, kept: torch.Tensor | None = None):
@@ -143,7 +143,7 @@ class ModelRunner:
         self.prev_tokens = self.graphs.tokens if self.graphs is not None else \
             torch.zeros(1, dtype=torch.int64, device=self.device)
         self.prev_rows: dict[int, int] = {}
-        self.last_sample: PendingSample | None = None  # settled before the next step's device work
+        self.last_sample: PendingSample | None = None  # settled before the next step's forward (`_settle_last`)
         self.pad_tokens = self.device.type == "cuda"  # eager steps' token counts rounded up (`padded_tokens`)
         logger.info("startup: %s", ", ".join(f"{name} {t:.1f} s" for name, t in self.startup_seconds.items()))
 
@@ -400,8 +400,6 @@ class ModelRunner:
         step, sampling = self._step_inputs(batch)
         host = SamplingArrays.from_rows(sampling, self.hf_config.vocab_size, self.config.eos_token_ids,
                                         self.key_rng) if sampling else None
-        if self.last_sample is not None:  # the host's work for this step is done, the device's for the last may not be
-            self.last_sample.settle()
         pending = self._run_graph(step, host) if step.graphed and self.graphs.sample else self._run(step, host)
         if pending.out is not None:
             self.prev_rows = {seq.seq_id: row for row, seq in enumerate(sampling)}
@@ -418,6 +416,7 @@ class ModelRunner:
         with self.workers.watch() if self.workers is not None else nullcontext():
             if self.workers is not None:
                 self.workers.send(step)
+            self._settle_last()
             logits, uploaded = self.execute(step, host.arrays if host is not None else [])
             if logits is None:
                 return PendingSample(None)
@@ -444,6 +443,7 @@ class ModelRunner:
         copy_src, copy_dst, rows_t, *uploaded = self.graphs.load(self.upload, step, draw, extra)
         if len(step.block_copies):
             self.kv_cache.copy_blocks(copy_src, copy_dst)
+        self._settle_last()
         logits = self.graphs.replay(step)
         if host.plain:
             if not in_order:
@@ -452,6 +452,12 @@ class ModelRunner:
         out = self.sampler(logits[:n] if in_order else logits[rows_t], host.tensors(uploaded), defer_check=True)
         tokens[:n].copy_(out.token_ids)
         return PendingSample(out, tokens[:n])
+
+    def _settle_last(self) -> None:
+        """Settle the last step's sample (`PendingSample.settle`) just before this step's forward is queued, which
+        may read its tokens: by then the host has built this step and queued its inputs' copies."""
+        if self.last_sample is not None:
+            self.last_sample.settle()
 
     def _keep(self, tokens: torch.Tensor) -> torch.Tensor:
         """Where the next step's rows read the tokens just sampled: the graphs' `tokens` (copied
