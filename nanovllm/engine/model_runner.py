@@ -78,9 +78,8 @@ class PendingSample:
     def settle(self) -> None:
         if self.out is None or self.out.check is None:
             return
-        if self.out.check() and self.kept is not None:
+        if self.out.run_check() and self.kept is not None:
             self.kept.copy_(self.out.token_ids)
-        self.out.check = None
         self._copy_to_host()
 
     def _copy_to_host(self) -> None:

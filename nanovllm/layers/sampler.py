@@ -401,6 +401,11 @@ class SamplerOutput:
     # in place, and says whether there were any. Until it runs, those rows' values are wrong.
     check: Callable[[], bool] | None = None
 
+    def run_check(self) -> bool:
+        """Run the deferred check, if one is due (once): whether any row was redrawn."""
+        check, self.check = self.check, None
+        return check is not None and check()
+
 
 class Sampler(torch.nn.Module):
     """Picks one token per row; see the module docstring for the semantics.
@@ -425,9 +430,8 @@ class Sampler(torch.nn.Module):
             x = apply_penalties(x.float(), t.penalties)
         if self._on_triton(logits):
             out = _forward_triton(raw, x, self.keys(t, logits.device), t)
-            if out.check is not None and not defer_check:
-                out.check()
-                out.check = None
+            if not defer_check:
+                out.run_check()
             return out
         return _forward_torch(raw, x, None if t.all_greedy else self._noise(t, x), t)
 
