@@ -61,8 +61,7 @@ def build(group: int, query_len: int, head_dim: int, block: int, fp8: bool) -> o
 
 
 SAMPLER_POINTERS = dict(greedy_ptr="*i1", key_ptr="*i64", top_k_ptr="*i64", top_p_ptr="*fp64", token_ptr="*i64",
-                        best_idx_ptr="*i32", ok_ptr="*i8", count_ptr="*i32", idx_ptr="*i32", rows_ptr="*i64",
-                        done_ptr="*i8")
+                        best_idx_ptr="*i32", ok_ptr="*i8", count_ptr="*i32", idx_ptr="*i32", top_id_ptr="*i64")
 
 
 def build_sampler(name: str, consts: dict, num_warps: int, logits: str) -> object:
@@ -81,15 +80,14 @@ def build_sampler(name: str, consts: dict, num_warps: int, logits: str) -> objec
 
 def sampler_grid() -> list[tuple[str, dict, int, str]]:
     """The variants `layers/sampler.py` launches: the chunk pass drawing every row (plain sampling,
-    a vocabulary shard, the wide rows' redraw over tau) or the unfiltered rows while it bounds the
-    filters, with and without raw statistics, over float32 or bf16 logits; the merge, gather, select
-    and nucleus kernels behind it."""
+    a vocabulary shard) or the unfiltered rows while it bounds the filters, with and without raw
+    statistics, over float32 or bf16 logits; the merge, gather and select kernels behind it, and the
+    kernel that finishes the rows whose candidates overflowed."""
     jobs = []
-    chunk = [(sk.DRAW_ALL, False, False, False), (sk.DRAW_UNFILTERED, False, True, False),
-             (sk.DRAW_UNFILTERED, False, True, True), (sk.DRAW_ALL, True, False, False)]
-    for (draw, has_tau, filters, sums), raw_stats, raw_is_x, logits in itertools.product(
+    chunk = [(sk.DRAW_ALL, False, False), (sk.DRAW_UNFILTERED, True, False), (sk.DRAW_UNFILTERED, True, True)]
+    for (draw, filters, sums), raw_stats, raw_is_x, logits in itertools.product(
             chunk, (False, True), (False, True), ("*fp32", "*bf16")):
-        jobs.append(("_chunk_kernel", dict(DRAW=draw, HAS_TAU=has_tau, FILTER=filters, SUMS=sums,
+        jobs.append(("_chunk_kernel", dict(DRAW=draw, FILTER=filters, SUMS=sums,
                                            RAW_STATS=raw_stats, RAW_IS_X=raw_is_x, BLOCK=sk.BLOCK),
                      sk.CHUNK_WARPS, logits))
     for filters, raw_stats, top_k, top_p, min_p in itertools.product((False, True), repeat=5):
@@ -114,7 +112,9 @@ def sampler_grid() -> list[tuple[str, dict, int, str]]:
         if not top:
             consts.update(top_lp_ptr=None, top_id_ptr=None)
         jobs.append(("_select_kernel", consts, 8, "*fp32"))
-    jobs.append(("_nucleus_round_kernel", dict(V=151_936, BLOCK=1024), 8, "*fp32"))
+        exact = {k: v for k, v in consts.items() if k not in ("CAP", "CHUNKS")}
+        for logits in ("*fp32", "*bf16"):
+            jobs.append(("_exact_kernel", {**exact, "BLOCK": sk.EXACT_BLOCK}, 8, logits))
     return jobs
 
 

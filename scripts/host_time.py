@@ -35,7 +35,7 @@ def stub_device_work(llm: LLM) -> None:
     """Logits of the right shape and a constant token for every row, without running anything."""
     llm.model_runner.execute = lambda step, extra: (torch.zeros(len(step.logit_rows), TINY["vocab_size"]),
                                                     [torch.from_numpy(a) for a in extra])
-    sampler.Sampler.forward = lambda self, logits, t, defer_check=False: sampler.SamplerOutput(
+    sampler.Sampler.forward = lambda self, logits, t: sampler.SamplerOutput(
         torch.full((logits.shape[0],), 7), None, None, None)
 
 

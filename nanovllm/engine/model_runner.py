@@ -59,32 +59,14 @@ def padded_tokens(n: int) -> int:
 
 
 class PendingSample:
-    """Sampled tokens on their way to the host; `wait` blocks until they are there.
+    """Sampled tokens on their way to the host; `wait` blocks until they are there."""
 
-    A filtered draw's check may still be due (`SamplerOutput.check`): `settle` runs it, which waits for
-    the step to end, and copies any redrawn tokens over `kept` too (where the next step reads them). The
-    runner settles a step just before it queues the next one's forward, so the host prepares that step while
-    the device works; `wait` settles first too.
-    """
-
-    def __init__(self, out: SamplerOutput | None, kept: torch.Tensor | None = None):
+    def __init__(self, out: SamplerOutput | None):
         self.out = out
-        self.kept = kept
         self.event = None
-        if out is not None and out.check is None:
-            self._copy_to_host()
-
-    @torch.inference_mode()  # (`wait` runs outside the runner's; the redraw writes into the step's tensors)
-    def settle(self) -> None:
-        if self.out is None or self.out.check is None:
+        if out is None:
             return
-        if self.out.run_check() and self.kept is not None:
-            self.kept.copy_(self.out.token_ids)
-        self._copy_to_host()
-
-    def _copy_to_host(self) -> None:
         # copies taken now: the next step may overwrite what they view (the graphs' `tokens`) before `wait`
-        out = self.out
         cuda = out.token_ids.is_cuda
         self.out = SamplerOutput(*(None if t is None else t.to("cpu", non_blocking=True) if cuda else t.clone()
                                    for t in (out.token_ids, out.logprobs, out.top_logprobs, out.top_token_ids)))
@@ -93,7 +75,6 @@ class PendingSample:
             self.event.record()
 
     def wait(self) -> SampledTokens | None:
-        self.settle()
         if self.out is None:
             return None
         if self.event is not None:
@@ -142,7 +123,6 @@ class ModelRunner:
         self.prev_tokens = self.graphs.tokens if self.graphs is not None else \
             torch.zeros(1, dtype=torch.int64, device=self.device)
         self.prev_rows: dict[int, int] = {}
-        self.last_sample: PendingSample | None = None  # settled before the next step's forward (`_settle_last`)
         self.pad_tokens = self.device.type == "cuda"  # eager steps' token counts rounded up (`padded_tokens`)
         logger.info("startup: %s", ", ".join(f"{name} {t:.1f} s" for name, t in self.startup_seconds.items()))
 
@@ -399,26 +379,24 @@ class ModelRunner:
         step, sampling = self._step_inputs(batch)
         host = SamplingArrays.from_rows(sampling, self.hf_config.vocab_size, self.config.eos_token_ids,
                                         self.key_rng) if sampling else None
-        pending = self._run_graph(step, host) if step.graphed and self.graphs.sample else self._run(step, host)
-        if pending.out is not None:
-            self.prev_rows = {seq.seq_id: row for row, seq in enumerate(sampling)}
-        self.last_sample = pending
-        return pending
+        out = self._run_graph(step, host) if step.graphed and self.graphs.sample else self._run(step, host)
+        if out is None:
+            return PendingSample(None)
+        self.prev_rows = {seq.seq_id: row for row, seq in enumerate(sampling)}
+        return PendingSample(out)
 
-    def _run(self, step: StepInputs, host: SamplingArrays | None) -> PendingSample:
+    def _run(self, step: StepInputs, host: SamplingArrays | None) -> SamplerOutput | None:
         """A step eager, or in a graph without the LM head (tensor parallelism), with its workers: the
         forward, then the sampler (or in a plain decode step on several ranks, a draw from each rank's
-        vocabulary shard). On several ranks the tokens go to the workers at once, so the sampler's
-        check is not deferred there."""
+        vocabulary shard); None when nothing is sampled."""
         # Plain decode sampling on several ranks: each draws from its own shard of the vocabulary
         step.vocab_parallel = self.tp.size > 1 and step.is_decode and host is not None and host.plain
         with self.workers.watch() if self.workers is not None else nullcontext():
             if self.workers is not None:
                 self.workers.send(step)
-            self._settle_last()
             logits, uploaded = self.execute(step, host.arrays if host is not None else [])
             if logits is None:
-                return PendingSample(None)
+                return None
             t = host.tensors(uploaded)
             if step.vocab_parallel:
                 params = torch.stack([*self.sampler.keys(t, self.device).unbind(1),
@@ -426,12 +404,11 @@ class ModelRunner:
                 out = SamplerOutput(self._vocab_parallel_tokens(logits, self.tp.broadcast(params)), None, None, None)
                 self.prev_tokens = self._keep(out.token_ids)
             else:
-                out = self.sampler(logits, t, defer_check=self.tp.size == 1)
+                out = self.sampler(logits, t)
                 self.prev_tokens = self._keep(self.tp.broadcast(out.token_ids))
-        kept = self.prev_tokens[: len(out.token_ids)] if self.prev_tokens is not out.token_ids else None
-        return PendingSample(out, kept)
+        return out
 
-    def _run_graph(self, step: StepInputs, host: SamplingArrays) -> PendingSample:
+    def _run_graph(self, step: StepInputs, host: SamplingArrays) -> SamplerOutput:
         """A step whose CUDA graph also runs the LM head and a plain draw (a single rank): the draw's
         tokens when the rows ask for nothing more, else the sampler's over the graph's logits. Either
         way they end in the graphs' `tokens`, where the next step reads them."""
@@ -442,21 +419,14 @@ class ModelRunner:
         copy_src, copy_dst, rows_t, *uploaded = self.graphs.load(self.upload, step, draw, extra)
         if len(step.block_copies):
             self.kv_cache.copy_blocks(copy_src, copy_dst)
-        self._settle_last()
         logits = self.graphs.replay(step)
         if host.plain:
             if not in_order:
                 tokens[:n] = tokens[rows_t]
-            return PendingSample(SamplerOutput(tokens[:n], None, None, None))
-        out = self.sampler(logits[:n] if in_order else logits[rows_t], host.tensors(uploaded), defer_check=True)
+            return SamplerOutput(tokens[:n], None, None, None)
+        out = self.sampler(logits[:n] if in_order else logits[rows_t], host.tensors(uploaded))
         tokens[:n].copy_(out.token_ids)
-        return PendingSample(out, tokens[:n])
-
-    def _settle_last(self) -> None:
-        """Settle the last step's sample (`PendingSample.settle`) just before this step's forward is queued, which
-        may read its tokens: by then the host has built this step and queued its inputs' copies."""
-        if self.last_sample is not None:
-            self.last_sample.settle()
+        return out
 
     def _keep(self, tokens: torch.Tensor) -> torch.Tensor:
         """Where the next step's rows read the tokens just sampled: the graphs' `tokens` (copied

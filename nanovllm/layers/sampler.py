@@ -13,12 +13,12 @@ The filters keep exactly the tokens HF's TopK, TopP then MinP warpers keep
 Triton kernels find tau without sorting the vocabulary: one read gives the row's max, its
 softmax normaliser and lane maxima, which bound the thresholds from below; a second read
 gathers the few entries above that bound, where tau is found and the filtered rows are drawn
-(`sampling_kernels`). Rows where the bound would gather too much (a nucleus of thousands of
-tokens) are drawn by rejection when only top-p (and min-p) filter them: the draw over the whole
-row is checked against the mass above it, and redrawn above it if outside the nucleus
-(`sampling_kernels.nucleus_sample`); rows that also have a wide top-k, or ask for top logprobs,
-fall back to a full sort. On CPU, and for small batches on CUDA, the same semantics run in plain
-torch.
+(`sampling_kernels`). A row whose set does not fit that buffer (a nucleus of thousands of
+tokens, a flat row's ties) is finished by a kernel that reads it whole (`sampling_kernels.exact_rows`):
+by rejection when only top-p (and min-p) filter it, the draw over the row checked against the mass
+above it and redrawn above it if outside the nucleus; else by bisection for the exact top-k (and
+top-p) threshold. Nothing waits on the host: a step's sampling is queued like its forward. On CPU,
+and for small batches on CUDA, the same semantics run in plain torch.
 
 Logprobs are those of the raw logits (before penalties and temperature), vLLM's default,
 and are computed only when some row asked for them (`sampling_params.logprobs` not None);
@@ -397,14 +397,6 @@ class SamplerOutput:
     logprobs: Tensor | None  # [B] float32 raw-model logprob of the sampled token; None when no row asked
     top_logprobs: Tensor | None  # [B, K] float32, or None when no row asked for K > 0
     top_token_ids: Tensor | None  # [B, K] int64
-    # With `defer_check`: the check that the draws held (one host sync), which redraws the rows that did not,
-    # in place, and says whether there were any. Until it runs, those rows' values are wrong.
-    check: Callable[[], bool] | None = None
-
-    def run_check(self) -> bool:
-        """Run the deferred check, if one is due (once): whether any row was redrawn."""
-        check, self.check = self.check, None
-        return check is not None and check()
 
 
 class Sampler(torch.nn.Module):
@@ -418,10 +410,8 @@ class Sampler(torch.nn.Module):
         super().__init__()
         self.generator = generator
 
-    def forward(self, logits: Tensor, t: SamplingTensors, defer_check: bool = False) -> SamplerOutput:
-        """The rows' tokens (and logprobs asked for). On the GPU path a filtered draw ends with a host sync
-        that checks its rows' candidates held their sets; `defer_check` leaves it to the caller
-        (`SamplerOutput.check`), who can run it once the device is done anyway instead of stalling there."""
+    def forward(self, logits: Tensor, t: SamplingTensors) -> SamplerOutput:
+        """The rows' tokens (and logprobs asked for), queued on the logits' device: no host sync."""
         raw = logits
         x = logits
         if t.min_tokens_blocked is not None:
@@ -429,10 +419,7 @@ class Sampler(torch.nn.Module):
         if t.penalties is not None:
             x = apply_penalties(x.float(), t.penalties)
         if self._on_triton(logits):
-            out = _forward_triton(raw, x, self.keys(t, logits.device), t)
-            if not defer_check:
-                out.run_check()
-            return out
+            return _forward_triton(raw, x, self.keys(t, logits.device), t)
         return _forward_torch(raw, x, None if t.all_greedy else self._noise(t, x), t)
 
     @staticmethod
@@ -479,7 +466,7 @@ def sample_vocab_shard(logits: Tensor, inv_t: Tensor, greedy: Tensor, keys: Tens
     if x.is_cuda and x.shape[0] >= TRITON_MIN_ROWS:
         from nanovllm.layers import sampling_kernels as kernels
 
-        p = kernels.row_pass(x, x, inv_t, greedy, keys, None, kernels.DRAW_ALL, raw_stats=False, offset=start)
+        p = kernels.row_pass(x, x, inv_t, greedy, keys, kernels.DRAW_ALL, raw_stats=False, offset=start)
         return p.score, p.token
     z = x.float() * inv_t.unsqueeze(1)
     scores = torch.where(greedy.unsqueeze(1), z, z + gumbel_noise(keys, torch.arange(start, start + x.shape[1],
@@ -495,7 +482,7 @@ def draw_plain(logits: Tensor, inv_t: Tensor, greedy: Tensor, keys: Tensor) -> T
     if logits.is_cuda:
         from nanovllm.layers import sampling_kernels as kernels
 
-        return kernels.row_pass(logits, logits, inv_t, greedy, keys, None, kernels.DRAW_ALL, raw_stats=False).token
+        return kernels.row_pass(logits, logits, inv_t, greedy, keys, kernels.DRAW_ALL, raw_stats=False).token
     return sample_vocab_shard(logits, inv_t, greedy, keys, 0, logits.shape[1])[1]
 
 
@@ -534,47 +521,6 @@ def _logprobs(raw: Tensor, tokens: Tensor, t: SamplingTensors, log_z: Tensor | N
     return SamplerOutput(tokens, token_logprobs, *(top or (None, None)))
 
 
-def thresholds_from_sorted(z: Tensor, m: Tensor, total: Tensor, t: SamplingTensors,
-                           rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Exact per-row thresholds tau (keep z >= tau, z the scaled logits) of TopK, TopP, MinP.
-
-    z [R, N]: each row's largest scaled logits sorted descending (-inf padded); it must hold
-    the row's whole top-k set when top-k is on, else the nucleus when top-p is on. m, total: the
-    row's max and sum of exp(z - m) over the whole row. `rows` selects the batch rows that z, m,
-    total describe (all when None).
-    Returns (tau [R], covered [R] bool: whether z held enough of the row for tau to be exact).
-    """
-    def take(a: Tensor) -> Tensor:
-        return a if rows is None else a[rows]
-
-    neg_inf = torch.full_like(m, float("-inf"))
-    tau = neg_inf
-    covered = torch.ones_like(m, dtype=torch.bool)
-    mass = total
-    if t.do_top_k:
-        top_k = take(t.top_ks)
-        on = top_k < t.vocab_size
-        kth = z.gather(1, (top_k.clamp(max=z.shape[1]) - 1).unsqueeze(1)).squeeze(1)
-        covered &= ~on | (top_k <= z.shape[1])
-        tau = torch.where(on, kth, neg_inf)
-        kept = torch.exp(z - m.unsqueeze(1)) * (z >= tau.unsqueeze(1))
-        mass = torch.where(on, kept.sum(dim=1), total)
-    if t.do_top_p:
-        top_p = take(t.top_ps).float()
-        w = torch.exp(z - m.unsqueeze(1)) * (z >= tau.unsqueeze(1))
-        cum = w.cumsum(dim=1)
-        target = top_p * mass
-        # HF keeps a token while the mass ranked strictly above it is below top_p.
-        last = ((cum - w < target.unsqueeze(1)) & (w > 0)).sum(dim=1).clamp(min=1) - 1
-        on = top_p < 1.0
-        tau = torch.maximum(tau, torch.where(on, z.gather(1, last.unsqueeze(1)).squeeze(1), neg_inf))
-        covered &= ~on | (cum[:, -1] >= target)
-    if t.do_min_p:
-        min_p = take(t.min_ps)
-        tau = torch.maximum(tau, torch.where(min_p > 0, m + torch.log(min_p), neg_inf))
-    return tau, covered
-
-
 def _forward_triton(raw: Tensor, x: Tensor, keys: Tensor, t: SamplingTensors) -> SamplerOutput:
     from nanovllm.layers import sampling_kernels as kernels
 
@@ -584,36 +530,20 @@ def _forward_triton(raw: Tensor, x: Tensor, keys: Tensor, t: SamplingTensors) ->
     lp = _logprob_buffers(x, t, top_from_buffer) if t.want_logprobs else None
     token_lp = None if lp is None else lp.token
     if not t.do_filter and not top_from_buffer:
-        p = kernels.row_pass(x, raw, inv_t, t.greedy, keys, None, kernels.DRAW_ALL, raw_stats=t.want_logprobs,
+        p = kernels.row_pass(x, raw, inv_t, t.greedy, keys, kernels.DRAW_ALL, raw_stats=t.want_logprobs,
                              token_logprobs=token_lp)
         return _logprobs(raw, p.token, t, p.stats[:, 3], token_lp)
     filters = kernels.Filters(t.top_ks, t.top_ps, t.min_ps, t.max_num_logprobs if top_from_buffer else 0, t.do_top_k,
                               t.do_top_p, t.do_min_p)
-    p = kernels.row_pass(x, raw, inv_t, t.greedy, keys, None, kernels.DRAW_UNFILTERED, raw_stats=t.want_logprobs,
+    p = kernels.row_pass(x, raw, inv_t, t.greedy, keys, kernels.DRAW_UNFILTERED, raw_stats=t.want_logprobs,
                          filters=filters)
     values, ids, counts = kernels.gather_candidates(x, inv_t, p.pivot, CANDIDATES)
-    tokens, ok = p.token, p.ok
-    tau = kernels.select_and_draw(values, ids, counts, inv_t, t.greedy, keys, p.stats, t.top_ks, t.top_ps, t.min_ps,
-                                  t.vocab_size, ok, tokens, t.do_top_k, t.do_top_p, t.do_min_p, raw, lp)
+    kernels.select_and_draw(values, ids, counts, inv_t, t.greedy, keys, p.stats, t.top_ks, t.top_ps, t.min_ps,
+                            t.vocab_size, p.ok, p.token, t.do_top_k, t.do_top_p, t.do_min_p, raw, lp)
+    kernels.exact_rows(x, raw, inv_t, keys, p.stats, t.top_ks, t.top_ps, t.min_ps, p.ok, p.token, t.do_top_k,
+                       t.do_top_p, t.do_min_p, lp)
     top = (lp.top, lp.top_ids) if top_from_buffer else None
-    log_z = p.stats[:, 3] if t.want_logprobs else None
-    out = _logprobs(raw, tokens, t, log_z, token_lp, top)
-
-    def check() -> bool:
-        """The one host sync, after all the work: rows fail when a set is wider than the buffer (a flat
-        distribution), or when their lane maxima missed the nucleus' mass; rare otherwise."""
-        if bool(ok.all()):
-            return False
-        redrawn, redrawn_top = _redraw_wide_rows(raw, x, keys, t, ok == 0, p.stats, tau, tokens, top, top_from_buffer)
-        fixed = _logprobs(raw, redrawn, t, log_z, None, redrawn_top)
-        for into, value in zip((out.token_ids, out.logprobs, out.top_logprobs, out.top_token_ids),
-                               (fixed.token_ids, fixed.logprobs, fixed.top_logprobs, fixed.top_token_ids)):
-            if into is not None:
-                into.copy_(value)
-        return True
-
-    out.check = check
-    return out
+    return _logprobs(raw, p.token, t, p.stats[:, 3] if t.want_logprobs else None, token_lp, top)
 
 
 def _logprob_buffers(x: Tensor, t: SamplingTensors, top: bool) -> Logprobs:
@@ -625,47 +555,3 @@ def _logprob_buffers(x: Tensor, t: SamplingTensors, top: bool) -> Logprobs:
     tops = (torch.empty(batch, k, dtype=torch.float32, device=x.device),
             torch.empty(batch, k, dtype=torch.int64, device=x.device)) if top else (None, None)
     return kernels.Logprobs(torch.empty(batch, dtype=torch.float32, device=x.device), *tops)
-
-
-def _redraw_wide_rows(raw: Tensor, x: Tensor, keys: Tensor, t: SamplingTensors, wide: Tensor, stats: Tensor,
-                      tau: Tensor, tokens: Tensor, top: tuple[Tensor, Tensor] | None,
-                      top_from_buffer: bool) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-    """`_forward_triton`'s tokens (and top-K logprobs) for the rows whose candidates did not hold their sets. Rows
-    with top-p and no top-k are drawn by `kernels.nucleus_sample`, unless top logprobs come from the
-    buffer; rows with only min-p already have their exact threshold; the others are sorted in full."""
-    from nanovllm.layers import sampling_kernels as kernels
-
-    m, total = stats[:, 0], stats[:, 1]
-    top_k_on, top_p_on = t.top_ks < t.vocab_size, t.top_ps < 1.0
-    nucleus = wide & top_p_on & ~top_k_on & (not top_from_buffer)
-    sort = wide & ~nucleus & (top_k_on | top_p_on | top_from_buffer)
-    if bool(sort.any()):
-        tau, top = _full_sort_rows(x, stats, t, sort, tau, top)
-    rows = nucleus.nonzero().squeeze(1)
-    if len(rows):  # first draws over the min-p set, a superset of the nucleus
-        floor = torch.full_like(m, float("-inf"))
-        if t.do_min_p:
-            floor = torch.where(t.min_ps > 0, m + torch.log(t.min_ps), floor)
-        tau = torch.where(nucleus, floor, tau)
-    redrawn = kernels.row_pass(x, raw, t.inv_temperatures, t.greedy, keys, tau, kernels.DRAW_ALL, raw_stats=False).token
-    tokens = torch.where(wide, redrawn, tokens)
-    if len(rows):
-        tokens = tokens.index_copy(0, rows, kernels.nucleus_sample(x, t.inv_temperatures, keys, m, total, t.top_ps,
-                                                                   rows, redrawn[rows]))
-    return tokens, top
-
-
-def _full_sort_rows(x: Tensor, stats: Tensor, t: SamplingTensors, bad: Tensor, tau: Tensor,
-                    top: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-    """Thresholds (and top-K logprobs, x being raw then) of the `bad` rows from a full sort of those rows.
-    `stats`: `row_pass`'s."""
-    rows = bad.nonzero().squeeze(1)
-    values = x[rows].float()
-    z, order = (values * t.inv_temperatures[rows].unsqueeze(1)).sort(dim=1, descending=True)
-    tau_rows, _ = thresholds_from_sorted(z, stats[rows, 0], stats[rows, 1], t, rows)
-    tau = tau.index_copy(0, rows, tau_rows)
-    if top is not None:
-        k = top[0].shape[1]
-        top = (top[0].index_copy(0, rows, values.gather(1, order[:, :k]) - stats[rows, 3].unsqueeze(1)),
-               top[1].index_copy(0, rows, order[:, :k]))
-    return tau, top

@@ -83,7 +83,7 @@ def _merge(ms, ss):
 
 
 @triton.jit
-def _chunk_step(z, r, idx, first, second, s, rm, rs, best, best_idx, draw, greedy, key, key2, tau, offset,
+def _chunk_step(z, r, idx, first, second, s, rm, rs, best, best_idx, draw, greedy, key, key2, offset,
                 FILTER: tl.constexpr, SUMS: tl.constexpr, RAW_STATS: tl.constexpr):
     """One tile of `_chunk_kernel`: the lanes' top two (and with SUMS online sums) of the scaled logits
     z, the raw logits' online sums, and the running Gumbel-max draw (column idx is token idx + offset)."""
@@ -99,7 +99,7 @@ def _chunk_step(z, r, idx, first, second, s, rm, rs, best, best_idx, draw, greed
         if greedy:
             score = z
         else:
-            score = tl.where(z >= tau, z + _gumbel(idx + offset, key, key2), float("-inf"))
+            score = z + _gumbel(idx + offset, key, key2)
         better = score > best
         best = tl.where(better, score, best)
         best_idx = tl.where(better, idx, best_idx)
@@ -108,9 +108,9 @@ def _chunk_step(z, r, idx, first, second, s, rm, rs, best, best_idx, draw, greed
 
 @triton.jit
 def _chunk_kernel(
-    x_ptr, x_stride, raw_ptr, raw_stride, V, chunk_len, inv_t_ptr, greedy_ptr, key_ptr, tau_ptr,
+    x_ptr, x_stride, raw_ptr, raw_stride, V, chunk_len, inv_t_ptr, greedy_ptr, key_ptr,
     top_k_ptr, top_p_ptr, min_p_ptr, part_ptr, best_ptr, best_idx_ptr, lanes_ptr, offset,
-    DRAW: tl.constexpr, HAS_TAU: tl.constexpr, FILTER: tl.constexpr, SUMS: tl.constexpr, RAW_STATS: tl.constexpr,
+    DRAW: tl.constexpr, FILTER: tl.constexpr, SUMS: tl.constexpr, RAW_STATS: tl.constexpr,
     RAW_IS_X: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One chunk of one row: partial statistics, lane maxima and the chunk's best draw."""
@@ -125,7 +125,6 @@ def _chunk_kernel(
     greedy = False
     key = tl.zeros((), tl.uint32)
     key2 = tl.zeros((), tl.uint32)
-    tau = neg_inf
     if DRAW != 0:  # DRAW_NONE
         if DRAW == 1:  # DRAW_ALL
             draw = True
@@ -135,8 +134,6 @@ def _chunk_kernel(
         greedy = tl.load(greedy_ptr + row) != 0
         key = tl.load(key_ptr + 2 * row).to(tl.uint32)
         key2 = tl.load(key_ptr + 2 * row + 1).to(tl.uint32)
-        if HAS_TAU:
-            tau = tl.load(tau_ptr + row)
     best = tl.full([BLOCK], neg_inf, tl.float32)
     best_idx = tl.zeros([BLOCK], tl.int32)
     first = tl.full([BLOCK], neg_inf, tl.float32)
@@ -158,10 +155,10 @@ def _chunk_kernel(
                 r0 = tl.load(raw_ptr + row64 * raw_stride + idx0, mask=idx0 < hi, other=neg_inf).to(tl.float32)
                 r1 = tl.load(raw_ptr + row64 * raw_stride + idx1, mask=idx1 < hi, other=neg_inf).to(tl.float32)
         first, second, s, rm, rs, best, best_idx = _chunk_step(
-            x0 * inv_t, r0, idx0, first, second, s, rm, rs, best, best_idx, draw, greedy, key, key2, tau, offset,
+            x0 * inv_t, r0, idx0, first, second, s, rm, rs, best, best_idx, draw, greedy, key, key2, offset,
             FILTER, SUMS, RAW_STATS)
         first, second, s, rm, rs, best, best_idx = _chunk_step(
-            x1 * inv_t, r1, idx1, first, second, s, rm, rs, best, best_idx, draw, greedy, key, key2, tau, offset,
+            x1 * inv_t, r1, idx1, first, second, s, rm, rs, best, best_idx, draw, greedy, key, key2, offset,
             FILTER, SUMS, RAW_STATS)
     if DRAW != 0:
         top, token = _lowest_argmax(best, best_idx)
@@ -260,11 +257,11 @@ def _chunk_len(vocab: int) -> int:
 
 def row_pass(
     x: torch.Tensor, raw: torch.Tensor, inv_t: torch.Tensor, greedy: torch.Tensor, keys: torch.Tensor,
-    tau: torch.Tensor | None, draw: int, raw_stats: bool, offset: int = 0, filters: Filters | None = None,
+    draw: int, raw_stats: bool, offset: int = 0, filters: Filters | None = None,
     token_logprobs: torch.Tensor | None = None,
 ) -> RowPass:
     """One read of each row. `draw` (DRAW_NONE / DRAW_ALL / DRAW_UNFILTERED) picks the rows that get a
-    token, drawn over the entries >= `tau` [B] (None: all); column j of x is token `offset + j` (a
+    token, drawn over the whole row; column j of x is token `offset + j` (a
     tensor-parallel shard). `filters` asks for the statistics and the pivots that the filters need
     (DRAW_UNFILTERED reads its parameters too). `token_logprobs` [B] (with raw_stats, offset 0)
     receives each drawn token's raw logprob."""
@@ -277,8 +274,8 @@ def row_pass(
     f = filters or Filters(inv_t, inv_t, inv_t, 0, False, False, False)
     _chunk_kernel[(batch, CHUNKS)](
         x, x.stride(0), raw, raw.stride(0), vocab, _chunk_len(vocab), inv_t, greedy, keys,
-        inv_t if tau is None else tau, f.top_k, f.top_p, f.min_p, parts, best, best_idx, lanes, offset,
-        DRAW=draw, HAS_TAU=tau is not None, FILTER=filters is not None, SUMS=f.do_top_p, RAW_STATS=raw_stats,
+        f.top_k, f.top_p, f.min_p, parts, best, best_idx, lanes, offset,
+        DRAW=draw, FILTER=filters is not None, SUMS=f.do_top_p, RAW_STATS=raw_stats,
         RAW_IS_X=raw is x, BLOCK=BLOCK, num_warps=CHUNK_WARPS,
     )
     token = torch.empty(batch, dtype=torch.int64, device=dev)
@@ -516,58 +513,159 @@ def select_and_draw(values: torch.Tensor, ids: torch.Tensor, counts: torch.Tenso
     return tau
 
 
+EXACT_BLOCK = 4096  # logits per loop step of `exact_rows`' one program per row
+
+
 @triton.jit
-def _nucleus_round_kernel(x_ptr, x_stride, V: tl.constexpr, rows_ptr, inv_t_ptr, key_ptr, m_ptr, total_ptr,
-                          top_p_ptr, token_ptr, done_ptr, BLOCK: tl.constexpr):
-    """One round of `nucleus_sample` for one row: accept the candidate token if the mass strictly above
-    its scaled logit is below top_p of the row's mass (so it is in the nucleus), else take the
-    Gumbel-max draw over the entries strictly above it as the next candidate."""
-    i = tl.program_id(0)
-    if tl.load(done_ptr + i) == 0:
-        row64 = tl.load(rows_ptr + i)
-        inv_t = tl.load(inv_t_ptr + row64)
-        key = tl.load(key_ptr + 2 * row64).to(tl.uint32)
-        key2 = tl.load(key_ptr + 2 * row64 + 1).to(tl.uint32)
-        m = tl.load(m_ptr + row64)
-        z_token = tl.load(x_ptr + row64 * x_stride + tl.load(token_ptr + i)).to(tl.float32) * inv_t
-        lane = tl.arange(0, BLOCK)
-        neg_inf = float("-inf")
-        mass = tl.zeros([BLOCK], tl.float32)
-        best = tl.full([BLOCK], neg_inf, tl.float32)
-        best_idx = tl.zeros([BLOCK], tl.int32)
-        for start in range(0, V, BLOCK):
-            idx = start + lane
-            z = tl.load(x_ptr + row64 * x_stride + idx, mask=idx < V, other=neg_inf).to(tl.float32) * inv_t
-            above = z > z_token
-            mass += tl.where(above, tl.exp(z - m), 0.0)
-            score = tl.where(above, z + _gumbel(idx, key, key2), neg_inf)
-            better = score > best
-            best = tl.where(better, score, best)
-            best_idx = tl.where(better, idx, best_idx)
-        if tl.sum(mass, 0) < tl.load(top_p_ptr + row64).to(tl.float32) * tl.load(total_ptr + row64):
-            tl.store(done_ptr + i, 1)
-        else:  # (something is above a token outside the nucleus: the nucleus is never empty)
-            tl.store(token_ptr + i, _lowest_argmax(best, best_idx)[1].to(tl.int64))
+def _scaled_tile(x_ptr, base, start, V, inv_t, BLOCK: tl.constexpr):
+    """(token ids, valid, scaled logits: -inf past V) of one tile of a row."""
+    idx = start + tl.arange(0, BLOCK)
+    valid = idx < V
+    return idx, valid, tl.load(x_ptr + base + idx, mask=valid, other=float("-inf")).to(tl.float32) * inv_t
 
 
-def nucleus_sample(x: torch.Tensor, inv_t: torch.Tensor, keys: torch.Tensor, m: torch.Tensor, total: torch.Tensor,
-                   top_p: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """The Gumbel-max draw over each row's top-p nucleus (and min-p set), without finding the nucleus.
+@triton.jit
+def _count_at_least(x_ptr, base, V, inv_t, key, BLOCK: tl.constexpr):
+    """How many of the row's scaled logits have an order key >= key."""
+    n = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, V, BLOCK):
+        idx, valid, z = _scaled_tile(x_ptr, base, start, V, inv_t, BLOCK)
+        n += ((_order_key(z).to(tl.int64) >= key) & valid).to(tl.int32)
+    return tl.sum(n, 0)
 
-    `tokens` [R] are the draws of `rows` over the entries at or above their min-p threshold (-inf
-    where min-p is off): the argmax of scaled logit + Gumbel noise over a superset of the nucleus.
-    Such a draw is in the nucleus, and then also its argmax, when the mass strictly above its
-    scaled logit is below top_p of the row's (HF keeps a token while the mass ranked above it is
-    below top_p). Otherwise every entry at or below it is outside the nucleus too, and the next
-    candidate is the argmax over the entries strictly above it. The draw lands outside the
-    nucleus with probability about 1 - top_p, so most rows finish in the first round; each round
-    reads the unfinished rows once, where sorting them read and wrote each many times.
-    For rows with top-k off (top-k's set would change the mass that top-p counts)."""
-    tokens = tokens.clone()
-    done = torch.zeros(len(rows), dtype=torch.int8, device=x.device)
-    m, total = m.contiguous(), total.contiguous()  # (columns of row_pass's stats)
-    while True:
-        _nucleus_round_kernel[(len(rows),)](x, x.stride(0), x.shape[1], rows, inv_t, keys, m, total, top_p, tokens,
-                                            done, BLOCK=LANES, num_warps=8)
-        if bool(done.all()):
-            return tokens
+
+@triton.jit
+def _mass_above(x_ptr, base, V, inv_t, m, floor_key, key, BLOCK: tl.constexpr):
+    """The row's sum of exp(z - m) over the scaled logits z with order key > key and >= floor_key."""
+    w = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, V, BLOCK):
+        idx, valid, z = _scaled_tile(x_ptr, base, start, V, inv_t, BLOCK)
+        k = _order_key(z).to(tl.int64)
+        w += tl.where((k > key) & (k >= floor_key), tl.exp(z - m), 0.0)
+    return tl.sum(w, 0)
+
+
+@triton.jit
+def _draw_above(x_ptr, base, V, inv_t, key, key2, bound, STRICT: tl.constexpr, BLOCK: tl.constexpr):
+    """(the row's Gumbel-max draw over the scaled logits >= bound, or > bound when STRICT; its scaled logit)."""
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK], tl.int32)
+    best_z = tl.full([BLOCK], float("-inf"), tl.float32)
+    for start in range(0, V, BLOCK):
+        idx, valid, z = _scaled_tile(x_ptr, base, start, V, inv_t, BLOCK)
+        if STRICT:
+            above = z > bound
+        else:
+            above = z >= bound
+        score = tl.where(above, z + _gumbel(idx, key, key2), float("-inf"))
+        better = score > best
+        best = tl.where(better, score, best)
+        best_idx = tl.where(better, idx, best_idx)
+        best_z = tl.where(better, z, best_z)
+    token = _lowest_argmax(best, best_idx)[1]
+    return token, tl.max(tl.where(best_idx == token, best_z, float("-inf")), 0)
+
+
+@triton.jit
+def _exact_kernel(x_ptr, x_stride, raw_ptr, raw_stride, V, ok_ptr, inv_t_ptr, key_ptr, stats_ptr, top_k_ptr, top_p_ptr,
+                  min_p_ptr, token_ptr, token_lp_ptr, top_lp_ptr, top_id_ptr, num_top, DO_TOP_K: tl.constexpr,
+                  DO_TOP_P: tl.constexpr, DO_MIN_P: tl.constexpr, TOKEN_LP: tl.constexpr, TOP: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """One row whose candidates did not hold its sets (ok == 0; the others return at once), read whole: its
+    token, drawn above its exact threshold, and its logprobs. See `exact_rows`."""
+    row = tl.program_id(0)
+    if tl.load(ok_ptr + row) == 0:
+        row64 = row.to(tl.int64)
+        base = row64 * x_stride
+        inv_t = tl.load(inv_t_ptr + row)
+        key = tl.load(key_ptr + 2 * row).to(tl.uint32)
+        key2 = tl.load(key_ptr + 2 * row + 1).to(tl.uint32)
+        m = tl.load(stats_ptr + 4 * row)
+        neg_inf_key = _order_key(tl.full((), float("-inf"), tl.float32)).to(tl.int64)
+        top_k_on = tl.full((), 0, tl.int32)
+        top_p_on = tl.full((), 0, tl.int32)
+        top_p = tl.full((), 1.0, tl.float32)
+        if DO_TOP_K:
+            top_k_on = (tl.load(top_k_ptr + row) < V).to(tl.int32)
+        if DO_TOP_P:
+            top_p = tl.load(top_p_ptr + row).to(tl.float32)
+            top_p_on = (top_p < 1.0).to(tl.int32)
+        floor = tl.full((), float("-inf"), tl.float32)  # min-p's threshold, exact already
+        if DO_MIN_P:
+            min_p = tl.load(min_p_ptr + row)
+            if min_p > 0.0:
+                floor = m + tl.log(min_p)
+        token = tl.load(token_ptr + row)  # row_pass's draw: right for a row that no filter touches
+        if (top_p_on != 0) & (top_k_on == 0):
+            # The nucleus by rejection: the draw at or above the min-p floor (a superset of the nucleus) is in
+            # the nucleus when the mass strictly above it is below top_p of the row's; if not, nothing at or
+            # below it is, and the next candidate is the draw strictly above it. Most rows end at the first.
+            target = top_p * tl.load(stats_ptr + 4 * row + 1)
+            cand, z_cand = _draw_above(x_ptr, base, V, inv_t, key, key2, floor, False, BLOCK)
+            mass = _mass_above(x_ptr, base, V, inv_t, m, neg_inf_key, _order_key(z_cand).to(tl.int64), BLOCK)
+            while mass >= target:
+                cand, z_cand = _draw_above(x_ptr, base, V, inv_t, key, key2, z_cand, True, BLOCK)
+                mass = _mass_above(x_ptr, base, V, inv_t, m, neg_inf_key, _order_key(z_cand).to(tl.int64), BLOCK)
+            token = cand.to(tl.int64)
+        elif (top_k_on != 0) | (floor > float("-inf")):
+            tau_key = neg_inf_key
+            if top_k_on != 0:  # the k-th largest scaled logit, by bisection on the order keys
+                top_k = tl.load(top_k_ptr + row)
+                hi = _order_key(m).to(tl.int64)
+                while tau_key < hi:
+                    mid = tau_key + (hi - tau_key + 1) // 2
+                    if _count_at_least(x_ptr, base, V, inv_t, mid, BLOCK) >= top_k:
+                        tau_key = mid
+                    else:
+                        hi = mid - 1
+                if top_p_on != 0:  # within top-k's set: the smallest key with less than top_p of its mass above it
+                    target = top_p * _mass_above(x_ptr, base, V, inv_t, m, tau_key, tau_key - 1, BLOCK)
+                    lo = tau_key
+                    hi = _order_key(m).to(tl.int64)
+                    while lo < hi:
+                        mid = lo + (hi - lo) // 2
+                        if _mass_above(x_ptr, base, V, inv_t, m, tau_key, mid, BLOCK) < target:
+                            hi = mid
+                        else:
+                            lo = mid + 1
+                    tau_key = lo
+            tau = tl.maximum(_from_order_key(tau_key.to(tl.int32)), floor)
+            token = _draw_above(x_ptr, base, V, inv_t, key, key2, tau, False, BLOCK)[0].to(tl.int64)
+        tl.store(token_ptr + row, token)
+        if TOKEN_LP:
+            log_z = tl.load(stats_ptr + 4 * row + 3)
+            tl.store(token_lp_ptr + row, tl.load(raw_ptr + row64 * raw_stride + token).to(tl.float32) - log_z)
+            if TOP:  # the top K raw logits one by one, each the largest after the last (ties: lowest id first)
+                last = tl.full((), float("inf"), tl.float32)
+                last_id = tl.full((), -1, tl.int32)
+                for i in range(num_top):
+                    best = tl.full([BLOCK], float("-inf"), tl.float32)
+                    best_idx = tl.zeros([BLOCK], tl.int32)
+                    for start in range(0, V, BLOCK):
+                        idx, valid, r = _scaled_tile(raw_ptr, row64 * raw_stride, start, V, 1.0, BLOCK)
+                        after = (r < last) | ((r == last) & (idx > last_id))
+                        score = tl.where(after & valid, r, float("-inf"))
+                        better = score > best
+                        best = tl.where(better, score, best)
+                        best_idx = tl.where(better, idx, best_idx)
+                    last, last_id = _lowest_argmax(best, best_idx)
+                    tl.store(top_lp_ptr + row64 * num_top + i, last - log_z)
+                    tl.store(top_id_ptr + row64 * num_top + i, last_id.to(tl.int64))
+
+
+def exact_rows(x: torch.Tensor, raw: torch.Tensor, inv_t: torch.Tensor, keys: torch.Tensor, stats: torch.Tensor,
+               top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, ok: torch.Tensor, tokens: torch.Tensor,
+               do_top_k: bool, do_top_p: bool, do_min_p: bool, logprobs: Logprobs | None = None) -> None:
+    """Finish, on the device, the rows whose candidates did not hold their sets (`ok` == 0 after
+    `select_and_draw`): each is read whole by one program, and the others cost a launch, so no host sync
+    waits to learn which rows they are. A row with top-p and no top-k is drawn by rejection over the
+    nucleus; a row with top-k finds its exact threshold by bisection over its order keys (and then its
+    top-p threshold within top-k's set by bisection over the mass), min-p's floor is exact already; the
+    token is the Gumbel-max draw over the entries above it, the same token the candidates would have
+    given (filters are off on greedy rows). `tokens` is written in place, and `logprobs` (the drawn
+    token's, and with `top` the top K raw logprobs, from `raw`) for those rows."""
+    token_lp, top, top_ids = logprobs if logprobs is not None else (None, None, None)
+    _exact_kernel[(x.shape[0],)](x, x.stride(0), raw, raw.stride(0), x.shape[1], ok, inv_t, keys, stats, top_k, top_p,
+                                 min_p, tokens, token_lp, top, top_ids, 0 if top is None else top.shape[1],
+                                 DO_TOP_K=do_top_k, DO_TOP_P=do_top_p, DO_MIN_P=do_min_p,
+                                 TOKEN_LP=token_lp is not None, TOP=top is not None, BLOCK=EXACT_BLOCK, num_warps=8)

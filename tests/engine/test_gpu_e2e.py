@@ -285,28 +285,29 @@ def test_graph_draw_matches_the_sampler(model_dir, backend):
     free_cuda()
 
 
-def test_deferred_check_redraws_before_the_next_step(model_dir, backend, monkeypatch):
-    """A batch of >= TRITON_MIN_ROWS filtered rows takes the Triton draw, whose check (one host sync) the
-    runner defers until it has built the next step's inputs (`PendingSample.settle`). Top-p 0.95 over a
-    random model's flat rows overflows the candidates, so rows are redrawn then, in place, and the next
-    step must read the redrawn tokens: the tokens equal the torch path's, which has nothing to check
-    (the same seeds, the same noise)."""
+def test_overflowing_rows_are_finished_within_the_step(model_dir, backend, monkeypatch):
+    """A batch of >= TRITON_MIN_ROWS filtered rows takes the Triton draw. Top-p 0.95 over a random model's
+    flat rows overflows the candidates, so rows are finished by a kernel that reads them whole
+    (`sampling_kernels.exact_rows`), with no host sync, and the next step must read those tokens: the tokens
+    equal the torch path's (the same seeds, the same noise)."""
     from nanovllm.layers import sampler as S
+    from nanovllm.layers import sampling_kernels as K
 
     engine = LLM(model_dir("qwen3"), **engine_args(backend, enable_prefix_caching=False, max_num_seqs=40))
     num_seqs = 36
     prompts = random_prompts([20 + 7 * i for i in range(num_seqs)], seed=32, vocab=VOCAB)
     params = [SamplingParams(temperature=1.3, top_p=0.95, seed=200 + i, max_tokens=16, ignore_eos=True)
               for i in range(num_seqs)]
-    redraws = []
-    redraw = S._redraw_wide_rows
-    monkeypatch.setattr(S, "_redraw_wide_rows", lambda *args: redraws.append(1) or redraw(*args))
+    overflowed = []
+    exact_rows = K.exact_rows
+    monkeypatch.setattr(K, "exact_rows", lambda *args: overflowed.append((args[8] == 0).sum()) or exact_rows(*args))
 
     def run() -> list[list[int]]:
         return [o.outputs[0].token_ids for o in engine.generate(prompts, params, use_tqdm=False)]
 
     triton = run()
-    assert engine.overlap_steps and len(redraws) >= 8, len(redraws)  # most of the 16 steps redrew rows
+    steps = sum(int(n) > 0 for n in overflowed)
+    assert engine.overlap_steps and steps >= 8, steps  # most of the 16 steps had rows overflow
     monkeypatch.setattr(S, "TRITON_MIN_ROWS", 10**9)
     reference = run()
     same = sum(a == b for a, b in zip(triton, reference))

@@ -65,12 +65,12 @@ def test_padded_eager_steps_give_the_same_outputs(tiny_model, monkeypatch):
     assert any(pad for is_decode, pad in padded if not is_decode) and llm.stats()["spec_proposed_tokens"] > 0
 
 
-def test_deferred_sampler_check_settles_before_the_next_step(tiny_model, monkeypatch):
-    """On the GPU a filtered draw's check (a host sync) waits until the runner has built the next step
-    (`PendingSample.settle`); rows whose candidates did not hold their sets are redrawn then, in place and
-    into the tokens the next step reads. Here the Triton path runs in the interpreter with 16 candidates a
-    row, so that rows overflow at most steps, on an overlapping engine (the graphs' path without capture, as
-    on a GPU, and eager prefills): the tokens equal the torch path's, which has nothing to check."""
+def test_rows_that_overflow_the_candidates_are_finished_within_the_step(tiny_model, monkeypatch):
+    """On the GPU a filtered row whose set does not fit its candidates is finished on the device, with no
+    host sync (`sampling_kernels.exact_rows`), before the next step reads its token. Here the Triton path
+    runs in the interpreter with 16 candidates a row, so that rows overflow at most steps, on an overlapping
+    engine (the graphs' path without capture, as on a GPU, and eager prefills): the tokens equal the torch
+    path's (the same seeds, the same noise)."""
     from conftest import random_prompts
 
     from nanovllm.layers import sampler as S
@@ -79,9 +79,12 @@ def test_deferred_sampler_check_settles_before_the_next_step(tiny_model, monkeyp
     prompts = random_prompts([5, 9, 14, 3], seed=90)
     params = [SamplingParams(temperature=1.5, top_p=0.95, seed=10 + i, max_tokens=12, ignore_eos=True)
               for i in range(len(prompts))]
-    redraws = []
-    redraw = S._redraw_wide_rows
-    monkeypatch.setattr(S, "_redraw_wide_rows", lambda *args: redraws.append(1) or redraw(*args))
+    from nanovllm.layers import sampling_kernels as K
+
+    overflowed = []
+    exact_rows = K.exact_rows
+    monkeypatch.setattr(K, "exact_rows", lambda *args: overflowed.append(int((args[8] == 0).sum())) or
+                        exact_rows(*args))
 
     def tokens(on_triton: bool) -> list[list[int]]:
         with monkeypatch.context() as m:
@@ -93,4 +96,4 @@ def test_deferred_sampler_check_settles_before_the_next_step(tiny_model, monkeyp
             return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
     assert tokens(True) == tokens(False)
-    assert len(redraws) >= 6, len(redraws)  # of the 12 steps
+    assert sum(n > 0 for n in overflowed) >= 6, overflowed  # of the 12 steps

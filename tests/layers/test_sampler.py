@@ -428,18 +428,19 @@ for i, c in enumerate(cases):
     seqs[-1].sample_seed = i
 logits = torch.randn(len(seqs), V) * 3
 
+from nanovllm.layers import sampling_kernels as K
+overflowed = []
+exact_rows = K.exact_rows
+K.exact_rows = lambda *args: overflowed.append((args[8] == 0).nonzero().squeeze(1).tolist()) or exact_rows(*args)
 
-def forward_triton(raw, x, keys, t):  # the Triton path and its check (the engine defers it): whether it redrew
-    out = S._forward_triton(raw, x, keys, t)
-    return out, out.check is not None and out.check()
 
-
-for cap in (2048, 8):  # 8: the buffer overflows and rows fall back to a full sort
+for cap in (2048, 8):  # 8: the buffer overflows and rows are read whole (`exact_rows`)
     S.CANDIDATES = cap
     t = S.SamplingTensors.from_rows(seqs, V, [0], "cpu")
     keys = S.row_keys(t.seeds, t.positions)
-    ours, redrawn = forward_triton(logits, logits, keys, t)
-    assert redrawn or cap != 8  # (at 2048 the last row's nucleus, ~2,900 tokens wide, overflows too)
+    overflowed.clear()
+    ours = S._forward_triton(logits, logits, keys, t)
+    assert 6 in overflowed[0] and (cap == 2048 or len(overflowed[0]) >= 4), overflowed  # (row 6's nucleus is wide)
     noise = S.gumbel_noise(keys, torch.arange(logits.shape[1], device=logits.device))
     ref = S._forward_torch(logits, logits, noise, t)
     assert torch.equal(ours.token_ids, ref.token_ids), (ours.token_ids, ref.token_ids)
@@ -458,7 +459,7 @@ for cap, batch in [(cap, batch) for cap in (2048, 8) for batch in batches]:
     t = S.SamplingTensors.from_rows(rows, V, [0], "cpu")
     keys = S.row_keys(t.seeds, t.positions)
     x = logits[: len(rows)]
-    ours, _ = forward_triton(x, x, keys, t)
+    ours = S._forward_triton(x, x, keys, t)
     ref = S._forward_torch(x, x, S.gumbel_noise(keys, torch.arange(V)), t)
     assert torch.equal(ours.token_ids, ref.token_ids), (cap, batch, ours.token_ids, ref.token_ids)
     torch.testing.assert_close(ours.logprobs, ref.logprobs)
@@ -466,20 +467,13 @@ for cap, batch in [(cap, batch) for cap in (2048, 8) for batch in batches]:
     if ref.top_logprobs is not None:
         torch.testing.assert_close(ours.top_logprobs, ref.top_logprobs)
         assert torch.equal(ours.top_token_ids, ref.top_token_ids), (cap, batch)
-# wide nuclei without logprobs: top-p rows are drawn by rejection rounds, only the top-k row is sorted
-from nanovllm.layers import sampling_kernels as K
+# overflowing rows read whole: top-p rows by rejection (some first draws fall outside the nucleus, where the
+# draw without top-p differs), the top-k row by bisection; unfiltered rows never overflow
+import dataclasses
 S.CANDIDATES = 8
-sorted_rows, rounds = [], []
-full_sort, nucleus_sample, round_kernel = S._full_sort_rows, K.nucleus_sample, K._nucleus_round_kernel
-S._full_sort_rows = lambda x, stats, t, bad, *a: sorted_rows.append(bad.nonzero().squeeze(1).tolist()) or \
-    full_sort(x, stats, t, bad, *a)
-class CountingRounds:
-    def __getitem__(self, grid):
-        rounds.append(grid[0])
-        return round_kernel[grid]
-K._nucleus_round_kernel = CountingRounds()
 wide = [dict(top_p=0.9), dict(top_p=0.5, temperature=2.0), dict(top_p=0.7, min_p=0.01), dict(top_k=40, top_p=0.8),
-        dict(temperature=0.7), dict(temperature=0), dict(top_p=0.2, temperature=0.5)]
+        dict(temperature=0.7), dict(temperature=0), dict(top_p=0.2, temperature=0.5), dict(top_k=300, min_p=0.001)]
+rejected = 0
 for seed in range(12):
     wide_seqs = [Sequence(i, [1, 2, 3], SamplingParams(**c)) for i, c in enumerate(wide)]
     for i, seq in enumerate(wide_seqs):
@@ -487,12 +481,15 @@ for seed in range(12):
     x = torch.randn(len(wide), V) * (0.5 + seed % 3)
     t = S.SamplingTensors.from_rows(wide_seqs, V, [0], "cpu")
     keys = S.row_keys(t.seeds, t.positions)
-    ours, _ = forward_triton(x, x, keys, t)
-    ref = S._forward_torch(x, x, S.gumbel_noise(keys, torch.arange(V)), t)
+    overflowed.clear()
+    ours = S._forward_triton(x, x, keys, t)
+    noise = S.gumbel_noise(keys, torch.arange(V))
+    ref = S._forward_torch(x, x, noise, t)
     assert torch.equal(ours.token_ids, ref.token_ids), (seed, ours.token_ids, ref.token_ids)
-assert all(rows == [3] for rows in sorted_rows) and len(sorted_rows) == 12, sorted_rows
-assert len(rounds) > 12, rounds  # some first draws fell outside the nucleus and took another round
-S._full_sort_rows, K._nucleus_round_kernel = full_sort, round_kernel
+    assert {0, 1, 2, 3, 7} <= set(overflowed[0]) and not {4, 5} & set(overflowed[0]), overflowed
+    no_top_p = S._forward_torch(x, x, noise, dataclasses.replace(t, top_ps=torch.ones_like(t.top_ps)))
+    rejected += int((no_top_p.token_ids[:3] != ref.token_ids[:3]).sum())
+assert rejected >= 3, rejected
 S.CANDIDATES = 2048
 # thresholds without sorting the candidates equal those from the sorted candidates, ties included
 from nanovllm.layers import sampling_kernels as K
@@ -511,14 +508,50 @@ tokens = torch.zeros(len(rows), dtype=torch.int64)
 tau = K.select_and_draw(values, torch.arange(512).repeat(len(rows), 1).int(), counts, t.inv_temperatures, t.greedy,
                         torch.zeros(len(rows), 2, dtype=torch.int64), stats, t.top_ks, t.top_ps, t.min_ps, 500, ok,
                         tokens, True, True, True)
-want, want_covered = S.thresholds_from_sorted(z.sort(1, descending=True).values, m, total, t)
+
+
+def thresholds_from_sorted(z, m, total, t):  # the reference: (tau, covered) from each row's sorted scaled logits
+    neg_inf = torch.full_like(m, float("-inf"))
+    on_k, top_p = t.top_ks < t.vocab_size, t.top_ps.float()
+    kth = z.gather(1, (t.top_ks.clamp(max=z.shape[1]) - 1)[:, None]).squeeze(1)
+    covered = ~on_k | (t.top_ks <= z.shape[1])
+    tau = torch.where(on_k, kth, neg_inf)
+    mass = torch.where(on_k, (torch.exp(z - m[:, None]) * (z >= tau[:, None])).sum(1), total)
+    w = torch.exp(z - m[:, None]) * (z >= tau[:, None])
+    cum = w.cumsum(1)
+    last = ((cum - w < (top_p * mass)[:, None]) & (w > 0)).sum(1).clamp(min=1) - 1  # mass strictly above < top_p
+    on_p = top_p < 1.0
+    tau = torch.maximum(tau, torch.where(on_p, z.gather(1, last[:, None]).squeeze(1), neg_inf))
+    covered &= ~on_p | (cum[:, -1] >= top_p * mass)
+    return torch.maximum(tau, torch.where(t.min_ps > 0, m + torch.log(t.min_ps), neg_inf)), covered
+
+
+want, want_covered = thresholds_from_sorted(z.sort(1, descending=True).values, m, total, t)
 assert torch.equal(ok.bool(), want_covered) and torch.equal(tau, want), (tau, want)
+# the same thresholds from whole rows, as `exact_rows` finds them for rows whose candidates overflowed (top-p
+# alone by rejection, the others by bisection): its draws are the draws above them
+keys = S.row_keys(torch.arange(len(rows)), torch.full((len(rows),), 7))
+tokens = torch.zeros(len(rows), dtype=torch.int64)
+overflow = torch.zeros(len(rows), dtype=torch.int8)
+K.exact_rows(x, x, t.inv_temperatures, keys, stats, t.top_ks, t.top_ps, t.min_ps, overflow, tokens, True, True, True)
+above = torch.where(z >= want[:, None], z + S.gumbel_noise(keys, torch.arange(500)), float("-inf"))
+assert torch.equal(tokens, above.argmax(1)), (tokens, above.argmax(1))
+# and their top logprobs, ties among them listed lowest id first
+log_z = torch.logsumexp(x, 1)
+lp = K.Logprobs(torch.empty(len(rows)), torch.empty(len(rows), 6), torch.empty(len(rows), 6, dtype=torch.int64))
+K.exact_rows(x, x, t.inv_temperatures, keys, torch.stack([m, total, m, log_z], 1), t.top_ks, t.top_ps, t.min_ps,
+             overflow, tokens, True, True, True, lp)
+torch.testing.assert_close(lp.token, x.gather(1, tokens[:, None]).squeeze(1) - log_z)
+torch.testing.assert_close(lp.top, x.topk(6, 1).values - log_z[:, None])
+for r in range(len(rows)):
+    listed = list(zip((-x[r, lp.top_ids[r]]).tolist(), lp.top_ids[r].tolist()))
+    assert listed == sorted(listed) and len(set(lp.top_ids[r].tolist())) == 6, listed
 # the pivots from the lane maxima (the top two of each pair of lanes of each chunk), as sorting them gives:
 # every entry at or above is gathered, into its chunk's slots
 t = S.SamplingTensors.from_rows(rows, 3000, [0], "cpu")
 x = (torch.randn(len(rows), 3000) * 4).round() / 2
-p = K.row_pass(x, x, t.inv_temperatures, t.greedy, torch.zeros(len(rows), 2, dtype=torch.int64),
-               torch.full((len(rows),), float("-inf")), K.DRAW_NONE, raw_stats=False,
+p = K.row_pass(x, x, t.inv_temperatures, t.greedy, torch.zeros(len(rows), 2, dtype=torch.int64), K.DRAW_NONE,
+               raw_stats=False,
                filters=K.Filters(t.top_ks, t.top_ps, t.min_ps, 3, True, True, True))
 z = x * t.inv_temperatures[:, None]
 torch.testing.assert_close(p.stats[:, 0], z.max(1).values)
@@ -557,7 +590,7 @@ raw16 = (torch.randn(len(seqs), 3001) * 3).to(torch.bfloat16)
 x16 = raw16.float() - 2.0 * (torch.rand(len(seqs), 3001) < 0.1)
 t = S.SamplingTensors.from_rows(seqs, 3001, [0], "cpu")
 keys = S.row_keys(t.seeds, t.positions)
-ours, _ = forward_triton(raw16, x16, keys, t)
+ours = S._forward_triton(raw16, x16, keys, t)
 ref = S._forward_torch(raw16, x16, S.gumbel_noise(keys, torch.arange(3001)), t)
 assert torch.equal(ours.token_ids, ref.token_ids), (ours.token_ids, ref.token_ids)
 torch.testing.assert_close(ours.logprobs, ref.logprobs)
@@ -572,7 +605,7 @@ keys = S.row_keys(t.seeds, t.positions)
 x = logits[[0] * len(rows)]
 want = S._forward_torch(x, x, S.gumbel_noise(keys, torch.arange(V)), t).token_ids
 assert len(set(want[1:].tolist())) > 4  # (the noise, not the logits, picks them)
-parts = [K.row_pass(x[:, a:b], x[:, a:b], t.inv_temperatures, t.greedy, keys, None, K.DRAW_ALL, raw_stats=False,
+parts = [K.row_pass(x[:, a:b], x[:, a:b], t.inv_temperatures, t.greedy, keys, K.DRAW_ALL, raw_stats=False,
                     offset=a) for a, b in ((0, 1700), (1700, V))]
 got = S.best_of_shards(torch.stack([p.score for p in parts]), torch.stack([p.token for p in parts]))
 assert torch.equal(got, want), (got, want)
@@ -617,8 +650,9 @@ def test_gpu_draws_follow_exact_distribution(mode, flat):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_matches_torch_path_at_full_vocab():
+def test_gpu_matches_torch_path_at_full_vocab(monkeypatch):
     from nanovllm.layers import sampler as S
+    from nanovllm.layers import sampling_kernels as K
 
     vocab = 151_936
     gen = torch.Generator("cuda").manual_seed(8)
@@ -632,8 +666,11 @@ def test_gpu_matches_torch_path_at_full_vocab():
     seqs = [make_seq(seed=i, **params[i % len(params)]) for i in range(96)]
     t = gpu_tensors(seqs, vocab)
     keys = S.row_keys(t.seeds, t.positions)
+    overflowed = []
+    exact_rows = K.exact_rows
+    monkeypatch.setattr(K, "exact_rows", lambda *args: overflowed.append((args[8] == 0).sum()) or exact_rows(*args))
     ours = S._forward_triton(logits, logits, keys, t)
-    assert ours.check()  # the flat rows' nuclei overflow the candidates: redrawn, in place
+    assert overflowed[0] > 0  # the flat rows' nuclei overflow the candidates: read whole
     noise = S.gumbel_noise(keys, torch.arange(logits.shape[1], device=logits.device))
     ref = S._forward_torch(logits, logits, noise, t)
     assert (ours.token_ids == ref.token_ids).float().mean() > 0.98  # only 1-ulp noise ties may differ
