@@ -10,7 +10,8 @@ each row's pivot: a lower bound of the row's top-k / top-p / min-p threshold (an
 a sub-multiset of the row). `gather_candidates` copies the entries at or above the pivot into a small
 buffer (a fixed region per chunk, so the order, and every sum over it, is deterministic), and
 `select_and_draw` finds the exact threshold there without sorting and draws the filtered rows from the
-candidates: every entry the filters keep is one of them, so no third read of the logits is needed.
+candidates: every entry the filters keep is one of them, so no third read of the logits is needed. The
+rare row whose sets did not fit its candidates is read whole by `exact_rows`, on the device too.
 Logprobs asked for are written by the kernels too (`Logprobs`): the drawn token's by the merge or the
 select kernel, the top K by the select kernel from the candidates, which then hold the raw logits.
 """
@@ -421,13 +422,12 @@ def _select_kernel(val_ptr, idx_ptr, count_ptr, inv_t_ptr, greedy_ptr, key_ptr, 
                    top_lp_ptr, top_id_ptr, num_top, CAP: tl.constexpr, CHUNKS: tl.constexpr,
                    DO_TOP_K: tl.constexpr, DO_TOP_P: tl.constexpr, DO_MIN_P: tl.constexpr,
                    TOKEN_LP: tl.constexpr, TOP: tl.constexpr):
-    """Each row's threshold tau from its candidates (`gather_candidates`): `sampler.thresholds_from_sorted`
-    without the sort. Top-k: the k-th largest scaled logit; top-p: the smallest candidate value whose
-    strictly larger candidates hold less than top_p of the mass (HF keeps a token while the mass ranked
-    above it is below top_p); min-p: m + log(min_p). A filtered sampled row then draws its token: the
-    Gumbel-max over the candidates >= tau, which hold every entry >= tau when ok. With TOKEN_LP, the
-    row's token's raw logprob; with TOP, the top `num_top` raw logprobs from the candidates (the
-    values are the raw logits then), ties to the lowest id."""
+    """Each row's threshold tau from its candidates (`gather_candidates`), without sorting them. Top-k: the k-th
+    largest scaled logit; top-p: the smallest candidate value whose strictly larger candidates hold less than top_p
+    of the mass (HF keeps a token while the mass ranked above it is below top_p); min-p: m + log(min_p). A filtered
+    sampled row then draws its token: the Gumbel-max over the candidates >= tau, which hold every entry >= tau when
+    ok. With TOKEN_LP, the row's token's raw logprob; with TOP, the top `num_top` raw logprobs from the candidates
+    (the values are the raw logits then), ties to the lowest id."""
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
     slots = tl.arange(0, CAP)
@@ -496,12 +496,11 @@ def select_and_draw(values: torch.Tensor, ids: torch.Tensor, counts: torch.Tenso
                     top_p: torch.Tensor, min_p: torch.Tensor, vocab_size: int, ok: torch.Tensor, tokens: torch.Tensor,
                     do_top_k: bool, do_top_p: bool, do_min_p: bool, raw: torch.Tensor | None = None,
                     logprobs: Logprobs | None = None) -> torch.Tensor:
-    """Each row's threshold tau [B] float32 from its candidates (`gather_candidates`), as
-    `sampler.thresholds_from_sorted` gives it from the sorted candidates, and the token of each filtered
-    sampled row, written into `tokens`. `ok` [B] int8 (in place) keeps only the rows whose candidates
-    held enough of the row for tau, the draw and the top logprobs to be exact. `stats`: `row_pass`'s
-    (its raw logsumexp when `logprobs` is given). `logprobs` receives every row's token logprob (from
-    `raw`) and, when its `top` is not None, the top K from the candidates, which must then be raw."""
+    """Each row's threshold tau [B] float32 from its candidates (`gather_candidates`), as sorting them would give it
+    (`_select_kernel`'s rule), and the token of each filtered sampled row, written into `tokens`. `ok` [B] int8 (in
+    place) keeps only the rows whose candidates held enough of the row for tau, the draw and the top logprobs to be
+    exact. `stats`: `row_pass`'s (its raw logsumexp when `logprobs` is given). `logprobs` receives every row's token
+    logprob (from `raw`) and, when its `top` is not None, the top K from the candidates, which must then be raw."""
     batch, cap = values.shape
     tau = torch.empty(batch, dtype=torch.float32, device=values.device)
     token_lp, top, top_ids = logprobs if logprobs is not None else (None, None, None)
